@@ -1,0 +1,41 @@
+# make test  - set up (virtualenv, torch, native build) and run the whole test suite
+# make demo  - set up, then run the demo (causal FAVOR+ vs the reference and SDPA)
+# make bench - microbenchmarks: pytest-benchmark, then the report script
+# The active virtualenv is used if there is one; otherwise .venv is created.
+# torch is installed (pinned) only when missing; an installed torch is kept.
+
+SHELL := /bin/bash
+TORCH_PIN ?= torch==2.13.0
+VENV ?= .venv
+ifdef VIRTUAL_ENV
+PY := $(VIRTUAL_ENV)/bin/python
+else
+PY := $(abspath $(VENV))/bin/python
+endif
+export MAX_JOBS ?= 2
+
+.PHONY: setup build test demo bench report clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+setup: $(PY)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
+	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton
+
+build: setup
+	$(PY) -m pip install -q --no-build-isolation -e .
+
+test: build
+	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+
+demo: build
+	$(PY) -m okadfa.demo
+
+bench: build
+	$(PY) -m pip install -q pytest-benchmark matplotlib
+	$(PY) -m pytest bench/bench_favor_attention.py -q
+	$(PY) -m bench.report
+
+clean:
+	rm -rf build *.egg-info okadfa/_C*.so .pytest_cache

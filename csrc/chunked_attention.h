@@ -1,0 +1,426 @@
+// Chunked normalised linear attention on the CPU, shared by favor_attention
+// (feature map fused: φ computed from q, k and the projection inside each chunk)
+// and linear_attention (features given). See okadfa/reference/attention.py for
+// the same algorithm in plain PyTorch and DESIGN.md §3 for the math.
+//
+// Notation for one (batch, head) and one chunk of n <= C positions:
+//   fq  [n, M]  query features, stabilised per row: exp(lq - max_m lq)
+//   lk  [n, M]  key logits √s·k·w_m - s‖k‖²/2 ;  c_s = max(P, max_{s'<=s} max_m lk_s')
+//   fk  [n, M]  exp(lk_s - c_s) <= 1 (a running maximum: nothing depends on later keys)
+//   vx  [n, W]  the values with a ones column appended (the normaliser rides along)
+//   S   [M, W]  carried state Σ_s exp(lk_s - P) vx_sᵀ at reference P (the running max)
+// The weight of key s for query t is fq_t·fk_s·exp(c_s - c_t): the true weight
+// times a factor that depends on t alone, which cancels in the normalisation.
+// Backward recomputes features from q, k (memory stays linear in T) and uses the
+// saved log-normaliser: lognorm_t = log(den'_t) + aq_t + c_t.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "cpu_math.h"
+
+namespace okadfa::cpu {
+
+template <typename T>
+struct AttentionProblem {
+  const T* q;        // [BH, Tn, Dq]   Dq = Dk (fused) or M (features given)
+  const T* k;        // [BH, Tn, Dq]
+  const T* v;        // [BH, Tn, Dv]
+  const T* w;        // [M, Dk] projection (fused only)
+  int64_t bh, tn, dq, m, dv;
+  bool fused, causal;
+  T sqrt_scale;      // √scale, fused only
+  int64_t chunk;
+};
+
+template <typename T>
+class ChunkedAttention {
+ public:
+  explicit ChunkedAttention(const AttentionProblem<T>& p) : p_(p) {}
+
+  // out [BH, Tn, Dv], lognorm [BH, Tn].
+  void forward(T* out, T* lognorm) const {
+    const int64_t split = column_split();
+    at::parallel_for(0, p_.bh * split, 1, [&](int64_t begin, int64_t end) {
+      Workspace ws(p_, /*states=*/false);
+      for (int64_t task = begin; task < end; ++task) {
+        const auto [d0, d1] = columns(task % split, split);
+        forward_task(task / split, d0, d1, ws, out, lognorm);
+      }
+    });
+  }
+
+  // Gradients: dq, dk [BH, Tn, Dq], dv [BH, Tn, Dv], dw [M, Dk] (or nullptr).
+  void backward(const T* dout, const T* out, const T* lognorm, T* dq, T* dk, T* dv, T* dw) const {
+    const int64_t split = column_split();
+    const int64_t nthreads = at::get_num_threads();
+    // Column tasks of one head add partial dq/dk; each split index owns a slab.
+    std::vector<T> dq_parts, dk_parts;
+    const int64_t qsize = p_.bh * p_.tn * p_.dq;
+    if (split > 1) {
+      dq_parts.assign(split * qsize, T(0));
+      dk_parts.assign(split * qsize, T(0));
+    }
+    std::vector<T> dw_parts(dw ? nthreads * p_.m * p_.dq : 0, T(0));
+    at::parallel_for(0, p_.bh * split, 1, [&](int64_t begin, int64_t end) {
+      Workspace ws(p_, /*states=*/p_.causal);
+      T* dw_local = dw ? dw_parts.data() + at::get_thread_num() * p_.m * p_.dq : nullptr;
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t part = task % split;
+        const auto [d0, d1] = columns(part, split);
+        T* dq_out = split > 1 ? dq_parts.data() + part * qsize : dq;
+        T* dk_out = split > 1 ? dk_parts.data() + part * qsize : dk;
+        backward_task(task / split, d0, d1, part == 0, ws, dout, out, lognorm, dq_out, dk_out,
+                      dv, dw_local);
+      }
+    });
+    if (split > 1) {
+      at::parallel_for(0, qsize, 4096, [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          T sq = 0, sk = 0;
+          for (int64_t s = 0; s < split; ++s) {
+            sq += dq_parts[s * qsize + i];
+            sk += dk_parts[s * qsize + i];
+          }
+          dq[i] = sq;
+          dk[i] = sk;
+        }
+      });
+    }
+    if (dw) {
+      const int64_t wsize = p_.m * p_.dq;
+      for (int64_t i = 0; i < wsize; ++i) {
+        T s = 0;
+        for (int64_t th = 0; th < nthreads; ++th) s += dw_parts[th * wsize + i];
+        dw[i] = s;
+      }
+    }
+  }
+
+ private:
+  struct Workspace {
+    std::vector<T> fq, fk, dfq, dfk, a, b, vx, e, f, dv1, dv2, s, r, states, pstate, aq, c, rmax;
+    Workspace(const AttentionProblem<T>& p, bool states_needed) {
+      const int64_t C = p.chunk, M = p.m, W = p.dv + 1;
+      fq.resize(C * M), fk.resize(C * M), dfq.resize(C * M), dfk.resize(C * M);
+      a.resize(C * C), b.resize(C * C);
+      vx.resize(C * W), e.resize(C * W), f.resize(C * W);
+      dv1.resize(C * p.dv), dv2.resize(C * p.dv);
+      s.resize(M * W), r.resize(M * W);
+      aq.resize(C), c.resize(C), rmax.resize(C);
+      if (states_needed) {
+        const int64_t nchunks = (p.tn + C - 1) / C;
+        states.resize(nchunks * M * W);
+        pstate.resize(nchunks + 1);
+      }
+    }
+  };
+
+  static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+
+  // Heads are the unit of parallel work; when there are fewer heads than threads,
+  // the value columns are split too (each task recomputes the features).
+  int64_t column_split() const {
+    const int64_t nthreads = at::get_num_threads();
+    if (p_.bh >= nthreads || at::in_parallel_region()) return 1;
+    const int64_t want = (nthreads + p_.bh - 1) / p_.bh;
+    return std::max<int64_t>(1, std::min<int64_t>(want, p_.dv / 16));
+  }
+  std::pair<int64_t, int64_t> columns(int64_t part, int64_t split) const {
+    return {p_.dv * part / split, p_.dv * (part + 1) / split};
+  }
+
+  // fq = exp(√s·q Wᵀ - rowmax) (fused) or the given features; aq = the row shift.
+  void query_features(const T* q, int64_t n, Workspace& ws) const {
+    if (p_.fused) {
+      gemm(false, true, n, p_.m, p_.dq, p_.sqrt_scale, q, p_.dq, p_.w, p_.dq, T(0), ws.fq.data(), p_.m);
+      row_max(ws.fq.data(), n, p_.m, p_.m, ws.aq.data());
+      exp_shift_rows(ws.fq.data(), n, p_.m, p_.m, ws.aq.data());
+    } else {
+      std::memcpy(ws.fq.data(), q, sizeof(T) * n * p_.m);
+      std::fill_n(ws.aq.data(), n, T(0));
+    }
+  }
+
+  // Key features relative to a per-row shift c: causal c_s = max(P, running max),
+  // otherwise the chunk's new state reference max(P, chunk max) for every row.
+  // Returns the new state reference (c of the last row).
+  T key_features(const T* k, int64_t n, T pref, bool running, Workspace& ws) const {
+    if (!p_.fused) {
+      std::memcpy(ws.fk.data(), k, sizeof(T) * n * p_.m);
+      std::fill_n(ws.c.data(), n, T(0));
+      return T(0);
+    }
+    T* lk = ws.fk.data();
+    gemm(false, true, n, p_.m, p_.dq, p_.sqrt_scale, k, p_.dq, p_.w, p_.dq, T(0), lk, p_.m);
+    const T half_scale = p_.sqrt_scale * p_.sqrt_scale / 2;
+    for (int64_t i = 0; i < n; ++i) {
+      T sq = 0;
+      for (int64_t j = 0; j < p_.dq; ++j) sq += k[i * p_.dq + j] * k[i * p_.dq + j];
+      const T shift = half_scale * sq;
+      for (int64_t j = 0; j < p_.m; ++j) lk[i * p_.m + j] -= shift;
+    }
+    row_max(lk, n, p_.m, p_.m, ws.rmax.data());
+    T run = pref;
+    for (int64_t i = 0; i < n; ++i) {
+      run = std::max(run, ws.rmax[i]);
+      ws.c[i] = run;
+    }
+    if (!running) std::fill_n(ws.c.data(), n, run);
+    exp_shift_rows(lk, n, p_.m, p_.m, ws.c.data());
+    return run;
+  }
+
+  // vx = [v[:, d0:d1], 1 (if with_ones)]
+  void load_values(const T* v, int64_t n, int64_t d0, int64_t d1, bool with_ones, Workspace& ws) const {
+    const int64_t W = d1 - d0 + (with_ones ? 1 : 0);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(ws.vx.data() + i * W, v + i * p_.dv + d0, sizeof(T) * (d1 - d0));
+      if (with_ones) ws.vx[i * W + W - 1] = T(1);
+    }
+  }
+
+  // rows[i, :] *= exp(sign·(c[i] - ref))
+  static void scale_rows(T* rows, int64_t n, int64_t width, const T* c, T ref, T sign = T(1)) {
+    for (int64_t i = 0; i < n; ++i) {
+      if (c[i] == ref) continue;
+      const T f = exp_scalar(sign * (c[i] - ref));
+      for (int64_t j = 0; j < width; ++j) rows[i * width + j] *= f;
+    }
+  }
+
+  // S = exp(P - Pnew)·S + fkᵀ·diag(exp(c - Pnew))·vx ; fk rows are rescaled in place.
+  void update_state(int64_t n, int64_t W, T pref, T pnew, Workspace& ws) const {
+    scale_rows(ws.fk.data(), n, p_.m, ws.c.data(), pnew);
+    if (pref != pnew) {
+      const T f = exp_scalar(pref - pnew);
+      for (auto& x : ws.s) x *= f;
+    }
+    gemm(true, false, p_.m, W, n, T(1), ws.fk.data(), p_.m, ws.vx.data(), W, T(1), ws.s.data(), W);
+  }
+
+  T initial_reference() const { return p_.fused ? kNegInf : T(0); }
+
+  void forward_task(int64_t b, int64_t d0, int64_t d1, Workspace& ws, T* out, T* lognorm) const {
+    const int64_t C = p_.chunk, M = p_.m, W = d1 - d0 + 1;
+    const T* q = p_.q + b * p_.tn * p_.dq;
+    const T* k = p_.k + b * p_.tn * p_.dq;
+    const T* v = p_.v + b * p_.tn * p_.dv;
+    T* o = out + b * p_.tn * p_.dv;
+    T* ln = lognorm + b * p_.tn;
+    std::fill(ws.s.begin(), ws.s.end(), T(0));
+    T pref = initial_reference();
+    T* num = ws.e.data();
+    if (!p_.causal) {
+      for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
+        const int64_t n = std::min(C, p_.tn - t0);
+        const T pnew = key_features(k + t0 * p_.dq, n, pref, false, ws);
+        load_values(v + t0 * p_.dv, n, d0, d1, true, ws);
+        update_state(n, W, pref, pnew, ws);
+        pref = pnew;
+      }
+      for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
+        const int64_t n = std::min(C, p_.tn - t0);
+        query_features(q + t0 * p_.dq, n, ws);
+        gemm(false, false, n, W, M, T(1), ws.fq.data(), M, ws.s.data(), W, T(0), num, W);
+        std::fill_n(ws.c.data(), n, pref);
+        finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
+      }
+      return;
+    }
+    for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
+      const int64_t n = std::min(C, p_.tn - t0);
+      query_features(q + t0 * p_.dq, n, ws);
+      const T pnew = key_features(k + t0 * p_.dq, n, pref, true, ws);
+      load_values(v + t0 * p_.dv, n, d0, d1, true, ws);
+      // intra-chunk: (fq fkᵀ ⊙ decay) vx
+      gemm(false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), ws.a.data(), n);
+      causal_decay(ws.a.data(), n, n, ws.c.data(), !p_.fused);
+      gemm(false, false, n, W, n, T(1), ws.a.data(), n, ws.vx.data(), W, T(0), num, W);
+      // carried state: exp(P - c_t) fq_t S
+      if (pref != kNegInf) {
+        std::vector<T>& fq = ws.fq;
+        for (int64_t i = 0; i < n; ++i) {
+          if (ws.c[i] == pref) continue;
+          const T f = exp_scalar(pref - ws.c[i]);
+          for (int64_t j = 0; j < M; ++j) fq[i * M + j] *= f;
+        }
+        gemm(false, false, n, W, M, T(1), fq.data(), M, ws.s.data(), W, T(1), num, W);
+      }
+      finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
+      update_state(n, W, pref, pnew, ws);
+      pref = pnew;
+    }
+  }
+
+  // out = num[:, :-1] / num[:, -1]; lognorm = log(den') + aq + c. den' == 0 only
+  // when every weight underflowed: the row is then 0 (documented guard).
+  void finish_rows(int64_t n, int64_t t0, int64_t d0, int64_t d1, const Workspace& ws, T* o, T* ln) const {
+    const int64_t W = d1 - d0 + 1;
+    const T* num = ws.e.data();
+    for (int64_t i = 0; i < n; ++i) {
+      const T den = num[i * W + W - 1];
+      const T inv = den == T(0) ? T(0) : T(1) / den;
+      for (int64_t j = 0; j < d1 - d0; ++j) o[(t0 + i) * p_.dv + d0 + j] = num[i * W + j] * inv;
+      if (ln) ln[t0 + i] = std::log(den) + ws.aq[i] + ws.c[i];
+    }
+  }
+
+  // dext = [g'[:, d0:d1], -δ' (if with_ones)], g' = dout / den', δ' = g'·out (all columns).
+  void load_output_grads(const T* dout, const T* o, const T* ln, int64_t n, int64_t d0, int64_t d1,
+                         bool with_ones, Workspace& ws) const {
+    const int64_t W = d1 - d0 + (with_ones ? 1 : 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const T den = std::exp(ln[i] - ws.aq[i] - ws.c[i]);
+      const T inv = den == T(0) ? T(0) : T(1) / den;
+      const T* g = dout + i * p_.dv;
+      T delta = 0;
+      for (int64_t j = 0; j < p_.dv; ++j) delta += g[j] * o[i * p_.dv + j];
+      for (int64_t j = 0; j < d1 - d0; ++j) ws.e[i * W + j] = g[d0 + j] * inv;
+      if (with_ones) ws.e[i * W + W - 1] = -delta * inv;
+    }
+  }
+
+  // From feature gradients df to input gradients. Fused: dlogit = f ⊙ df,
+  // dx = √s·dlogit W (- s·Σ_m dlogit·x for keys: the -s‖k‖²/2 term), dW += √s·dlogitᵀx.
+  // The query norm term and the row shifts drop out: Σ_m dlogit_q = 0 exactly.
+  void features_backward(const T* x, const T* f, T* df, int64_t n, bool key, T* dx, T* dw) const {
+    const int64_t M = p_.m, D = p_.dq;
+    if (!p_.fused) {
+      for (int64_t i = 0; i < n * M; ++i) dx[i] += df[i];
+      return;
+    }
+    for (int64_t i = 0; i < n * M; ++i) df[i] *= f[i];
+    gemm(false, false, n, D, M, p_.sqrt_scale, df, M, p_.w, D, T(1), dx, D);
+    if (key) {
+      const T s = p_.sqrt_scale * p_.sqrt_scale;
+      for (int64_t i = 0; i < n; ++i) {
+        T sum = 0;
+        for (int64_t j = 0; j < M; ++j) sum += df[i * M + j];
+        for (int64_t j = 0; j < D; ++j) dx[i * D + j] -= s * sum * x[i * D + j];
+      }
+    }
+    if (dw) gemm(true, false, M, D, n, p_.sqrt_scale, df, M, x, D, T(1), dw, D);
+  }
+
+  void backward_task(int64_t b, int64_t d0, int64_t d1, bool owner, Workspace& ws, const T* dout,
+                     const T* out, const T* lognorm, T* dq, T* dk, T* dv, T* dw) const {
+    const int64_t C = p_.chunk, M = p_.m, W = d1 - d0 + (owner ? 1 : 0), w = d1 - d0;
+    const int64_t off = b * p_.tn;
+    const T* q = p_.q + off * p_.dq;
+    const T* k = p_.k + off * p_.dq;
+    const T* v = p_.v + off * p_.dv;
+    const T* o = out + off * p_.dv;
+    const T* g = dout + off * p_.dv;
+    const T* ln = lognorm + off;
+    T* dqb = dq + off * p_.dq;
+    T* dkb = dk + off * p_.dq;
+    T* dvb = dv + off * p_.dv;
+    std::fill_n(dqb, p_.tn * p_.dq, T(0));
+    std::fill_n(dkb, p_.tn * p_.dq, T(0));
+    const int64_t nchunks = (p_.tn + C - 1) / C;
+
+    // Pass 1 (ascending): the key state S; causal keeps the state at every chunk start.
+    std::fill(ws.s.begin(), ws.s.end(), T(0));
+    T pref = initial_reference();
+    for (int64_t j = 0; j < nchunks; ++j) {
+      const int64_t t0 = j * C, n = std::min(C, p_.tn - t0);
+      if (p_.causal) {
+        std::copy_n(ws.s.data(), M * W, ws.states.data() + j * M * W);
+        ws.pstate[j] = pref;
+      }
+      const T pnew = key_features(k + t0 * p_.dq, n, pref, false, ws);
+      load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
+      update_state(n, W, pref, pnew, ws);
+      pref = pnew;
+    }
+    std::fill(ws.r.begin(), ws.r.end(), T(0));
+    T* r = ws.r.data();
+
+    if (!p_.causal) {
+      const T cref = pref;
+      // Pass 2: queries. dfq = dext Sᵀ ; R = Σ_t fq_tᵀ dext_t.
+      for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
+        const int64_t n = std::min(C, p_.tn - t0);
+        query_features(q + t0 * p_.dq, n, ws);
+        std::fill_n(ws.c.data(), n, cref);
+        load_output_grads(g + t0 * p_.dv, o + t0 * p_.dv, ln + t0, n, d0, d1, owner, ws);
+        gemm(false, true, n, M, W, T(1), ws.e.data(), W, ws.s.data(), W, T(0), ws.dfq.data(), M);
+        gemm(true, false, M, W, n, T(1), ws.fq.data(), M, ws.e.data(), W, T(1), r, W);
+        features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw);
+      }
+      // Pass 3: keys. dfk = vx Rᵀ ; dv = fk R[:, :w].
+      for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
+        const int64_t n = std::min(C, p_.tn - t0);
+        key_features(k + t0 * p_.dq, n, cref, false, ws);
+        load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
+        gemm(false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(0), ws.dfk.data(), M);
+        gemm(false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv1.data(), w);
+        store_dv(n, t0, d0, w, ws.dv1.data(), dvb);
+        features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw);
+      }
+      return;
+    }
+
+    // Pass 2 (descending). R_j = Σ_{t after chunk j} exp(P_{j+1} - c_t) fq_t dext_tᵀ.
+    T rref = pref;  // P_{j+1}: the reference of R (c at the end of chunk j)
+    for (int64_t j = nchunks - 1; j >= 0; --j) {
+      const int64_t t0 = j * C, n = std::min(C, p_.tn - t0);
+      const T pj = ws.pstate[j];
+      const T* sj = ws.states.data() + j * M * W;
+      query_features(q + t0 * p_.dq, n, ws);
+      key_features(k + t0 * p_.dq, n, pj, true, ws);
+      load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
+      load_output_grads(g + t0 * p_.dv, o + t0 * p_.dv, ln + t0, n, d0, d1, owner, ws);
+      T* A = ws.a.data();
+      T* B = ws.b.data();
+      gemm(false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), A, n);
+      gemm(false, true, n, n, W, T(1), ws.e.data(), W, ws.vx.data(), W, T(0), B, n);
+      causal_decay(A, n, n, ws.c.data(), !p_.fused);
+      causal_decay(B, n, n, ws.c.data(), !p_.fused);
+      // dfq = B fk + diag(exp(P_j - c)) dext S_jᵀ
+      gemm(false, false, n, M, n, T(1), B, n, ws.fk.data(), M, T(0), ws.dfq.data(), M);
+      T* E = ws.f.data();  // diag(exp(P_j - c)) dext
+      std::copy_n(ws.e.data(), n * W, E);
+      scale_rows(E, n, W, ws.c.data(), pj, T(-1));
+      if (pj != kNegInf)
+        gemm(false, true, n, M, W, T(1), E, W, sj, W, T(1), ws.dfq.data(), M);
+      // dfk = Bᵀ fq + diag(exp(c - P_{j+1})) vx R_jᵀ ; dv = Aᵀ g' + diag(exp(c - P_{j+1})) fk R_j[:, :w]
+      gemm(true, false, n, M, n, T(1), B, n, ws.fq.data(), M, T(0), ws.dfk.data(), M);
+      scale_rows(ws.vx.data(), n, W, ws.c.data(), rref);
+      gemm(false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(1), ws.dfk.data(), M);
+      gemm(true, false, n, w, n, T(1), A, n, ws.e.data(), W, T(0), ws.dv1.data(), w);
+      gemm(false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv2.data(), w);
+      scale_rows(ws.dv2.data(), n, w, ws.c.data(), rref);
+      for (int64_t i = 0; i < n * w; ++i) ws.dv1[i] += ws.dv2[i];
+      store_dv(n, t0, d0, w, ws.dv1.data(), dvb);
+      features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw);
+      // R_{j-1} = exp(P_j - P_{j+1}) R_j + fqᵀ diag(exp(P_j - c)) dext  (zero at j = 0)
+      if (j > 0) {
+        if (pj != rref) {
+          const T f = exp_scalar(pj - rref);
+          for (int64_t i = 0; i < M * W; ++i) r[i] *= f;
+        }
+        gemm(true, false, M, W, n, T(1), ws.fq.data(), M, E, W, T(1), r, W);
+      }
+      features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw);
+      rref = pj;
+    }
+  }
+
+  void store_dv(int64_t n, int64_t t0, int64_t d0, int64_t w, const T* src, T* dvb) const {
+    for (int64_t i = 0; i < n; ++i)
+      std::memcpy(dvb + (t0 + i) * p_.dv + d0, src + i * w, sizeof(T) * w);
+  }
+
+  AttentionProblem<T> p_;
+};
+
+}  // namespace okadfa::cpu

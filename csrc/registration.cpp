@@ -1,0 +1,24 @@
+// Schemas of the okadfa native ops. Implementations register per device in
+// their own files (TORCH_LIBRARY_IMPL); autograd and fake tensors are
+// registered from Python (okadfa/ops/).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(okadfa, m) {
+  m.def("favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, bool causal, float scale, "
+        "int chunk_size) -> (Tensor, Tensor)");
+  m.def("favor_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor projection, Tensor out, "
+        "Tensor lognorm, bool causal, float scale, int chunk_size, bool projection_grad) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_attention_fwd(Tensor q_feat, Tensor k_feat, Tensor v, bool causal, int chunk_size) "
+        "-> (Tensor, Tensor)");
+  m.def("linear_attention_bwd(Tensor grad_out, Tensor q_feat, Tensor k_feat, Tensor v, Tensor out, "
+        "Tensor lognorm, bool causal, int chunk_size) -> (Tensor, Tensor, Tensor)");
+}
+
+// `import okadfa._C` loads this library and with it the registrations above.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "okadfa native ops (see torch.ops.okadfa)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}

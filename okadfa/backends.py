@@ -1,0 +1,114 @@
+"""Backend discovery and selection (DESIGN.md §2).
+
+Backends: "triton" (okadfa.kernels), "cuda" and "cpu" (the native extension
+okadfa._C), "reference" (plain PyTorch, okadfa.reference). `backend="auto"`
+picks, for CUDA tensors, triton > cuda > reference and, for CPU tensors,
+cpu > reference (warning once when the native extension is missing). The
+environment variable OKADFA_BACKEND=<name> replaces "auto" for a whole run.
+An explicit choice that cannot run raises instead of falling back.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["backends", "select_backend", "BACKENDS"]
+
+BACKENDS = ("triton", "cuda", "cpu", "reference")
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.okadfa.*)
+    _NATIVE_ERROR = None
+except ImportError as exc:  # pragma: no cover - exercised only without a build
+    _NATIVE_ERROR = str(exc)
+
+NATIVE_AVAILABLE = _NATIVE_ERROR is None
+
+_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`)"
+
+
+def _has_kernel(op: str, key: str) -> bool:
+    return _NATIVE_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"okadfa::{op}", key)
+
+
+def _triton_status() -> tuple[bool, str]:
+    return False, "no Triton kernels are shipped in this version of okadfa.kernels"
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What each backend can do here: {name: {"available": bool, "reason": str}}.
+
+    Example:
+        >>> okadfa.backends()["cpu"]
+        {'available': True, 'reason': 'native CPU kernels (okadfa._C)'}
+    """
+    report = {}
+    ok, why = _triton_status()
+    report["triton"] = {"available": ok, "reason": why}
+    if _NATIVE_ERROR is not None:
+        why = f"okadfa._C failed to import ({_NATIVE_ERROR}); {_BUILD_HINT}"
+        report["cuda"] = {"available": False, "reason": why}
+        report["cpu"] = {"available": False, "reason": why}
+    else:
+        if not _has_kernel("favor_attention_fwd", "CUDA"):
+            why = "okadfa._C was built without CUDA kernels"
+        elif not torch.cuda.is_available():
+            why = "no CUDA device is available"
+        else:
+            why = "native CUDA kernels (okadfa._C)"
+        report["cuda"] = {"available": why.startswith("native"), "reason": why}
+        report["cpu"] = {"available": True, "reason": "native CPU kernels (okadfa._C)"}
+    report["reference"] = {"available": True, "reason": "plain PyTorch (okadfa.reference)"}
+    return report
+
+
+_warned_missing_native = False
+
+
+def _warn_missing_native() -> None:
+    global _warned_missing_native
+    if not _warned_missing_native:
+        _warned_missing_native = True
+        warnings.warn(f"okadfa: the native extension is missing, using the slower reference path; {_BUILD_HINT}",
+                      RuntimeWarning, stacklevel=3)
+
+
+def select_backend(backend: str, device: torch.device) -> str:
+    """Resolve `backend` ("auto" or a name) for tensors on `device`; raise if it cannot run."""
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get("OKADFA_BACKEND", "auto") or "auto"
+        if backend not in BACKENDS + ("auto",):
+            raise ValueError(f"OKADFA_BACKEND must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        if device.type == "cuda":
+            for name in ("triton", "cuda"):
+                if backends()[name]["available"]:
+                    return name
+            return "reference"
+        if device.type == "cpu" and _NATIVE_ERROR is None:
+            return "cpu"
+        if device.type == "cpu":
+            _warn_missing_native()
+        return "reference"
+    if backend == "reference":
+        return backend
+    if backend == "triton":
+        ok, why = _triton_status()
+        if not ok:
+            raise RuntimeError(f"okadfa: backend 'triton' is unavailable: {why}")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("okadfa: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
+                             f"got tensors on {device}")
+        return backend
+    status = backends()[backend]
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"okadfa: backend 'cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"okadfa: backend 'cuda' needs CUDA tensors, got tensors on {device}")
+    if not status["available"]:
+        raise RuntimeError(f"okadfa: backend {backend!r} is unavailable: {status['reason']}")
+    return backend

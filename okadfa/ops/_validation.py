@@ -1,0 +1,84 @@
+"""Input validation shared by every backend: runs before any kernel and raises
+TypeError (wrong kind of object or dtype) or ValueError (shape, device, value)
+naming the argument and what was expected."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NATIVE_DTYPES = (torch.float32, torch.float64)
+MAX_CHUNK = 1024
+
+
+def check_tensor(x, name: str, ndim: int, layout: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got {x.dtype}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+
+
+def check_same(tensors: dict[str, Tensor]) -> None:
+    (first, ref), *rest = tensors.items()
+    for name, x in rest:
+        if x.device != ref.device:
+            raise ValueError(f"{name} is on {x.device} but {first} is on {ref.device}")
+        if x.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but {first} has dtype {ref.dtype}")
+
+
+def attention_batch_shape(q: Tensor, k: Tensor, v: Tensor, qname: str, kname: str) -> torch.Size:
+    """Check (B, H, T, ·) agreement of q, k, v; return the broadcast (B, H)."""
+    if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
+        raise ValueError(f"{qname}, {kname} and v must have the same sequence length (dim 2), got "
+                         f"{q.shape[2]}, {k.shape[2]} and {v.shape[2]}")
+    if q.shape[2] < 1:
+        raise ValueError(f"the sequence length (dim 2 of {qname}) must be at least 1, got {q.shape[2]}")
+    if v.shape[3] < 1:
+        raise ValueError(f"v must have at least one feature (dim 3), got shape {tuple(v.shape)}")
+    try:
+        return torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2])
+    except RuntimeError:
+        raise ValueError(f"the batch and head dims (0, 1) of {qname} {tuple(q.shape[:2])}, {kname} "
+                         f"{tuple(k.shape[:2])} and v {tuple(v.shape[:2])} do not broadcast") from None
+
+
+def check_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return float(scale)
+
+
+def check_chunk(chunk_size, default: int) -> int:
+    if chunk_size is None:
+        return default
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if not 1 <= chunk_size <= MAX_CHUNK:
+        raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK}], got {chunk_size}")
+    return chunk_size
+
+
+def check_causal(causal) -> bool:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    return causal
+
+
+def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
+    """Broadcast the (B, H) dims, cast to the kernel's dtype, make contiguous (differentiably)."""
+    return x.expand(*batch, *x.shape[2:]).to(dtype).contiguous()
+
+
+def native_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The native CPU kernels compute half types in float32."""
+    return dtype if dtype in NATIVE_DTYPES else torch.float32

@@ -1,0 +1,102 @@
+"""favor_attention: FAVOR+ attention with the feature map fused (DESIGN.md §3).
+
+The native kernels are the registered ops okadfa::favor_attention_fwd/_bwd
+(csrc/favor_attention.cpp); this module gives them fake implementations and
+autograd, validates input and dispatches between backends.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import NATIVE_AVAILABLE, select_backend
+from . import _validation as val
+
+DEFAULT_CHUNK = 64
+
+
+# fake tensor implementation of okadfa::favor_attention_fwd
+def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
+    return torch.empty_like(v), q.new_empty(q.shape[:3])
+
+
+# fake tensor implementation of okadfa::favor_attention_bwd
+def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, causal, scale, chunk_size, projection_grad):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(projection)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, projection, causal, scale, chunk_size = inputs
+    out, lognorm = output
+    ctx.save_for_backward(q, k, v, projection, out, lognorm)
+    ctx.args = (causal, scale, chunk_size)
+
+
+def _backward(ctx, grad_out, grad_lognorm):
+    q, k, v, projection, out, lognorm = ctx.saved_tensors
+    causal, scale, chunk_size = ctx.args
+    dq, dk, dv, dw = torch.ops.okadfa.favor_attention_bwd(
+        grad_out.contiguous(), q, k, v, projection, out, lognorm, causal, scale, chunk_size,
+        ctx.needs_input_grad[3])
+    return dq, dk, dv, (dw if ctx.needs_input_grad[3] else None), None, None, None
+
+
+if NATIVE_AVAILABLE:
+    torch.library.register_fake("okadfa::favor_attention_fwd")(_fwd_fake)
+    torch.library.register_fake("okadfa::favor_attention_bwd")(_bwd_fake)
+    torch.library.register_autograd("okadfa::favor_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
+                    scale: float | None = None, backend: str = "auto", chunk_size: int | None = None) -> Tensor:
+    """FAVOR+ attention: softmax attention approximated by positive random features.
+
+    With q̂ = q·√scale, k̂ = k·√scale and φ(x̂)_m = exp(w_m·x̂ − ‖x̂‖²/2)/√M,
+
+        out_t = Σ_s a_ts v_s / Σ_s a_ts,   a_ts = φ(q̂_t)·φ(k̂_s),
+
+    over s ≤ t when causal, all s otherwise. E[a_ts] = exp(scale·q_t·k_s) for
+    Gaussian rows w_m, so the output approximates softmax attention and improves
+    with M. Time and memory are linear in T (chunked prefix sums, Choromanski et
+    al. 2021); a running maximum of the key features keeps it finite without any
+    dependence on later positions.
+
+    Args:
+        q, k: (B, H, T, Dk). v: (B, H, T, Dv). B and H broadcast (size 1 is expanded).
+        projection: (M, Dk), e.g. from `okadfa.random_features(M, Dk)`; gets a
+            gradient if it requires one.
+        causal: attend to s ≤ t only.
+        scale: logit scale, default Dk^-1/2 as in scaled_dot_product_attention.
+        backend: "auto", "cpu", "cuda", "triton" or "reference" (see `okadfa.backends()`).
+        chunk_size: positions per chunk of the native kernels (default 64).
+    Returns:
+        (B, H, T, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32.
+
+    Example:
+        >>> q, k, v = torch.randn(3, 2, 4, 1024, 64).unbind(0)
+        >>> w = okadfa.random_features(256, 64)
+        >>> out = okadfa.favor_attention(q, k, v, w, causal=True)   # (2, 4, 1024, 64)
+    """
+    val.check_tensor(q, "q", 4, "(B, H, T, Dk)")
+    val.check_tensor(k, "k", 4, "(B, H, T, Dk)")
+    val.check_tensor(v, "v", 4, "(B, H, T, Dv)")
+    val.check_tensor(projection, "projection", 2, "(M, Dk)")
+    val.check_same({"q": q, "k": k, "v": v})
+    if projection.device != q.device:
+        raise ValueError(f"projection is on {projection.device} but q is on {q.device}")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got shape {tuple(k.shape)}")
+    if projection.shape[1] != q.shape[3] or projection.shape[0] < 1:
+        raise ValueError(f"projection must have shape (M, {q.shape[3]}) with M >= 1, got {tuple(projection.shape)}")
+    batch = val.attention_batch_shape(q, k, v, "q", "k")
+    causal = val.check_causal(causal)
+    scale = val.check_scale(scale, q.shape[3])
+    chunk = val.check_chunk(chunk_size, DEFAULT_CHUNK)
+    name = select_backend(backend, q.device)
+    if name == "reference":
+        return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk)
+    out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
+    q, k, v = (val.prepare(x, batch, dtype) for x in (q, k, v))
+    out, _ = torch.ops.okadfa.favor_attention_fwd(q, k, v, projection.to(dtype).contiguous(), causal, scale, chunk)
+    return out.to(out_dtype)

@@ -1,0 +1,89 @@
+"""linear_attention: normalised linear attention on caller-computed features.
+
+Native kernels: okadfa::linear_attention_fwd/_bwd (csrc/linear_attention.cpp),
+the same chunked algorithm as favor_attention without the fused feature map.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import NATIVE_AVAILABLE, select_backend
+from . import _validation as val
+
+DEFAULT_CHUNK = 64
+
+
+# fake tensor implementation of okadfa::linear_attention_fwd
+def _fwd_fake(q_feat, k_feat, v, causal, chunk_size):
+    return torch.empty_like(v), q_feat.new_empty(q_feat.shape[:3])
+
+
+# fake tensor implementation of okadfa::linear_attention_bwd
+def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, causal, chunk_size):
+    return torch.empty_like(q_feat), torch.empty_like(k_feat), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q_feat, k_feat, v, causal, chunk_size = inputs
+    out, lognorm = output
+    ctx.save_for_backward(q_feat, k_feat, v, out, lognorm)
+    ctx.args = (causal, chunk_size)
+
+
+def _backward(ctx, grad_out, grad_lognorm):
+    q_feat, k_feat, v, out, lognorm = ctx.saved_tensors
+    dq, dk, dv = torch.ops.okadfa.linear_attention_bwd(grad_out.contiguous(), q_feat, k_feat, v, out, lognorm,
+                                                       *ctx.args)
+    return dq, dk, dv, None, None
+
+
+if NATIVE_AVAILABLE:
+    torch.library.register_fake("okadfa::linear_attention_fwd")(_fwd_fake)
+    torch.library.register_fake("okadfa::linear_attention_bwd")(_bwd_fake)
+    torch.library.register_autograd("okadfa::linear_attention_fwd", _backward, setup_context=_setup_context)
+
+
+def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
+                     chunk_size: int | None = None) -> Tensor:
+    """Normalised linear attention with features computed by the caller.
+
+        out_t = Σ_s a_ts v_s / Σ_s a_ts,   a_ts = q_feat_t · k_feat_s,
+
+    over s ≤ t when causal (chunked prefix sums, linear in T), all s otherwise.
+    Use it for feature maps other than FAVOR+ (e.g. elu(x)+1 of Katharopoulos et
+    al. 2020). Features must be non-negative; the kernels do not rescale them, so
+    keep them in a range where their products do not overflow. A row whose
+    weights are all 0 gives 0.
+
+    Args:
+        q_feat, k_feat: (B, H, T, M), non-negative. v: (B, H, T, Dv). B, H broadcast.
+        causal, backend, chunk_size: as in `favor_attention`.
+    Returns:
+        (B, H, T, Dv) in v's dtype.
+
+    Example:
+        >>> fq, fk = (torch.nn.functional.elu(x) + 1 for x in torch.randn(2, 1, 4, 512, 32))
+        >>> out = okadfa.linear_attention(fq, fk, torch.randn(1, 4, 512, 64), causal=True)
+    """
+    val.check_tensor(q_feat, "q_feat", 4, "(B, H, T, M)")
+    val.check_tensor(k_feat, "k_feat", 4, "(B, H, T, M)")
+    val.check_tensor(v, "v", 4, "(B, H, T, Dv)")
+    val.check_same({"q_feat": q_feat, "k_feat": k_feat, "v": v})
+    if k_feat.shape[3] != q_feat.shape[3] or q_feat.shape[3] < 1:
+        raise ValueError(f"q_feat and k_feat must have the same number of features M >= 1 (dim 3), got shapes "
+                         f"{tuple(q_feat.shape)} and {tuple(k_feat.shape)}")
+    batch = val.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
+    causal = val.check_causal(causal)
+    chunk = val.check_chunk(chunk_size, DEFAULT_CHUNK)
+    for name, x in (("q_feat", q_feat), ("k_feat", k_feat)):
+        if not torch.compiler.is_compiling() and bool((x < 0).any()):
+            raise ValueError(f"{name} must be non-negative (features of a positive kernel)")
+    name = select_backend(backend, q_feat.device)
+    if name == "reference":
+        return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk)
+    out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
+    q_feat, k_feat, v = (val.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
+    out, _ = torch.ops.okadfa.linear_attention_fwd(q_feat, k_feat, v, causal, chunk)
+    return out.to(out_dtype)

@@ -1,0 +1,173 @@
+"""FAVOR+ attention in plain PyTorch: the ground truth of every backend.
+
+Performer's FAVOR+ (Choromanski et al., "Rethinking Attention with Performers",
+ICLR 2021) replaces softmax weights exp(scale·q·k) by the inner product of
+positive random features
+
+    φ(x̂)_m = exp(w_m·x̂ − ‖x̂‖²/2) / √M,   x̂ = x·√scale,
+
+whose expectation over w_m ~ N(0, I) is exactly exp(q̂·k̂). The attention output
+is the normalised average out_t = Σ_s a_ts v_s / Σ_s a_ts with
+a_ts = φ(q̂_t)·φ(k̂_s), over s ≤ t (causal) or all s.
+
+This module computes it in the linear-memory chunked form the kernels use, with
+autograd providing the gradients. Stabilisers are constants that cancel in the
+normalisation, so they are detached:
+  * queries: each feature row is divided by its maximum (a per-row factor);
+  * keys: with the running maximum c_t of the key log-features over positions
+    ≤ t, key s contributes to query t with weight exp(l_s − c_t), where l_s are
+    its log-features; exp(−c_t) is again per query row. Only positions ≤ t
+    enter c_t, so causality holds even when a later key would dominate.
+If every weight of a row underflows (only with extreme inputs) the row's output
+is 0 rather than 0/0 = NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["random_features", "favor_features", "favor_attention", "linear_attention"]
+
+DEFAULT_CHUNK = 64
+
+
+def random_features(num_features: int, head_dim: int, *, orthogonal: bool = True, scaling: str = "chi",
+                    generator: torch.Generator | None = None, device=None, dtype=None) -> Tensor:
+    """Draw a FAVOR+ projection W of shape (num_features, head_dim).
+
+    orthogonal=True stacks ⌈M/Dk⌉ blocks of Dk mutually orthogonal rows (QR of a
+    Gaussian matrix, with the signs of R's diagonal folded in so Q is Haar
+    distributed), keeping the first M rows. Row norms: scaling="chi" draws each
+    from the norm of an independent N(0, I_Dk) vector (so each row is marginally
+    N(0, I) and the estimator stays unbiased); scaling="sqrt" fixes them to √Dk.
+    orthogonal=False gives i.i.d. N(0, I) rows (scaling is then ignored).
+
+    Sampling happens on the CPU in float64 with `generator`, so a seed gives the
+    same matrix on every device; the result is moved to `device`/`dtype`.
+
+    Example:
+        >>> g = torch.Generator().manual_seed(0)
+        >>> w = random_features(256, 64, generator=g)   # (256, 64)
+    """
+    if not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    if scaling not in ("chi", "sqrt"):
+        raise ValueError(f"scaling must be 'chi' or 'sqrt', got {scaling!r}")
+    dtype = dtype if dtype is not None else torch.get_default_dtype()
+    kw = dict(generator=generator, dtype=torch.float64)
+    if not orthogonal:
+        return torch.randn(num_features, head_dim, **kw).to(device=device, dtype=dtype)
+    blocks = []
+    for _ in range(-(-num_features // head_dim)):
+        q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, **kw))
+        q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()).double())
+        blocks.append(q.T)
+    w = torch.cat(blocks)[:num_features]
+    if scaling == "chi":
+        norms = torch.randn(num_features, head_dim, **kw).norm(dim=1)
+    else:
+        norms = torch.full((num_features,), math.sqrt(head_dim), dtype=torch.float64)
+    return (w * norms[:, None]).to(device=device, dtype=dtype)
+
+
+def favor_features(x: Tensor, projection: Tensor, *, scale: float | None = None) -> Tensor:
+    """φ(x̂)_m = exp(w_m·x̂ − ‖x̂‖²/2) / √M with x̂ = x·√scale (no stabilisation).
+
+    x: (..., Dk); projection: (M, Dk); returns (..., M). scale defaults to Dk^-1/2.
+    Exact but can overflow for large ‖x̂‖ in low precision; the attention ops
+    never form it unstabilised.
+    """
+    scale = x.shape[-1] ** -0.5 if scale is None else scale
+    xh = x * math.sqrt(scale)
+    logits = xh @ projection.to(x.dtype).T - (xh * xh).sum(-1, keepdim=True) / 2
+    return torch.exp(logits) / math.sqrt(projection.shape[0])
+
+
+def _normalise(num: Tensor, den: Tensor) -> Tensor:
+    # den == 0 only when every weight underflowed; the row is 0 then, not NaN.
+    return num / torch.where(den == 0, torch.ones_like(den), den)[..., None]
+
+
+def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: bool, chunk: int) -> Tensor:
+    """Normalised attention from stabilised features.
+
+    fq: (..., T, M) query features (any per-row scale); fk: (..., T, M) key
+    features exp(l_s − c_s) relative to a per-key shift c_s given by lk_shift
+    (..., T) (None: no shift, c = 0); v: (..., T, Dv).
+    """
+    if not causal:
+        # fk shares one shift (a global constant): no per-key factors remain.
+        state = fk.transpose(-1, -2) @ v                    # (..., M, Dv)
+        return _normalise(fq @ state, (fq @ fk.sum(-2)[..., None])[..., 0])
+    T = v.shape[-2]
+    c = torch.zeros(fq.shape[:-1], dtype=fq.dtype, device=fq.device) if lk_shift is None else lk_shift
+    state = fq.new_zeros(fq.shape[:-2] + (fq.shape[-1], v.shape[-1]))   # Σ exp(c_s − P) fk_s v_sᵀ
+    zsum = fq.new_zeros(fq.shape[:-2] + (fq.shape[-1],))                # Σ exp(c_s − P) fk_s
+    ref = None                                                          # P, the state's reference
+    outs = []
+    for t0 in range(0, T, chunk):
+        sl = slice(t0, min(T, t0 + chunk))
+        q_c, k_c, v_c, c_c = fq[..., sl, :], fk[..., sl, :], v[..., sl, :], c[..., sl]
+        n = v_c.shape[-2]
+        # Within the chunk key s reaches query t ≥ s with factor exp(c_s − c_t) ≤ 1.
+        decay = torch.exp(c_c[..., None, :] - c_c[..., :, None])
+        mask = torch.ones(n, n, dtype=torch.bool, device=v.device).tril()
+        weights = torch.where(mask, (q_c @ k_c.transpose(-1, -2)) * decay, torch.zeros((), dtype=v.dtype))
+        num, den = weights @ v_c, weights.sum(-1)
+        if ref is not None:
+            carry = torch.exp(ref[..., None] - c_c)                        # exp(P − c_t) ≤ 1
+            num = num + carry[..., None] * (q_c @ state)
+            den = den + carry * (q_c @ zsum[..., None])[..., 0]
+        outs.append(_normalise(num, den))
+        new_ref = c_c[..., -1]
+        key_w = k_c * torch.exp(c_c - new_ref[..., None])[..., None]    # relative to the new reference
+        if ref is not None:
+            state = state * torch.exp(ref - new_ref)[..., None, None]
+            zsum = zsum * torch.exp(ref - new_ref)[..., None]
+        state = state + key_w.transpose(-1, -2) @ v_c
+        zsum = zsum + key_w.sum(-2)
+        ref = new_ref
+    return torch.cat(outs, dim=-2)
+
+
+def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
+                    scale: float | None = None, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """FAVOR+ attention (DESIGN.md §3), reference implementation.
+
+    q, k: (B, H, T, Dk); v: (B, H, T, Dv); projection: (M, Dk) from
+    `random_features`. Returns (B, H, T, Dv) in v's dtype. scale defaults to
+    Dk^-1/2. Linear memory in T; differentiable by autograd.
+
+    Example:
+        >>> q, k, v = torch.randn(3, 1, 2, 100, 16).unbind(0)
+        >>> w = random_features(32, 16)
+        >>> favor_attention(q, k, v, w, causal=True).shape
+        torch.Size([1, 2, 100, 16])
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    w = projection.to(q.dtype)
+    s = math.sqrt(scale)
+    lq = (q * s) @ w.T                                   # the −‖q̂‖²/2 term is per row: it cancels
+    fq = torch.exp(lq - lq.amax(-1, keepdim=True).detach())
+    lk = (k * s) @ w.T - (k * k).sum(-1, keepdim=True) * (scale / 2)
+    kmax = lk.amax(-1).detach()
+    if causal:
+        kmax = torch.cummax(kmax, dim=-1).values
+    else:
+        kmax = kmax.amax(-1, keepdim=True).expand_as(kmax)
+    fk = torch.exp(lk - kmax[..., None])
+    return _attend(fq, fk, kmax if causal else None, v, causal, chunk_size).to(v.dtype)
+
+
+def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False,
+                     chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+    """Normalised linear attention on caller-computed non-negative features.
+
+    q_feat, k_feat: (B, H, T, M); v: (B, H, T, Dv). out_t = Σ_s a_ts v_s / Σ_s a_ts
+    with a_ts = q_feat_t·k_feat_s over s ≤ t (causal) or all s.
+    """
+    return _attend(q_feat, k_feat, None, v, causal, chunk_size).to(v.dtype)
