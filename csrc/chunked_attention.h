@@ -124,6 +124,9 @@ class ChunkedAttention {
   };
 
   static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  // min_normal^0.8: ~1e-31 (float32), ~1e-246 (float64). Above it, 1/den' leaves
+  // the backward enough headroom not to overflow.
+  static inline const T kTiny = std::pow(std::numeric_limits<T>::min(), T(0.8));
 
   // Heads are the unit of parallel work; when there are fewer heads than threads,
   // the value columns are split too (each task recomputes the features).
@@ -260,16 +263,18 @@ class ChunkedAttention {
     }
   }
 
-  // out = num[:, :-1] / num[:, -1]; lognorm = log(den') + aq + c. den' == 0 only
-  // when every weight underflowed: the row is then 0 (documented guard).
+  // out = num[:, :-1] / num[:, -1]; lognorm = log(den') + aq + c. The guard: a
+  // row whose stabilised normaliser den' fell below kTiny (only for inputs so
+  // large that the weights leave the dtype's range) is 0 with lognorm = -inf.
   void finish_rows(int64_t n, int64_t t0, int64_t d0, int64_t d1, const Workspace& ws, T* o, T* ln) const {
     const int64_t W = d1 - d0 + 1;
     const T* num = ws.e.data();
     for (int64_t i = 0; i < n; ++i) {
       const T den = num[i * W + W - 1];
-      const T inv = den == T(0) ? T(0) : T(1) / den;
-      for (int64_t j = 0; j < d1 - d0; ++j) o[(t0 + i) * p_.dv + d0 + j] = num[i * W + j] * inv;
-      if (ln) ln[t0 + i] = std::log(den) + ws.aq[i] + ws.c[i];
+      const bool underflow = den < kTiny;
+      for (int64_t j = 0; j < d1 - d0; ++j)
+        o[(t0 + i) * p_.dv + d0 + j] = underflow ? T(0) : num[i * W + j] / den;
+      if (ln) ln[t0 + i] = underflow ? kNegInf : std::log(den) + ws.aq[i] + ws.c[i];
     }
   }
 
@@ -278,13 +283,14 @@ class ChunkedAttention {
                          bool with_ones, Workspace& ws) const {
     const int64_t W = d1 - d0 + (with_ones ? 1 : 0);
     for (int64_t i = 0; i < n; ++i) {
-      const T den = std::exp(ln[i] - ws.aq[i] - ws.c[i]);
-      const T inv = den == T(0) ? T(0) : T(1) / den;
+      // A row that hit the underflow guard is constant 0: no gradient flows through it.
+      const bool underflow = ln[i] == kNegInf;
+      const T den = underflow ? T(1) : std::exp(ln[i] - ws.aq[i] - ws.c[i]);
       const T* g = dout + i * p_.dv;
       T delta = 0;
       for (int64_t j = 0; j < p_.dv; ++j) delta += g[j] * o[i * p_.dv + j];
-      for (int64_t j = 0; j < d1 - d0; ++j) ws.e[i * W + j] = g[d0 + j] * inv;
-      if (with_ones) ws.e[i * W + W - 1] = -delta * inv;
+      for (int64_t j = 0; j < d1 - d0; ++j) ws.e[i * W + j] = underflow ? T(0) : g[d0 + j] / den;
+      if (with_ones) ws.e[i * W + W - 1] = underflow ? T(0) : -delta / den;
     }
   }
 

@@ -27,6 +27,7 @@ std::tuple<at::Tensor, at::Tensor> favor_attention_fwd_cpu(const at::Tensor& q, 
                                                            bool causal, double scale, int64_t chunk) {
   auto out = at::empty_like(v);
   auto lognorm = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  check_attention_inputs(q, k, v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_attention_fwd", [&] {
     auto p = favor_problem<scalar_t>(q, k, v, projection, causal, scale, chunk);
     cpu::ChunkedAttention<scalar_t>(p).forward(out.data_ptr<scalar_t>(), lognorm.data_ptr<scalar_t>());
@@ -44,6 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd_c
   TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dw = at::zeros_like(projection);
+  check_attention_inputs(q, k, v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_attention_bwd", [&] {
     auto p = favor_problem<scalar_t>(q, k, v, projection, causal, scale, chunk);
     cpu::ChunkedAttention<scalar_t>(p).backward(

@@ -21,6 +21,7 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q,
                                                             const at::Tensor& v, bool causal, int64_t chunk) {
   auto out = at::empty_like(v);
   auto lognorm = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
+  check_attention_inputs(q, k, v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_attention_fwd", [&] {
     auto p = linear_problem<scalar_t>(q, k, v, causal, chunk);
     cpu::ChunkedAttention<scalar_t>(p).forward(out.data_ptr<scalar_t>(), lognorm.data_ptr<scalar_t>());
@@ -36,6 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(
   check_tensor(lognorm, "lognorm", 3, q);
   TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  check_attention_inputs(q, k, v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_attention_bwd", [&] {
     auto p = linear_problem<scalar_t>(q, k, v, causal, chunk);
     cpu::ChunkedAttention<scalar_t>(p).backward(

@@ -37,13 +37,7 @@ def _triton_status() -> tuple[bool, str]:
     return False, "no Triton kernels are shipped in this version of okadfa.kernels"
 
 
-def backends() -> dict[str, dict[str, object]]:
-    """What each backend can do here: {name: {"available": bool, "reason": str}}.
-
-    Example:
-        >>> okadfa.backends()["cpu"]
-        {'available': True, 'reason': 'native CPU kernels (okadfa._C)'}
-    """
+def _discover() -> dict[str, dict[str, object]]:
     report = {}
     ok, why = _triton_status()
     report["triton"] = {"available": ok, "reason": why}
@@ -62,6 +56,21 @@ def backends() -> dict[str, dict[str, object]]:
         report["cpu"] = {"available": True, "reason": "native CPU kernels (okadfa._C)"}
     report["reference"] = {"available": True, "reason": "plain PyTorch (okadfa.reference)"}
     return report
+
+
+# Discovered once at import: dispatch then reads plain Python data, which
+# torch.compile traces without graph breaks.
+_STATUS = _discover()
+
+
+def backends() -> dict[str, dict[str, object]]:
+    """What each backend can do here: {name: {"available": bool, "reason": str}}.
+
+    Example:
+        >>> okadfa.backends()["cpu"]
+        {'available': True, 'reason': 'native CPU kernels (okadfa._C)'}
+    """
+    return {name: dict(status) for name, status in _STATUS.items()}
 
 
 _warned_missing_native = False
@@ -86,7 +95,7 @@ def select_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type == "cuda":
             for name in ("triton", "cuda"):
-                if backends()[name]["available"]:
+                if _STATUS[name]["available"]:
                     return name
             return "reference"
         if device.type == "cpu" and _NATIVE_ERROR is None:
@@ -104,7 +113,7 @@ def select_backend(backend: str, device: torch.device) -> str:
             raise ValueError("okadfa: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "
                              f"got tensors on {device}")
         return backend
-    status = backends()[backend]
+    status = _STATUS[backend]
     if backend == "cpu" and device.type != "cpu":
         raise ValueError(f"okadfa: backend 'cpu' needs CPU tensors, got tensors on {device}")
     if backend == "cuda" and device.type != "cuda":

@@ -18,8 +18,10 @@ normalisation, so they are detached:
     ≤ t, key s contributes to query t with weight exp(l_s − c_t), where l_s are
     its log-features; exp(−c_t) is again per query row. Only positions ≤ t
     enter c_t, so causality holds even when a later key would dominate.
-If every weight of a row underflows (only with extreme inputs) the row's output
-is 0 rather than 0/0 = NaN.
+If the stabilised normaliser of a row underflows (below min_normal^0.8, ~1e-31
+in float32: only for inputs whose weights leave the dtype's range, |q̂|, |k̂| of
+order 10 and more) the row's output is 0 and it passes no gradient, rather than
+0/0 = NaN or an overflowing backward. Every backend applies this same guard.
 """
 from __future__ import annotations
 
@@ -87,9 +89,21 @@ def favor_features(x: Tensor, projection: Tensor, *, scale: float | None = None)
     return torch.exp(logits) / math.sqrt(projection.shape[0])
 
 
+def underflow_threshold(dtype: torch.dtype) -> float:
+    """Normalisers below min_normal^0.8 (~1e-31 in float32) count as underflowed."""
+    return torch.finfo(dtype).tiny ** 0.8
+
+
 def _normalise(num: Tensor, den: Tensor) -> Tensor:
-    # den == 0 only when every weight underflowed; the row is 0 then, not NaN.
-    return num / torch.where(den == 0, torch.ones_like(den), den)[..., None]
+    # The guard: a row whose stabilised normaliser underflowed (only for inputs
+    # whose weights leave the dtype's range) is 0, and passes no gradient.
+    # Dividing both by den's value first keeps autograd from forming den² (which
+    # underflows for tiny den); the quotient and its gradient are unchanged.
+    small = den < underflow_threshold(den.dtype)
+    den = torch.where(small, 1, den)
+    unit = den.detach()
+    out = (num / unit[..., None]) / (den / unit)[..., None]
+    return torch.where(small[..., None], torch.zeros((), dtype=num.dtype), out)
 
 
 def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: bool, chunk: int) -> Tensor:
@@ -114,9 +128,10 @@ def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: 
         q_c, k_c, v_c, c_c = fq[..., sl, :], fk[..., sl, :], v[..., sl, :], c[..., sl]
         n = v_c.shape[-2]
         # Within the chunk key s reaches query t ≥ s with factor exp(c_s − c_t) ≤ 1.
-        decay = torch.exp(c_c[..., None, :] - c_c[..., :, None])
+        # (−inf above the diagonal: those entries are exactly 0, their gradient too).
         mask = torch.ones(n, n, dtype=torch.bool, device=v.device).tril()
-        weights = torch.where(mask, (q_c @ k_c.transpose(-1, -2)) * decay, torch.zeros((), dtype=v.dtype))
+        decay = torch.exp((c_c[..., None, :] - c_c[..., :, None]).masked_fill(~mask, -math.inf))
+        weights = (q_c @ k_c.transpose(-1, -2)) * decay
         num, den = weights @ v_c, weights.sum(-1)
         if ref is not None:
             carry = torch.exp(ref[..., None] - c_c)                        # exp(P − c_t) ≤ 1
