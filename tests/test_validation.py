@@ -1,0 +1,95 @@
+"""Bad input is rejected before any kernel runs, with the argument named; dispatch rules."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import okadfa
+from okadfa.backends import select_backend
+from conftest import make_inputs
+
+
+def _inputs():
+    return make_inputs(1, 2, 10, 4, 3, 6, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda q, k, v, w: (q[0], k, v, w), ValueError, "q must have 4 dimensions"),
+    (lambda q, k, v, w: (q, k[..., :3], v, w), ValueError, "k must have the head dim"),
+    (lambda q, k, v, w: (q, k, v[:, :, :7], w), ValueError, "same sequence length"),
+    (lambda q, k, v, w: (q, k[:, :1].expand(-1, 3, -1, -1), v, w), ValueError, "do not broadcast"),
+    (lambda q, k, v, w: (q, k, v, w[:, :2]), ValueError, "projection must have shape"),
+    (lambda q, k, v, w: (q, k, v, w[0]), ValueError, "projection must have 2 dimensions"),
+    (lambda q, k, v, w: (q.long(), k, v, w), TypeError, "q must be a floating-point tensor"),
+    (lambda q, k, v, w: (q, k, v, w.int()), TypeError, "projection must be a floating-point"),
+    (lambda q, k, v, w: (q, k.double(), v, w), TypeError, "k has dtype torch.float64"),
+    (lambda q, k, v, w: (q, k, v.to("meta"), w), ValueError, "v is on meta"),
+    (lambda q, k, v, w: (q, k, v, w.to("meta")), ValueError, "projection is on meta"),
+    (lambda q, k, v, w: (q.numpy(), k, v, w), TypeError, "q must be a torch.Tensor"),
+    (lambda q, k, v, w: (q[:, :, :0], k[:, :, :0], v[:, :, :0], w), ValueError, "at least 1"),
+])
+def test_favor_attention_rejects(mutate, exc, match):
+    with pytest.raises(exc, match=match):
+        okadfa.favor_attention(*mutate(*_inputs()))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(scale=0.0), ValueError, "scale must be positive"),
+    (dict(scale=float("nan")), ValueError, "scale must be positive"),
+    (dict(scale=float("inf")), ValueError, "scale must be positive"),
+    (dict(scale="big"), TypeError, "scale must be a float"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be in"),
+    (dict(chunk_size=2.5), TypeError, "chunk_size must be an int"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(backend="gpu"), ValueError, "backend must be one of"),
+    (dict(backend="cuda"), ValueError, "needs CUDA tensors"),
+])
+def test_favor_attention_rejects_arguments(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        okadfa.favor_attention(*_inputs(), **kwargs)
+
+
+def test_linear_attention_rejects():
+    fq = torch.rand(1, 2, 10, 6)
+    v = torch.randn(1, 2, 10, 3)
+    with pytest.raises(ValueError, match="same number of features"):
+        okadfa.linear_attention(fq, fq[..., :5], v)
+    with pytest.raises(TypeError, match="v must be a floating-point"):
+        okadfa.linear_attention(fq, fq, v.int())
+    with pytest.raises(ValueError, match="q_feat must have 4 dimensions"):
+        okadfa.linear_attention(fq[0], fq, v)
+
+
+def test_triton_backend_is_reported_and_refused():
+    status = okadfa.backends()
+    assert set(status) == {"triton", "cuda", "cpu", "reference"}
+    assert status["reference"]["available"] is True
+    assert all(isinstance(s["reason"], str) and s["reason"] for s in status.values())
+    if not status["triton"]["available"]:
+        with pytest.raises(RuntimeError, match="backend 'triton' is unavailable"):
+            okadfa.favor_attention(*_inputs(), backend="triton")
+
+
+def test_environment_override(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("OKADFA_BACKEND", "reference")
+    assert select_backend("auto", cpu) == "reference"
+    assert select_backend("cpu", cpu) == "cpu" or not okadfa.backends()["cpu"]["available"]
+    monkeypatch.setenv("OKADFA_BACKEND", "nope")
+    with pytest.raises(ValueError, match="OKADFA_BACKEND"):
+        select_backend("auto", cpu)
+    monkeypatch.delenv("OKADFA_BACKEND")
+    expected = "cpu" if okadfa.backends()["cpu"]["available"] else "reference"
+    assert select_backend("auto", cpu) == expected
+
+
+def test_kernels_package_is_namespaced(tmp_path):
+    """The Triton kernels install as okadfa.kernels, never as a top-level `kernels`."""
+    code = ("import importlib.util, okadfa.kernels; "
+            "print(importlib.util.find_spec('kernels') is None)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "True"
