@@ -62,32 +62,35 @@ class ChunkedAttention {
     const int64_t split = column_split();
     const int64_t nthreads = at::get_num_threads();
     // Column tasks of one head add partial dq/dk; each split index owns a slab.
-    std::vector<T> dq_parts, dk_parts;
+    const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
     const int64_t qsize = p_.bh * p_.tn * p_.dq;
+    at::Tensor dq_parts, dk_parts, dw_parts;
     if (split > 1) {
-      dq_parts.assign(split * qsize, T(0));
-      dk_parts.assign(split * qsize, T(0));
+      dq_parts = at::empty({split * qsize}, opts);
+      dk_parts = at::empty({split * qsize}, opts);
     }
-    std::vector<T> dw_parts(dw ? nthreads * p_.m * p_.dq : 0, T(0));
+    if (dw) dw_parts = at::zeros({nthreads * p_.m * p_.dq}, opts);
     at::parallel_for(0, p_.bh * split, 1, [&](int64_t begin, int64_t end) {
       Workspace ws(p_, /*states=*/p_.causal);
-      T* dw_local = dw ? dw_parts.data() + at::get_thread_num() * p_.m * p_.dq : nullptr;
+      T* dw_local = dw ? dw_parts.data_ptr<T>() + at::get_thread_num() * p_.m * p_.dq : nullptr;
       for (int64_t task = begin; task < end; ++task) {
         const int64_t part = task % split;
         const auto [d0, d1] = columns(part, split);
-        T* dq_out = split > 1 ? dq_parts.data() + part * qsize : dq;
-        T* dk_out = split > 1 ? dk_parts.data() + part * qsize : dk;
+        T* dq_out = split > 1 ? dq_parts.data_ptr<T>() + part * qsize : dq;
+        T* dk_out = split > 1 ? dk_parts.data_ptr<T>() + part * qsize : dk;
         backward_task(task / split, d0, d1, part == 0, ws, dout, out, lognorm, dq_out, dk_out,
                       dv, dw_local);
       }
     });
     if (split > 1) {
+      const T* dqp = dq_parts.data_ptr<T>();
+      const T* dkp = dk_parts.data_ptr<T>();
       at::parallel_for(0, qsize, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           T sq = 0, sk = 0;
           for (int64_t s = 0; s < split; ++s) {
-            sq += dq_parts[s * qsize + i];
-            sk += dk_parts[s * qsize + i];
+            sq += dqp[s * qsize + i];
+            sk += dkp[s * qsize + i];
           }
           dq[i] = sq;
           dk[i] = sk;
@@ -98,27 +101,42 @@ class ChunkedAttention {
       const int64_t wsize = p_.m * p_.dq;
       for (int64_t i = 0; i < wsize; ++i) {
         T s = 0;
-        for (int64_t th = 0; th < nthreads; ++th) s += dw_parts[th * wsize + i];
+        for (int64_t th = 0; th < nthreads; ++th) s += dw_parts.data_ptr<T>()[th * wsize + i];
         dw[i] = s;
       }
     }
   }
 
  private:
+  // A view of part of a workspace tensor (torch's allocator owns the memory, so
+  // memory profilers see it).
+  struct Span {
+    T* p = nullptr;
+    int64_t n = 0;
+    T* data() const { return p; }
+    T& operator[](int64_t i) const { return p[i]; }
+    T* begin() const { return p; }
+    T* end() const { return p + n; }
+  };
+
   struct Workspace {
-    std::vector<T> fq, fk, dfq, dfk, a, b, vx, e, f, dv1, dv2, s, r, states, pstate, aq, c, rmax;
+    at::Tensor storage;
+    Span fq, fk, dfq, dfk, a, b, vx, e, f, dv1, dv2, s, r, states, pstate, aq, c, rmax;
     Workspace(const AttentionProblem<T>& p, bool states_needed) {
       const int64_t C = p.chunk, M = p.m, W = p.dv + 1;
-      fq.resize(C * M), fk.resize(C * M), dfq.resize(C * M), dfk.resize(C * M);
-      a.resize(C * C), b.resize(C * C);
-      vx.resize(C * W), e.resize(C * W), f.resize(C * W);
-      dv1.resize(C * p.dv), dv2.resize(C * p.dv);
-      s.resize(M * W), r.resize(M * W);
-      aq.resize(C), c.resize(C), rmax.resize(C);
-      if (states_needed) {
-        const int64_t nchunks = (p.tn + C - 1) / C;
-        states.resize(nchunks * M * W);
-        pstate.resize(nchunks + 1);
+      const int64_t nchunks = states_needed ? (p.tn + C - 1) / C : 0;
+      std::vector<std::pair<Span*, int64_t>> parts = {
+          {&fq, C * M}, {&fk, C * M}, {&dfq, C * M}, {&dfk, C * M}, {&a, C * C}, {&b, C * C},
+          {&vx, C * W}, {&e, C * W}, {&f, C * W}, {&dv1, C * p.dv}, {&dv2, C * p.dv}, {&s, M * W},
+          {&r, M * W}, {&aq, C}, {&c, C}, {&rmax, C}, {&states, nchunks * M * W},
+          {&pstate, nchunks + 1}};
+      int64_t total = 0;
+      for (auto& part : parts) total += (part.second + 15) / 16 * 16;  // 64-byte aligned pieces
+      storage = at::empty({total}, at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+      T* base = storage.data_ptr<T>();
+      for (auto& part : parts) {
+        *part.first = Span{base, part.second};
+        base += (part.second + 15) / 16 * 16;
       }
     }
   };
@@ -249,7 +267,7 @@ class ChunkedAttention {
       gemm(false, false, n, W, n, T(1), ws.a.data(), n, ws.vx.data(), W, T(0), num, W);
       // carried state: exp(P - c_t) fq_t S
       if (pref != kNegInf) {
-        std::vector<T>& fq = ws.fq;
+        const Span& fq = ws.fq;
         for (int64_t i = 0; i < n; ++i) {
           if (ws.c[i] == pref) continue;
           const T f = exp_scalar(pref - ws.c[i]);

@@ -1,0 +1,130 @@
+"""What the favor_attention benchmarks run, shared by the pytest-benchmark file and
+bench/report.py: one callable per (backend, pass) on CPU tensors, a median timer,
+peak-memory measurement, and the FLOP count of the chunked algorithm."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import okadfa
+
+B, H, M, D = 1, 8, 256, 64
+
+
+def inputs(T, *, m=M, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, D, generator=g, dtype=dtype) for _ in range(3))
+    return q, k, v, okadfa.random_features(m, D, generator=g, dtype=dtype)
+
+
+def _performer_attention(m):
+    """performer-pytorch's FastAttention driving fast-transformers' CPU causal kernel."""
+    from performer_pytorch import FastAttention
+    from fast_transformers.causal_product import causal_dot_product
+
+    attn = FastAttention(dim_heads=D, nb_features=m, causal=True)
+    attn.causal_linear_fn = causal_dot_product   # performer-pytorch only picks it on CUDA by itself
+    return attn
+
+
+def peers():
+    """Peer implementations importable here: name -> factory(m) returning f(q, k, v)."""
+    found = {}
+    try:
+        import performer_pytorch  # noqa: F401
+        import fast_transformers.causal_product  # noqa: F401
+        found["performer+fast-transformers"] = _performer_attention
+    except Exception:
+        pass
+    return found
+
+
+def make_forward(name, q, k, v, w, causal=True):
+    """A zero-argument forward for one row of the tables."""
+    if name in ("cpu", "reference"):
+        return lambda: okadfa.favor_attention(q, k, v, w, causal=causal, backend=name)
+    if name == "sdpa":
+        return lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    attn = peers()[name](w.shape[0])
+    return lambda: attn(q, k, v)
+
+
+def make_step(name, T, passes, m=M):
+    """Callable for `passes` ("fwd" or "fwd+bwd") with inputs prepared outside the timing."""
+    q, k, v, w = inputs(T, m=m)
+    if passes == "fwd":
+        fwd = make_forward(name, q, k, v, w)
+
+        def run():
+            with torch.no_grad():
+                fwd()
+        return run
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    fwd = make_forward(name, q, k, v, w)
+    grad = torch.randn(B, H, T, D)
+
+    def run():
+        for x in (q, k, v):
+            x.grad = None
+        fwd().backward(grad)
+    return run
+
+
+def median_time(fn, *, min_runs=5, min_seconds=1.0, warmup=1):
+    """Median wall time in seconds over at least min_runs calls and min_seconds."""
+    for _ in range(warmup):
+        fn()
+    times, start = [], time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 50:
+            break
+    return statistics.median(times)
+
+
+def peak_memory(fn):
+    """Peak bytes allocated through torch's CPU allocator during fn() (on top of what
+    existed before), from the profiler's memory events. The okadfa kernels take their
+    workspaces from that allocator too, so nothing of theirs is missed."""
+    fn()  # warm caches and lazy initialisation outside the measurement
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+def chunked_flops(T, *, m=M, dk=D, dv=D, chunk=64, causal=True, backward=False, bh=B * H):
+    """Floating-point operations (2 per multiply-add) of the cpu backend's chunked
+    algorithm as implemented in csrc/chunked_attention.h, feature maps included;
+    exponentials and other element-wise work are not counted. W = Dv + 1 (the
+    normaliser rides along as an extra value column)."""
+    w = dv + 1
+    total = 0
+    for t0 in range(0, T, chunk):
+        n = min(chunk, T - t0)
+        feat = 2 * n * m * dk                              # one feature-map GEMM (q or k)
+        state = 2 * n * m * w                              # one (n×M)·(n×W) state product
+        if not backward:
+            total += 2 * feat + (2 * n * n * m + 2 * n * n * w + 2 * state if causal else 2 * state)
+        elif causal:
+            # pass 1: key features + state; pass 2: features, A, B, B·fk, E·Sᵀ, Bᵀ·fq,
+            # vx·Rᵀ, Aᵀ·g', fk·R, R update, and the dq, dk GEMMs through W.
+            total += feat + state
+            total += 2 * feat + 2 * n * n * m + 2 * n * n * w + 2 * 2 * n * n * m + 3 * state
+            total += 2 * n * n * dv + 2 * n * m * dv + state + 2 * feat
+        else:
+            total += 3 * feat + state + 3 * state + 2 * n * m * dv + 2 * feat
+    return bh * total
