@@ -58,14 +58,15 @@ void gemm_impl(F blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alph
 }
 
 // exp(x) for x <= ~0 as a branch-free polynomial the compiler vectorises:
-// x = n·ln2 + r with |r| <= ln2/2 (Cody–Waite split of ln2), e^r by a degree-7
+// x = n·ln2 + r with |r| <= ln2/2 (n rounded to nearest) (Cody–Waite split of ln2), e^r by a degree-7
 // minimax polynomial (the Cephes expf coefficients), 2^n by building the exponent
 // bits. Below -87.3 the result flushes to 0, which is what the stabilised
 // features want (their true value is below FLT_MIN anyway). Max error ~2 ulp.
 inline float exp_poly(float x_in) {
   float x = x_in < -87.3f ? -87.3f : x_in;
   x = x > 88.0f ? 88.0f : x;
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  // Round to nearest by adding 1.5·2²³ (no floorf call, so the loop vectorises).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = x - n * 0.693359375f;
   r = r + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
@@ -113,45 +114,46 @@ void exp_shift_rows(double* x, int64_t rows, int64_t cols, int64_t ld, const dou
   }
 }
 
-template <typename T>
-static void row_max_impl(const T* x, int64_t rows, int64_t cols, int64_t ld, T* out) {
+// NaNs are skipped here; they still propagate through exp(x - max).
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void row_max(const float* x, int64_t rows, int64_t cols, int64_t ld, float* out) {
   for (int64_t r = 0; r < rows; ++r) {
-    const T* row = x + r * ld;
-    T m = -std::numeric_limits<T>::infinity();
+    const float* row = x + r * ld;
+    float m = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : m)
+    for (int64_t j = 0; j < cols; ++j) m = row[j] > m ? row[j] : m;
+    out[r] = m;
+  }
+}
+
+void row_max(const double* x, int64_t rows, int64_t cols, int64_t ld, double* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const double* row = x + r * ld;
+    double m = -std::numeric_limits<double>::infinity();
     for (int64_t j = 0; j < cols; ++j) m = row[j] > m ? row[j] : m;
     out[r] = m;
   }
 }
 
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void row_max(const float* x, int64_t rows, int64_t cols, int64_t ld, float* out) {
-  row_max_impl(x, rows, cols, ld, out);
-}
-
-void row_max(const double* x, int64_t rows, int64_t cols, int64_t ld, double* out) {
-  row_max_impl(x, rows, cols, ld, out);
-}
-
-template <typename T, typename Exp>
-static void causal_decay_impl(T* a, int64_t lda, int64_t n, const T* c, bool uniform, Exp exp_fn) {
+void causal_decay(float* a, int64_t lda, int64_t n, const float* c, bool uniform) {
   for (int64_t t = 0; t < n; ++t) {
-    T* row = a + t * lda;
-    const T ct = c[t];
+    float* row = a + t * lda;
+    const float ct = c[t];
     if (!uniform) {
 #pragma omp simd
-      for (int64_t s = 0; s <= t; ++s) row[s] *= exp_fn(c[s] - ct);
+      for (int64_t s = 0; s <= t; ++s) row[s] *= exp_poly(c[s] - ct);
     }
-    for (int64_t s = t + 1; s < n; ++s) row[s] = T(0);
+    for (int64_t s = t + 1; s < n; ++s) row[s] = 0.0f;
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void causal_decay(float* a, int64_t lda, int64_t n, const float* c, bool uniform) {
-  causal_decay_impl(a, lda, n, c, uniform, [](float x) { return exp_poly(x); });
-}
-
 void causal_decay(double* a, int64_t lda, int64_t n, const double* c, bool uniform) {
-  causal_decay_impl(a, lda, n, c, uniform, [](double x) { return std::exp(x); });
+  for (int64_t t = 0; t < n; ++t) {
+    double* row = a + t * lda;
+    for (int64_t s = 0; s <= t; ++s) row[s] *= uniform ? 1.0 : std::exp(c[s] - c[t]);
+    for (int64_t s = t + 1; s < n; ++s) row[s] = 0.0;
+  }
 }
 
 float exp_scalar(float x) { return std::isnan(x) ? x : exp_poly(x); }
