@@ -108,8 +108,14 @@ def peak_memory(fn):
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    return max(totals, default=0)
+    # Allocations (+) and frees (−) in time order; the peak of the running sum is the
+    # most memory held at once beyond what existed before the call.
+    changes = sorted((e["ts"], e["args"]["Bytes"]) for e in events if e.get("name") == "[memory]")
+    peak = held = 0
+    for _, nbytes in changes:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
 
 
 def chunked_flops(T, *, m=M, dk=D, dv=D, chunk=64, causal=True, backward=False, bh=B * H):
