@@ -84,10 +84,11 @@ def table(rows, names):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="T up to 1024 and fewer repetitions")
-    parser.add_argument("--max-t", type=int, default=8192)
+    parser.add_argument("--max-t", type=int, default=8192, help="largest T (default 8192)")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
-    Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= (1024 if args.quick else args.max_t)]
+    max_t = min(args.max_t, 1024) if args.quick else args.max_t
+    Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= max_t]
     names = (["cpu"] if okadfa.backends()["cpu"]["available"] else []) + ["reference", "sdpa"] + sorted(peers())
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
                 processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
