@@ -1,16 +1,28 @@
-"""Fixed random feedback matrices for DFA, stored or regenerated from a seed.
+"""Fixed random feedback matrices for DFA (DESIGN.md §4), stored or regenerated from a seed.
 
-A seeded matrix is defined element by element by a counter-based RNG, Philox4x32-10
-(Salmon et al., "Parallel random numbers: as easy as 1, 2, 3", SC 2011), so every
-backend can regenerate any entry in place from (seed, p, i, j) and store nothing:
+Normative definition of a seeded matrix (every backend reproduces it). A counter-based
+RNG, Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy
+as 1, 2, 3", SC 2011), defines each entry B[p, i, j] (i < dim, j < E = error_dim) by
+itself, so a kernel regenerates any entry in place from (seed, p, i, j) and stores nothing:
 
-    counter = (idx mod 2³², p, idx div 2³², 0) with idx = i·E + j,  key = (seed mod 2³², seed div 2³²)
-    (x0, x1, ·, ·) = philox4x32_10(counter, key)
+    idx     = i·E + j                                    (as a 64-bit integer)
+    counter = (idx & 0xffffffff, p, idx >> 32, 0)
+    key     = (seed & 0xffffffff, (seed >> 32) & 0xffffffff)
+    (x0, x1, _, _) = philox4x32_10(counter, key)
     u_a = ((x0 >> 8) + 1)·2⁻²⁴ ∈ (0, 1],   u_b = (x1 >> 8)·2⁻²⁴ ∈ [0, 1)
-    normal:  B[p, i, j] = √(−2 ln u_a)·cos(2π u_b) / √E      (Box–Muller, float32 arithmetic)
-    uniform: B[p, i, j] = (2 u_b − 1) / √E                     (U[−1, 1)/√E)
 
-shared=True uses point 0's matrix for every point (one matrix, as TinyDFA does).
+    dist="normal":  B[p, i, j] = √(−2·ln u_a) · cos(fl(2π)·u_b) / fl(√E)   (Box–Muller, one output)
+    dist="uniform": B[p, i, j] = (2·u_b − 1) / fl(√E)                       (U[−1, 1)/√E)
+
+All arithmetic after Philox is IEEE float32 (fl(x) is x rounded to float32), one rounding
+per operation, in the order written. The integers and u_a, u_b are exact, so "uniform"
+is bit-exact on every backend with a correctly rounded division; "normal" goes through
+float32 log and cos, whose library implementations may differ by an ulp or two, so
+backends agree with `materialize_feedback` to a few float32 ulps, not bit for bit.
+E[B] = 0 and Var[B] = 1/E (normal) or 1/(3E) (uniform).
+
+shared=True: one matrix, generated with p = 0, serves every point (as in TinyDFA); all
+points share `dim` here, so point p's matrix is exactly point 0's of the unshared spec.
 """
 from __future__ import annotations
 
@@ -23,42 +35,108 @@ from torch import Tensor
 __all__ = ["FeedbackSpec", "materialize_feedback", "philox4x32"]
 
 _MASK32 = 0xFFFFFFFF
-_M0, _M1 = 0xD2511F53, 0xCD9E8D57
-_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_PHILOX_M = (0xD2511F53, 0xCD9E8D57)   # round multipliers
+_PHILOX_W = (0x9E3779B9, 0xBB67AE85)   # Weyl key increments (golden ratio, √3 − 1)
+_BLOCK = 1 << 20                        # entries generated at a time (bounds int64 temporaries)
 
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
-    """32×32 → 64-bit product of the constant a and b (int64 holding uint32), as (hi, lo).
-    Split b in 16-bit halves so no intermediate leaves int64."""
-    b_lo, b_hi = b & 0xFFFF, b >> 16
-    lo_part = a * b_lo                       # < 2^48
-    hi_part = a * b_hi                       # < 2^48, weight 2^16
-    lo = (lo_part + ((hi_part & 0xFFFF) << 16)) & _MASK32
-    carry = (lo_part + ((hi_part & 0xFFFF) << 16)) >> 32
-    hi = ((hi_part >> 16) + carry) & _MASK32
+    """(hi, lo) 32-bit halves of the 64-bit product a·b, a < 2³² a constant, b int64 holding uint32.
+
+    a·b can reach 2⁶⁴ and overflow int64, so b is split in 16-bit halves: a·b = a·b_lo + 2¹⁶·a·b_hi,
+    each partial product < 2⁴⁸."""
+    lo_part = a * (b & 0xFFFF)
+    hi_part = a * (b >> 16)
+    low48 = lo_part + ((hi_part & 0xFFFF) << 16)         # < 2⁴⁹: a·b mod 2⁴⁸ plus a carry
+    lo = low48 & _MASK32
+    hi = ((hi_part >> 16) + (low48 >> 32)) & _MASK32
     return hi, lo
 
 
-def philox4x32(counter, key, rounds: int = 10):
-    """Philox4x32 on int64 tensors holding uint32 values; returns 4 such tensors."""
-    c0, c1, c2, c3 = (torch.as_tensor(c, dtype=torch.int64) for c in counter)
-    k0, k1 = (int(k) & _MASK32 for k in key)
+def _philox(c0, c1, c2, c3, k0, k1, rounds: int):
     for r in range(rounds):
-        hi0, lo0 = _mulhilo(_M0, c0)
-        hi1, lo1 = _mulhilo(_M1, c2)
+        hi0, lo0 = _mulhilo(_PHILOX_M[0], c0)
+        hi1, lo1 = _mulhilo(_PHILOX_M[1], c2)
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        if r < rounds - 1:
-            k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+        if r < rounds - 1:                                # R rounds, R − 1 key bumps
+            k0, k1 = (k0 + _PHILOX_W[0]) & _MASK32, (k1 + _PHILOX_W[1]) & _MASK32
     return c0, c1, c2, c3
+
+
+def _as_uint32(x, name: str):
+    if isinstance(x, Tensor):
+        if x.dtype != torch.int64:
+            raise TypeError(f"{name} must be an int64 tensor or an int, got {x.dtype}")
+        if x.numel() and (int(x.min()) < 0 or int(x.max()) > _MASK32):
+            raise ValueError(f"{name} must hold values in [0, 2**32)")
+        return x
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{name} must be an int64 tensor or an int, got {type(x).__name__}")
+    if not 0 <= x <= _MASK32:
+        raise ValueError(f"{name} must be in [0, 2**32), got {x}")
+    return x
+
+
+def philox4x32(counter, key, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Philox4x32-R (Salmon et al. 2011) element-wise on int64 tensors holding uint32 values.
+
+    Each round: (hi₀, lo₀) = M₀·c₀, (hi₁, lo₁) = M₁·c₂ (64-bit products);
+    c ← (hi₁ ⊕ c₁ ⊕ k₀, lo₁, hi₀ ⊕ c₃ ⊕ k₁, lo₀); then k ← k + (W₀, W₁) mod 2³².
+
+    Args:
+        counter: 4 int64 tensors (broadcastable) or ints, values in [0, 2³²).
+        key: 2 ints or int64 tensors, values in [0, 2³²).
+        rounds: 10 for Philox4x32-10 (the variant the feedback matrices use).
+    Returns:
+        4 int64 tensors of the broadcast shape, values in [0, 2³²).
+
+    Example:
+        >>> [hex(int(x)) for x in philox4x32((0, 0, 0, 0), (0, 0))]
+        ['0x6627e8d5', '0xe169c58d', '0xbc57ac4c', '0x9b00dbd8']
+    """
+    if len(counter) != 4 or len(key) != 2:
+        raise ValueError(f"counter must have 4 words and key 2, got {len(counter)} and {len(key)}")
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive int, got {rounds!r}")
+    words = [torch.as_tensor(_as_uint32(c, f"counter[{n}]"), dtype=torch.int64) for n, c in enumerate(counter)]
+    words = torch.broadcast_tensors(*words)
+    k0, k1 = (_as_uint32(k, f"key[{n}]") for n, k in enumerate(key))
+    return _philox(*words, k0, k1, rounds)
+
+
+def _seeded_values(seed: int, p: int, idx: Tensor, error_dim: int, dist: str) -> Tensor:
+    """float32 entries at flat indices idx = i·E + j (int64) of point p, per the module definition."""
+    zero = torch.zeros_like(idx)
+    x0, x1, _, _ = _philox(idx & _MASK32, zero + p, idx >> 32, zero, seed & _MASK32, (seed >> 32) & _MASK32, 10)
+    f32 = torch.float32
+    u_b = (x1 >> 8).to(f32) * 2.0 ** -24                  # exact: 24-bit integer times a power of two
+    if dist == "normal":
+        u_a = ((x0 >> 8) + 1).to(f32) * 2.0 ** -24
+        two_pi = torch.tensor(2.0 * math.pi, dtype=f32)
+        values = torch.sqrt(-2.0 * torch.log(u_a)) * torch.cos(two_pi * u_b)
+    else:
+        values = 2.0 * u_b - 1.0                          # exact in float32
+    return values / torch.tensor(math.sqrt(error_dim), dtype=f32)
 
 
 @dataclass(frozen=True)
 class FeedbackSpec:
-    """Feedback for `points` feedback points, each B_p ∈ R^{dim×error_dim}.
+    """Feedback matrices B_p ∈ R^{dim×error_dim}, p = 0..points−1, for DFA (Nøkland 2016).
 
-    dist: "normal" (N(0, 1/E)) or "uniform" (U[−1, 1)/√E); shared: one matrix for
-    all points; storage: "seeded" (regenerated from `seed`, nothing stored) or
-    "stored" (a buffer, see `materialize_feedback`).
+    Args:
+        points: P, the number of feedback points.
+        dim: d, the width of each point's activations (rows of B_p).
+        error_dim: E, the width of the error e (d for error="hidden", V for "logits").
+        seed: in [0, 2⁶⁴); with (p, i, j) it defines every entry (module docstring).
+        dist: "normal" (N(0, 1/E)) or "uniform" (U[−1, 1)/√E).
+        shared: one matrix for every point (point 0's).
+        storage: "seeded" (regenerated from the seed, nothing stored) or "stored"
+            (the caller keeps `materialize_feedback(spec)` as a buffer).
+
+    Example:
+        >>> spec = FeedbackSpec(12, 768, 768, seed=1)
+        >>> materialize_feedback(spec).shape
+        torch.Size([12, 768, 768])
     """
     points: int
     dim: int
@@ -77,28 +155,35 @@ class FeedbackSpec:
             raise ValueError(f"FeedbackSpec.seed must be an int in [0, 2**64), got {self.seed!r}")
         if self.dist not in ("normal", "uniform"):
             raise ValueError(f"FeedbackSpec.dist must be 'normal' or 'uniform', got {self.dist!r}")
-        if self.storage not in ("seeded", "stored"):
-            raise ValueError(f"FeedbackSpec.storage must be 'seeded' or 'stored', got {self.storage!r}")
         if not isinstance(self.shared, bool):
             raise ValueError(f"FeedbackSpec.shared must be a bool, got {self.shared!r}")
+        if self.storage not in ("seeded", "stored"):
+            raise ValueError(f"FeedbackSpec.storage must be 'seeded' or 'stored', got {self.storage!r}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(P, dim, error_dim), the shape of `materialize_feedback(self)`."""
+        return (self.points, self.dim, self.error_dim)
 
 
-def materialize_feedback(spec: FeedbackSpec, *, device=None, dtype=torch.float32) -> Tensor:
-    """The matrices of `spec` as a tensor (P, dim, error_dim), per the module's definition."""
+def materialize_feedback(spec: FeedbackSpec, *, device=None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Every matrix of `spec` as one tensor B of shape (P, dim, error_dim).
+
+    Entries follow the module definition (computed in float32 on the CPU, so the result
+    does not depend on `device`), then are cast to `dtype` and moved to `device`.
+    With shared=True every B[p] equals B[0]; the result is a real (contiguous) copy,
+    safe to register as a buffer.
+    """
     if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"spec must be a FeedbackSpec, got {type(spec).__name__}")
-    P, d, E = spec.points, spec.dim, spec.error_dim
-    idx = torch.arange(d * E, dtype=torch.int64)
-    key = (spec.seed & _MASK32, spec.seed >> 32)
-    mats = []
-    for p in range(1 if spec.shared else P):
-        x0, x1, _, _ = philox4x32((idx & _MASK32, torch.full_like(idx, p), idx >> 32, torch.zeros_like(idx)), key)
-        u_b = (x1 >> 8).to(torch.float32) * 2.0 ** -24
-        if spec.dist == "normal":
-            u_a = ((x0 >> 8) + 1).to(torch.float32) * 2.0 ** -24
-            values = torch.sqrt(-2.0 * torch.log(u_a)) * torch.cos((2.0 * math.pi) * u_b)
-        else:
-            values = 2.0 * u_b - 1.0
-        mats.append((values / math.sqrt(E)).reshape(d, E))
-    out = torch.stack(mats) if not spec.shared else mats[0].expand(P, d, E)
-    return out.to(device=device, dtype=dtype)
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    P, d, E = spec.shape
+    n = d * E
+    mats = torch.empty(1 if spec.shared else P, n, dtype=torch.float32)
+    for p in range(mats.shape[0]):
+        for start in range(0, n, _BLOCK):
+            idx = torch.arange(start, min(start + _BLOCK, n), dtype=torch.int64)
+            mats[p, start:start + idx.numel()] = _seeded_values(spec.seed, p, idx, E, spec.dist)
+    out = mats.reshape(-1, d, E).expand(P, d, E)
+    return out.to(device=device, dtype=dtype).contiguous()

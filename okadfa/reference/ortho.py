@@ -1,16 +1,22 @@
-"""Orthogonality regularisation: λ(t)·Σ ‖WᵀW − I‖²_F with a linear warm-up."""
+"""Orthogonality regularisation (DESIGN.md §5): λ(t)·Σ_W ‖WᵀW − I‖²_F with a linear warm-up.
+
+The penalty is the "soft orthogonality" regulariser of Bansal, Chen and Wang, "Can We
+Gain More from Orthogonality Regularizations in Training Deep CNNs?", NeurIPS 2018.
+"""
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import torch
 from torch import Tensor
 
-__all__ = ["orthogonality_loss", "OrthoSchedule"]
+__all__ = ["OrthoSchedule", "orthogonality_loss"]
 
 
 def _violation(w: Tensor) -> Tensor:
-    # The smaller Gram side: WᵀW (in×in) for tall W, WWᵀ for wide W.
+    """‖G − I‖²_F with G the smaller Gram matrix of w (out, in): WᵀW (in×in) if out ≥ in, else WWᵀ."""
+    w = w.to(torch.promote_types(w.dtype, torch.float32))    # half types: Gram sums in float32
     gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum()
@@ -18,48 +24,77 @@ def _violation(w: Tensor) -> Tensor:
 
 def orthogonality_loss(weights: Tensor | Iterable[Tensor], *, per_head: bool = False,
                        num_heads: int | None = None) -> Tensor:
-    """Σ_W ‖WᵀW − I‖²_F over 2-D weights (out, in), using the smaller Gram side.
+    """L = Σ_W ‖WᵀW − I‖²_F over 2-D weights W (out, in), with the smaller Gram side.
 
-    per_head=True splits each W's output rows into num_heads blocks and penalises
-    each block separately. Differentiable; returns a 0-d tensor.
+    A tall W (out ≥ in) is penalised through WᵀW (in×in; zero iff its columns are
+    orthonormal), a wide W through WWᵀ (out×out; zero iff its rows are orthonormal).
+    With per_head=True each W is split into num_heads row blocks W_h (out/num_heads, in),
+    as a Q/K/V projection splits into heads, and L = Σ_W Σ_h ‖·‖²_F of each block.
+
+    Args:
+        weights: one tensor (out, in) or an iterable of them, floating point.
+        per_head: penalise each head's row block separately (needs num_heads).
+        num_heads: number of row blocks; must divide every W's row count.
+    Returns:
+        A differentiable 0-d tensor, float32 for half-precision weights, else their
+        (promoted) dtype.
+
+    Example:
+        >>> q, _ = torch.linalg.qr(torch.randn(8, 8))
+        >>> round(orthogonality_loss([q, 2 * q]).item(), 3)        # 0 + 8·(4 − 1)²
+        72.0
     """
     ws = [weights] if isinstance(weights, Tensor) else list(weights)
     if not ws:
         raise ValueError("weights must contain at least one matrix")
-    if per_head and (not isinstance(num_heads, int) or num_heads < 1):
-        raise ValueError(f"per_head=True needs num_heads >= 1, got {num_heads!r}")
-    total = None
+    if not isinstance(per_head, bool):
+        raise TypeError(f"per_head must be a bool, got {type(per_head).__name__}")
+    if per_head and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
+        raise ValueError(f"per_head=True needs num_heads, a positive int, got {num_heads!r}")
     for i, w in enumerate(ws):
-        if not isinstance(w, Tensor) or not w.is_floating_point():
-            raise TypeError(f"weights[{i}] must be a floating-point tensor")
+        if not isinstance(w, Tensor):
+            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
+        if not w.is_floating_point():
+            raise TypeError(f"weights[{i}] must be a floating-point tensor, got {w.dtype}")
         if w.dim() != 2:
             raise ValueError(f"weights[{i}] must be 2-D (out, in), got shape {tuple(w.shape)}")
-        if per_head:
-            if w.shape[0] % num_heads:
-                raise ValueError(f"weights[{i}] has {w.shape[0]} rows, not divisible by num_heads={num_heads}")
-            term = sum(_violation(block) for block in w.chunk(num_heads, dim=0))
-        else:
-            term = _violation(w)
-        total = term if total is None else total + term
-    return total
+        if per_head and w.shape[0] % num_heads:
+            raise ValueError(f"weights[{i}] has {w.shape[0]} rows, not divisible by num_heads={num_heads}")
+    terms = []
+    for w in ws:
+        blocks = w.chunk(num_heads, dim=0) if per_head else (w,)
+        terms.extend(_violation(block) for block in blocks)
+    return sum(terms[1:], terms[0])
 
 
 class OrthoSchedule:
-    """λ(t) = λ_max·min(1, t/t_warmup); warmup_steps = 0 gives λ_max from step 0."""
+    """λ(t) = λ_max·min(1, t/t_warmup): a linear warm-up from 0 to λ_max, then constant.
+
+    warmup_steps = 0 gives λ_max from step 0.
+
+    Example:
+        >>> sched = OrthoSchedule(0.1, 100)
+        >>> sched(0), sched(50), sched(100), sched(1000)
+        (0.0, 0.05, 0.1, 0.1)
+    """
 
     def __init__(self, lambda_max: float, warmup_steps: int):
-        if lambda_max < 0:
-            raise ValueError(f"lambda_max must be >= 0, got {lambda_max}")
-        if not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {warmup_steps!r}")
+        if isinstance(lambda_max, bool) or not isinstance(lambda_max, (int, float)):
+            raise TypeError(f"lambda_max must be a float, got {type(lambda_max).__name__}")
+        if not (math.isfinite(lambda_max) and lambda_max >= 0):
+            raise ValueError(f"lambda_max must be finite and >= 0, got {lambda_max}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int):
+            raise TypeError(f"warmup_steps must be an int, got {type(warmup_steps).__name__}")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.lambda_max, self.warmup_steps = float(lambda_max), warmup_steps
 
     def __call__(self, step: int) -> float:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
-        if self.warmup_steps == 0:
+        if self.warmup_steps == 0 or step >= self.warmup_steps:
             return self.lambda_max
-        return self.lambda_max * min(1.0, step / self.warmup_steps)
+        return self.lambda_max * step / self.warmup_steps
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"OrthoSchedule(lambda_max={self.lambda_max}, warmup_steps={self.warmup_steps})"

@@ -1,0 +1,100 @@
+"""FavorAttention / SoftmaxAttention as MultiheadAttention drop-ins, and the KOA block."""
+import pytest
+import torch
+
+import okadfa
+from okadfa.nn import FavorAttention, KOABlock, SoftmaxAttention
+
+
+def _copy_weights(src: torch.nn.MultiheadAttention, dst):
+    E = src.embed_dim
+    w, b = src.in_proj_weight.detach(), src.in_proj_bias.detach()
+    for i, lin in enumerate((dst.q_proj, dst.k_proj, dst.v_proj)):
+        lin.weight.data.copy_(w[i * E:(i + 1) * E])
+        lin.bias.data.copy_(b[i * E:(i + 1) * E])
+    dst.out_proj.weight.data.copy_(src.out_proj.weight.detach())
+    dst.out_proj.bias.data.copy_(src.out_proj.bias.detach())
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_softmax_attention_equals_multihead_attention(batch_first):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(32, 4, batch_first=batch_first)
+    mine = SoftmaxAttention(32, 4, batch_first=batch_first)
+    _copy_weights(mha, mine)
+    x = torch.randn(2, 10, 32) if batch_first else torch.randn(10, 2, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(10)
+    expected, _ = mha(x, x, x, attn_mask=mask, is_causal=True)
+    out, weights = mine(x, x, x, is_causal=True)
+    assert weights is None
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_favor_attention_matches_functional_op_and_shapes():
+    torch.manual_seed(1)
+    attn = FavorAttention(48, 6, batch_first=True, nb_features=32)
+    x = torch.randn(3, 20, 48)
+    out, w = attn(x, x, x, is_causal=True)
+    q, k, v = (attn._heads(p(x)) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    ref = okadfa.reference.favor_attention(q, k, v, attn.projection, causal=True)
+    expected = attn.out_proj(ref.transpose(1, 2).reshape(3, 20, 48))
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert w is None and out.shape == x.shape
+    unbatched, _ = attn(x[0], x[0], x[0], is_causal=True)
+    torch.testing.assert_close(unbatched, out[0], rtol=1e-5, atol=1e-6)
+    seq_first = FavorAttention(48, 6, nb_features=32)
+    seq_first.load_state_dict(attn.state_dict())
+    torch.testing.assert_close(seq_first(x.transpose(0, 1), x.transpose(0, 1), x.transpose(0, 1),
+                                         is_causal=True)[0].transpose(0, 1), out, rtol=1e-5, atol=1e-6)
+
+
+def test_orthogonal_init_and_state_dict():
+    attn = FavorAttention(32, 4, nb_features=16)
+    for w in attn.projection_weights().values():
+        torch.testing.assert_close(w @ w.T, torch.eye(32), atol=1e-5, rtol=0)
+    assert {"projection", "steps"} <= set(attn.state_dict())
+
+
+def test_redraw_interval_is_deterministic():
+    a = FavorAttention(16, 2, batch_first=True, nb_features=8, redraw_interval=2, feature_seed=3)
+    b = FavorAttention(16, 2, batch_first=True, nb_features=8, redraw_interval=2, feature_seed=3)
+    x = torch.randn(1, 5, 16)
+    first = a.projection.clone()
+    projections = []
+    for _ in range(5):
+        a(x, x, x)
+        projections.append(a.projection.clone())
+    assert torch.equal(projections[0], first) and torch.equal(projections[1], first)
+    assert not torch.equal(projections[2], first)                 # redrawn at step 2
+    assert torch.equal(projections[2], projections[3]) and not torch.equal(projections[4], projections[3])
+    b.load_state_dict(a.state_dict())
+    a(x, x, x), b(x, x, x)
+    assert torch.equal(a.projection, b.projection)
+    a.eval()
+    before = a.projection.clone()
+    for _ in range(3):
+        a(x, x, x)
+    assert torch.equal(a.projection, before)                      # no redraw in eval mode
+
+
+@pytest.mark.parametrize("kwargs,call,match", [
+    (dict(dropout=0.1), None, "no attention dropout"),
+    (dict(add_bias_kv=True), None, "add_bias_kv"),
+    (dict(), dict(attn_mask=torch.zeros(4, 4)), "attn_mask"),
+    (dict(), dict(key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "key_padding_mask"),
+])
+def test_unsupported_arguments(kwargs, call, match):
+    with pytest.raises(ValueError, match=match):
+        attn = FavorAttention(8, 2, batch_first=True, nb_features=4, **kwargs)
+        x = torch.randn(1, 4, 8)
+        attn(x, x, x, **call)
+
+
+def test_block_forward_is_causal():
+    torch.manual_seed(2)
+    block = KOABlock(32, 4, attention="favor", nb_features=16)
+    x = torch.randn(2, 12, 32)
+    y = x.clone()
+    y[:, 7:] += 3.0
+    torch.testing.assert_close(block(x)[:, :7], block(y)[:, :7], rtol=1e-5, atol=1e-6)
+    assert set(block.ortho_weights()) == {"q", "k", "v", "out", "mlp_in", "mlp_out"}
