@@ -24,7 +24,7 @@ setup: $(PY)
 	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton
 
 build: setup
-	$(PY) -m pip install -q --no-build-isolation -e .
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
 	TRITON_INTERPRET=1 $(PY) -m pytest tests -q

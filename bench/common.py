@@ -22,8 +22,9 @@ def inputs(T, *, m=M, dtype=torch.float32, seed=0):
     return q, k, v, okadfa.random_features(m, D, generator=g, dtype=dtype)
 
 
-def _performer_attention(m):
-    """performer-pytorch's FastAttention driving fast-transformers' CPU causal kernel."""
+def _performer_attention(m, fast_kernel=True):
+    """performer-pytorch's FastAttention, on fast-transformers' CPU causal kernel
+    when that is installed, else on performer-pytorch's own CPU path."""
     import contextlib
     import io
 
@@ -32,22 +33,46 @@ def _performer_attention(m):
 
     with contextlib.redirect_stdout(io.StringIO()):   # it prints that it found no CUDA kernel
         attn = FastAttention(dim_heads=D, nb_features=m, causal=True)
-    # performer-pytorch selects the fast-transformers kernel only when its CUDA build
-    # imports; its CausalDotProduct dispatches CPU tensors to the CPU kernel.
-    attn.causal_linear_fn = causal_linear_attention
+    if fast_kernel:
+        # performer-pytorch selects the fast-transformers kernel only when its CUDA
+        # build imports; its CausalDotProduct dispatches CPU tensors to the CPU kernel.
+        attn.causal_linear_fn = causal_linear_attention
     return attn
+
+
+def _fast_transformers_attention(m):
+    """fast-transformers' CPU causal product on FAVOR+ features (okadfa.favor_features),
+    normalised as its CausalLinearAttention does."""
+    from fast_transformers.causal_product import causal_dot_product
+
+    w = okadfa.random_features(m, D)
+
+    def attn(q, k, v):
+        fq, fk = okadfa.favor_features(q, w), okadfa.favor_features(k, w)
+        den = torch.einsum("...tm,...tm->...t", fq, fk.cumsum(-2)) + 1e-6
+        return causal_dot_product(fq, fk, v) / den[..., None]
+    return attn
+
+
+def _importable(name):
+    try:
+        __import__(name)
+        return True
+    except Exception:
+        return False
 
 
 def peers():
     """Peer implementations importable here: name -> factory(m) returning f(q, k, v)."""
-    found = {}
-    try:
-        import performer_pytorch  # noqa: F401
-        import fast_transformers.causal_product  # noqa: F401
-        found["performer+fast-transformers"] = _performer_attention
-    except Exception:
-        pass
-    return found
+    performer = _importable("performer_pytorch")
+    fast = _importable("fast_transformers.causal_product")
+    if performer and fast:
+        return {"performer+fast-transformers": _performer_attention}
+    if performer:
+        return {"performer-pytorch": lambda m: _performer_attention(m, fast_kernel=False)}
+    if fast:
+        return {"fast-transformers": _fast_transformers_attention}
+    return {}
 
 
 def make_forward(name, q, k, v, w, causal=True):
@@ -119,24 +144,32 @@ def peak_memory(fn):
 
 
 def chunked_flops(T, *, m=M, dk=D, dv=D, chunk=64, causal=True, backward=False, bh=B * H):
-    """Floating-point operations (2 per multiply-add) of the cpu backend's chunked
-    algorithm as implemented in csrc/chunked_attention.h, feature maps included;
-    exponentials and other element-wise work are not counted. W = Dv + 1 (the
-    normaliser rides along as an extra value column)."""
+    """Floating-point operations (2 per multiply-add) of the matrix products the cpu
+    backend's chunked algorithm performs (csrc/chunked_attention.h), feature maps
+    included; exponentials and other element-wise work are not counted.
+    tests/test_bench_report.py checks it against the GEMMs the kernel really runs.
+    W = Dv + 1: the normaliser rides along as an extra value column."""
     w = dv + 1
     total = 0
-    for t0 in range(0, T, chunk):
+    for j, t0 in enumerate(range(0, T, chunk)):
         n = min(chunk, T - t0)
-        feat = 2 * n * m * dk                              # one feature-map GEMM (q or k)
-        state = 2 * n * m * w                              # one (n×M)·(n×W) state product
+        feat = 2 * n * m * dk            # a feature-map GEMM, or one back through the projection
+        state = 2 * n * m * w            # a product with an (M×W) state operand
+        carry = 0 if j == 0 else state   # nothing is carried into the first chunk
         if not backward:
-            total += 2 * feat + (2 * n * n * m + 2 * n * n * w + 2 * state if causal else 2 * state)
+            if causal:                   # features, A, A·vx, fq·S, state update
+                total += 2 * feat + 2 * n * n * m + 2 * n * n * w + carry + state
+            else:                        # keys: features, state; queries: features, fq·S
+                total += 2 * feat + 2 * state
         elif causal:
-            # pass 1: key features + state; pass 2: features, A, B, B·fk, E·Sᵀ, Bᵀ·fq,
-            # vx·Rᵀ, Aᵀ·g', fk·R, R update, and the dq, dk GEMMs through W.
-            total += feat + state
-            total += 2 * feat + 2 * n * n * m + 2 * n * n * w + 2 * 2 * n * n * m + 3 * state
-            total += 2 * n * n * dv + 2 * n * m * dv + state + 2 * feat
+            total += feat + state                                   # pass 1: states
+            total += 2 * feat + 2 * n * n * m + 2 * n * n * w       # pass 2: features, A, B
+            total += 2 * n * n * m + carry                          # dfq = B·fk + E·S_jᵀ
+            total += 2 * n * n * m + state                          # dfk = Bᵀ·fq + vx·R_jᵀ
+            total += 2 * n * n * dv + 2 * n * m * dv                # dv = Aᵀ·g' + fk·R_j
+            total += carry + 2 * feat                               # R update; dq, dk through W
         else:
-            total += 3 * feat + state + 3 * state + 2 * n * m * dv + 2 * feat
+            total += feat + state                                   # pass 1: the state
+            total += 2 * feat + 2 * state                           # queries: features, E·Sᵀ, R, dq
+            total += 2 * feat + state + 2 * n * m * dv              # keys: features, vx·Rᵀ, fk·R, dk
     return bh * total

@@ -150,7 +150,7 @@ class ChunkedAttention {
   // the value columns are split too (each task recomputes the features).
   int64_t column_split() const {
     const int64_t nthreads = at::get_num_threads();
-    if (p_.bh >= nthreads || at::in_parallel_region()) return 1;
+    if (p_.bh == 0 || p_.bh >= nthreads || at::in_parallel_region()) return 1;
     const int64_t want = (nthreads + p_.bh - 1) / p_.bh;
     return std::max<int64_t>(1, std::min<int64_t>(want, p_.dv / 16));
   }
@@ -284,12 +284,13 @@ class ChunkedAttention {
   // out = num[:, :-1] / num[:, -1]; lognorm = log(den') + aq + c. The guard: a
   // row whose stabilised normaliser den' fell below kTiny (only for inputs so
   // large that the weights leave the dtype's range) is 0 with lognorm = -inf.
+  // Given features are not rescaled, so there only an exact 0 counts.
   void finish_rows(int64_t n, int64_t t0, int64_t d0, int64_t d1, const Workspace& ws, T* o, T* ln) const {
     const int64_t W = d1 - d0 + 1;
     const T* num = ws.e.data();
     for (int64_t i = 0; i < n; ++i) {
       const T den = num[i * W + W - 1];
-      const bool underflow = den < kTiny;
+      const bool underflow = p_.fused ? den < kTiny : den == T(0);
       for (int64_t j = 0; j < d1 - d0; ++j)
         o[(t0 + i) * p_.dv + d0 + j] = underflow ? T(0) : num[i * W + j] / den;
       if (ln) ln[t0 + i] = underflow ? kNegInf : std::log(den) + ws.aq[i] + ws.c[i];

@@ -43,6 +43,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd_c
   check_tensor(out, "out", 4, q);
   check_tensor(lognorm, "lognorm", 3, q);
   TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
+  TORCH_CHECK(lognorm.sizes() == q.sizes().slice(0, 3), "okadfa: lognorm must have shape ", q.sizes().slice(0, 3),
+              ", got ", lognorm.sizes());
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dw = at::zeros_like(projection);
   check_attention_inputs(q, k, v);

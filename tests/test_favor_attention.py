@@ -63,31 +63,60 @@ def test_gradcheck(backend, causal):
     assert torch.autograd.gradcheck(fn, (q, k, v, w))
 
 
+def _dominating_future(q, k, v, w, t, scale):
+    """Keys of norm 32 (log-features far below 0), then future keys aligned with
+    the longest feature row w_m, scaled to maximise w_m·k̂ − ‖k̂‖²/2 = ‖w_m‖²/2 > 0:
+    the future keys' log-features exceed the past ones by more than float32's exp
+    range, so a stabiliser shared across positions would wipe out the past."""
+    k = k * (32.0 / k.norm(dim=-1, keepdim=True))
+    wm = w[w.norm(dim=1).argmax()]
+    k2, v2, q2 = k.clone(), v.clone(), q.clone()
+    k2[..., t + 1:, :] = wm / scale ** 0.5
+    v2[..., t + 1:, :] = 1e4
+    q2[..., t + 1:, :] = -q2[..., t + 1:, :]
+    return k, (q2, k2, v2)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_causality_with_dominating_future_keys(backend, dtype):
     """Outputs (and input gradients) at positions <= t ignore everything after t,
-    even when a later key is so large that it would dominate any sequence-wide
-    maximum (a non-causal stabiliser would underflow the earlier weights)."""
+    even when later keys dominate every earlier one by more than the dtype's
+    exponent range (a non-causal stabiliser would underflow the earlier weights)."""
     q, k, v, w = make_inputs(1, 2, 96, 16, 8, 32, dtype=dtype, seed=3)
     t = 40
-    k2, v2, q2 = k.clone(), v.clone(), q.clone()
-    k2[..., t + 1:, :] = 25.0 * torch.randn_like(k2[..., t + 1:, :])
-    v2[..., t + 1:, :] = 1e4
-    q2[..., t + 1:, :] = -q2[..., t + 1:, :]
+    k, changed = _dominating_future(q, k, v, w, t, 16 ** -0.5)
     outs, grads = [], []
-    for qq, kk, vv in ((q, k, v), (q2, k2, v2)):
+    for qq, kk, vv in ((q, k, v), changed):
         qq, kk, vv = (x.clone().requires_grad_() for x in (qq, kk, vv))
         out = okadfa.favor_attention(qq, kk, vv, w, causal=True, backend=backend, chunk_size=32)
         mask = torch.zeros_like(out)
         mask[..., : t + 1, :] = 1.0
         grads.append(torch.autograd.grad((out * mask).sum(), (qq, kk, vv)))
         outs.append(out.detach())
+    assert torch.isfinite(outs[0]).all() and (outs[0][..., : t + 1, :].abs().sum(-1) > 0).all()
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(outs[1][..., : t + 1, :], outs[0][..., : t + 1, :], **tol)
     for g0, g1 in zip(grads[0], grads[1]):
         torch.testing.assert_close(g1[..., : t + 1, :], g0[..., : t + 1, :], **tol)
-    assert torch.isfinite(outs[1]).all()
+
+
+def test_causality_check_detects_a_sequence_wide_stabiliser():
+    """The setting above really separates the two: with one maximum over the whole
+    sequence (what causality forbids) the past outputs change."""
+    q, k, v, w = make_inputs(1, 2, 96, 16, 8, 32, dtype=torch.float32, seed=3)
+    t = 40
+    k, (q2, k2, v2) = _dominating_future(q, k, v, w, t, 16 ** -0.5)
+
+    def global_max_attention(q, k, v):
+        s = 16 ** -0.25
+        lq, lk = (q * s) @ w.T, (k * s) @ w.T - (k * k).sum(-1, keepdim=True) * (16 ** -0.5 / 2)
+        fq, fk = torch.exp(lq - lq.amax(-1, keepdim=True)), torch.exp(lk - lk.amax((-1, -2), keepdim=True))
+        a = (fq @ fk.transpose(-1, -2)).tril()
+        return (a @ v) / a.sum(-1, keepdim=True).clamp_min(1e-30)
+
+    before, after = global_max_attention(q, k, v), global_max_attention(q2, k2, v2)
+    assert (after[..., : t + 1, :] - before[..., : t + 1, :]).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -230,3 +259,25 @@ def test_raw_op_rejects_bad_input_clearly():
         torch.ops.okadfa.favor_attention_fwd(q, k, v, w[:, :3].contiguous(), True, 0.5, 64)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         torch.ops.okadfa.favor_attention_fwd(*(x.half() for x in (q, k, v, w)), True, 0.5, 64)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_grouped_query_attention(backend):
+    """k/v with Hkv heads serve groups of Hq/Hkv consecutive q heads, as SDPA's enable_gqa."""
+    q, _, _, w = make_inputs(2, 6, 30, 8, 5, 12, seed=11)
+    _, k, v, _ = make_inputs(2, 2, 30, 8, 5, 12, seed=12)
+    k, v = (x.requires_grad_() for x in (k, v))
+    out = okadfa.favor_attention(q, k, v, w, causal=True, backend=backend)
+    expected = brute_force_favor(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), w, True)
+    assert_rms_close(out, expected, torch.float64)
+    g = torch.randn_like(out)
+    for a, e in zip(torch.autograd.grad(out, (k, v), g), torch.autograd.grad(expected, (k, v), g)):
+        assert a.shape == (2, 2, 30, a.shape[-1])
+        assert_rms_close(a, e, torch.float64, grad=True)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_empty_batch_or_heads(backend):
+    q, k, v, w = make_inputs(2, 3, 10, 4, 5, 6, dtype=torch.float32)
+    assert okadfa.favor_attention(q[:0], k[:0], v[:0], w, causal=True, backend=backend).shape == (0, 3, 10, 5)
+    assert okadfa.favor_attention(q[:, :0], k[:, :0], v[:, :0], w, backend=backend).shape == (2, 0, 10, 5)

@@ -33,28 +33,42 @@ def check_same(tensors: dict[str, Tensor]) -> None:
 
 
 def attention_batch_shape(q: Tensor, k: Tensor, v: Tensor, qname: str, kname: str) -> torch.Size:
-    """Check (B, H, T, ·) agreement of q, k, v; return the broadcast (B, H)."""
+    """Check (B, H, T, ·) agreement of q, k, v; return the broadcast (B, H) of q.
+
+    Batch dims broadcast. Heads broadcast too, and, as in SDPA's grouped-query
+    attention, k and v may have Hkv heads with Hq divisible by Hkv: kv head j
+    then serves q heads j·Hq/Hkv … (j+1)·Hq/Hkv − 1 (see `prepare`).
+    """
     if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
         raise ValueError(f"{qname}, {kname} and v must have the same sequence length (dim 2), got "
                          f"{q.shape[2]}, {k.shape[2]} and {v.shape[2]}")
     if q.shape[2] < 1:
         raise ValueError(f"the sequence length (dim 2 of {qname}) must be at least 1, got {q.shape[2]}")
-    if v.shape[3] < 1:
-        raise ValueError(f"v must have at least one feature (dim 3), got shape {tuple(v.shape)}")
+    for name, x in ((qname, q), (kname, k), ("v", v)):
+        if x.shape[3] < 1:
+            raise ValueError(f"{name} must have at least one feature (dim 3), got shape {tuple(x.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"{kname} and v must have the same number of heads, got {k.shape[1]} and {v.shape[1]}")
+    hq, hkv = q.shape[1], k.shape[1]
+    heads_ok = hq == hkv or hkv == 1 or hq == 1 or (hkv > 0 and hq % hkv == 0)
     try:
-        return torch.broadcast_shapes(q.shape[:2], k.shape[:2], v.shape[:2])
+        batch = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])
     except RuntimeError:
+        batch = None
+    if batch is None or not heads_ok:
         raise ValueError(f"the batch and head dims (0, 1) of {qname} {tuple(q.shape[:2])}, {kname} "
-                         f"{tuple(k.shape[:2])} and v {tuple(v.shape[:2])} do not broadcast") from None
-
-
-def check_scale(scale, head_dim: int) -> float:
+                         f"{tuple(k.shape[:2])} and v {tuple(v.shape[:2])} do not broadcast (grouped-query "
+                         f"attention needs {qname}'s heads to be a multiple of {kname}'s)")
+    return torch.Size((batch[0], max(hq, hkv)))
+def check_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
     if scale is None:
         return head_dim ** -0.5
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be positive and finite, got {scale}")
+    if scale >= torch.finfo(native_dtype(dtype)).max ** 0.5:
+        raise ValueError(f"scale {scale} is too large: the logits would overflow {native_dtype(dtype)}")
     return float(scale)
 
 
@@ -69,13 +83,17 @@ def check_chunk(chunk_size, default: int) -> int:
 
 
 def check_causal(causal) -> bool:
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    return causal
+    # Python's bool or NumPy's bool_ (without importing NumPy).
+    if not (isinstance(causal, bool) or type(causal).__name__ in ("bool_", "bool")):
+        raise TypeError(f"causal must be a bool, got {type(causal).__module__}.{type(causal).__name__}")
+    return bool(causal)
 
 
 def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
-    """Broadcast the (B, H) dims, cast to the kernel's dtype, make contiguous (differentiably)."""
+    """Broadcast the (B, H) dims (repeating grouped kv heads), cast to the kernel's
+    dtype and make contiguous, all differentiably."""
+    if 1 < x.shape[1] < batch[1]:
+        x = x.repeat_interleave(batch[1] // x.shape[1], dim=1)
     return x.expand(*batch, *x.shape[2:]).to(dtype).contiguous()
 
 

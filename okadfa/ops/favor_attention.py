@@ -29,6 +29,7 @@ def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, causal, scale, chunk_
 def _setup_context(ctx, inputs, output):
     q, k, v, projection, causal, scale, chunk_size = inputs
     out, lognorm = output
+    ctx.mark_non_differentiable(lognorm)     # an internal statistic, not an attention output
     ctx.save_for_backward(q, k, v, projection, out, lognorm)
     ctx.args = (causal, scale, chunk_size)
 
@@ -63,7 +64,9 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     dependence on later positions.
 
     Args:
-        q, k: (B, H, T, Dk). v: (B, H, T, Dv). B and H broadcast (size 1 is expanded).
+        q, k: (B, H, T, Dk). v: (B, H, T, Dv). B and H broadcast (size 1 is expanded);
+            k and v may have fewer heads than q when they divide q's (grouped-query
+            attention as in SDPA's enable_gqa: kv head j serves q heads j·G … j·G+G−1).
         projection: (M, Dk), e.g. from `okadfa.random_features(M, Dk)`; gets a
             gradient if it requires one.
         causal: attend to s ≤ t only.
@@ -91,10 +94,11 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         raise ValueError(f"projection must have shape (M, {q.shape[3]}) with M >= 1, got {tuple(projection.shape)}")
     batch = val.attention_batch_shape(q, k, v, "q", "k")
     causal = val.check_causal(causal)
-    scale = val.check_scale(scale, q.shape[3])
+    scale = val.check_scale(scale, q.shape[3], q.dtype)
     chunk = val.check_chunk(chunk_size, DEFAULT_CHUNK)
     name = select_backend(backend, q.device)
     if name == "reference":
+        q, k, v = (val.prepare(x, batch, x.dtype) for x in (q, k, v))
         return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk)
     out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
     q, k, v = (val.prepare(x, batch, dtype) for x in (q, k, v))

@@ -28,6 +28,7 @@ def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, causal, chunk_size):
 def _setup_context(ctx, inputs, output):
     q_feat, k_feat, v, causal, chunk_size = inputs
     out, lognorm = output
+    ctx.mark_non_differentiable(lognorm)     # an internal statistic, not an attention output
     ctx.save_for_backward(q_feat, k_feat, v, out, lognorm)
     ctx.args = (causal, chunk_size)
 
@@ -54,8 +55,10 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     over s ≤ t when causal (chunked prefix sums, linear in T), all s otherwise.
     Use it for feature maps other than FAVOR+ (e.g. elu(x)+1 of Katharopoulos et
     al. 2020). Features must be non-negative; the kernels do not rescale them, so
-    keep them in a range where their products do not overflow. A row whose
-    weights are all 0 gives 0.
+    keep them in a range where their products neither overflow nor underflow to
+    0 (the result does not depend on their scale, but the arithmetic does). A row
+    whose weights are all exactly 0 gives 0 and passes no gradient. Under
+    torch.compile the non-negativity check is skipped (it needs the data).
 
     Args:
         q_feat, k_feat: (B, H, T, M), non-negative. v: (B, H, T, Dv). B, H broadcast.
@@ -82,6 +85,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
             raise ValueError(f"{name} must be non-negative (features of a positive kernel)")
     name = select_backend(backend, q_feat.device)
     if name == "reference":
+        q_feat, k_feat, v = (val.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
         return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk)
     out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
     q_feat, k_feat, v = (val.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))

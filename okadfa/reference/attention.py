@@ -94,19 +94,21 @@ def underflow_threshold(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).tiny ** 0.8
 
 
-def _normalise(num: Tensor, den: Tensor) -> Tensor:
+def _normalise(num: Tensor, den: Tensor, stabilised: bool) -> Tensor:
     # The guard: a row whose stabilised normaliser underflowed (only for inputs
-    # whose weights leave the dtype's range) is 0, and passes no gradient.
+    # whose weights leave the dtype's range) is 0, and passes no gradient. Given
+    # (unstabilised) features have an arbitrary scale: only an exact 0 counts.
     # Dividing both by den's value first keeps autograd from forming den² (which
     # underflows for tiny den); the quotient and its gradient are unchanged.
-    small = den < underflow_threshold(den.dtype)
+    small = den < underflow_threshold(den.dtype) if stabilised else den == 0
     den = torch.where(small, 1, den)
     unit = den.detach()
     out = (num / unit[..., None]) / (den / unit)[..., None]
     return torch.where(small[..., None], torch.zeros((), dtype=num.dtype), out)
 
 
-def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: bool, chunk: int) -> Tensor:
+def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: bool, chunk: int,
+            stabilised: bool = True) -> Tensor:
     """Normalised attention from stabilised features.
 
     fq: (..., T, M) query features (any per-row scale); fk: (..., T, M) key
@@ -116,7 +118,7 @@ def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: 
     if not causal:
         # fk shares one shift (a global constant): no per-key factors remain.
         state = fk.transpose(-1, -2) @ v                    # (..., M, Dv)
-        return _normalise(fq @ state, (fq @ fk.sum(-2)[..., None])[..., 0])
+        return _normalise(fq @ state, (fq @ fk.sum(-2)[..., None])[..., 0], stabilised)
     T = v.shape[-2]
     c = torch.zeros(fq.shape[:-1], dtype=fq.dtype, device=fq.device) if lk_shift is None else lk_shift
     state = fq.new_zeros(fq.shape[:-2] + (fq.shape[-1], v.shape[-1]))   # Σ exp(c_s − P) fk_s v_sᵀ
@@ -131,13 +133,13 @@ def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: 
         # (−inf above the diagonal: those entries are exactly 0, their gradient too).
         mask = torch.ones(n, n, dtype=torch.bool, device=v.device).tril()
         decay = torch.exp((c_c[..., None, :] - c_c[..., :, None]).masked_fill(~mask, -math.inf))
-        weights = (q_c @ k_c.transpose(-1, -2)) * decay
+        weights = ((q_c @ k_c.transpose(-1, -2)) * decay).masked_fill(~mask, 0.0)
         num, den = weights @ v_c, weights.sum(-1)
         if ref is not None:
             carry = torch.exp(ref[..., None] - c_c)                        # exp(P − c_t) ≤ 1
             num = num + carry[..., None] * (q_c @ state)
             den = den + carry * (q_c @ zsum[..., None])[..., 0]
-        outs.append(_normalise(num, den))
+        outs.append(_normalise(num, den, stabilised))
         new_ref = c_c[..., -1]
         key_w = k_c * torch.exp(c_c - new_ref[..., None])[..., None]    # relative to the new reference
         if ref is not None:
@@ -185,4 +187,4 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     q_feat, k_feat: (B, H, T, M); v: (B, H, T, Dv). out_t = Σ_s a_ts v_s / Σ_s a_ts
     with a_ts = q_feat_t·k_feat_s over s ≤ t (causal) or all s.
     """
-    return _attend(q_feat, k_feat, None, v, causal, chunk_size).to(v.dtype)
+    return _attend(q_feat, k_feat, None, v, causal, chunk_size, stabilised=False).to(v.dtype)
