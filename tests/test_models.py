@@ -110,25 +110,25 @@ def test_bp_equals_plain_autograd():
         torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
 
 
-def _train(model, steps, start=0):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def _train(model, seeds, opt=None):
+    """One AdamW step per batch seed; returns the losses."""
+    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-3)
     losses = []
-    for s in range(start, start + steps):
+    for s in seeds:
         x, y = _batch(seed=s)
         opt.zero_grad()
         loss = model(x, y).loss
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    return losses, opt
+    return losses
 
 
 def test_seeded_and_stored_feedback_train_identically():
     a, b = _model(feedback_storage="seeded"), _model(feedback_storage="stored")
     b.load_state_dict(a.state_dict(), strict=False)
     assert "dfa.feedback" in b.state_dict() and "dfa.feedback" not in a.state_dict()
-    la, _ = _train(a, 3)
-    lb, _ = _train(b, 3)
+    la, lb = _train(a, range(3)), _train(b, range(3))
     assert la == lb
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
@@ -149,36 +149,24 @@ def test_orthogonality_term_and_schedule():
 
 def test_checkpoint_resume_is_bit_identical(tmp_path):
     model = _model(redraw_interval=2)
-    _train(model, 3)
+    _train(model, range(3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    _train_with(model, opt, range(3, 5))
+    _train(model, range(3, 5), opt)
     save_checkpoint(tmp_path / "ck.pt", model, opt, step=5)
-    expected = _train_with(model, opt, range(5, 8))
+    expected = _train(model, range(5, 8), opt)
     final = {k: v.clone() for k, v in model.state_dict().items()}
 
     fresh = _model(redraw_interval=2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     info = load_checkpoint(tmp_path / "ck.pt", fresh, fresh_opt)
     assert info["step"] == 5
-    assert _train_with(fresh, fresh_opt, range(5, 8)) == expected
+    assert _train(fresh, range(5, 8), fresh_opt) == expected
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, final[k]), k
 
     other = _model(feedback_seed=1, redraw_interval=2)
     with pytest.raises(ValueError, match="config mismatch.*feedback_seed"):
         load_checkpoint(tmp_path / "ck.pt", other)
-
-
-def _train_with(model, opt, seeds):
-    losses = []
-    for s in seeds:
-        x, y = _batch(seed=s)
-        opt.zero_grad()
-        loss = model(x, y).loss
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def test_training_reduces_loss_and_diagnostics():
