@@ -20,18 +20,19 @@ __all__ = ["gradient_alignment", "attention_similarity", "orthogonality_violatio
 
 
 def _block_grads(model, input_ids, targets, training: str) -> dict[str, Tensor]:
-    saved = model.config.training, model.dfa
+    """Per-block flattened parameter gradients of one backward, with DFA or backprop."""
+    engine = model.dfa
     grads = {}
     try:
         if training == "bp":
-            model.dfa = None
+            model.dfa = None          # the model backpropagates when it has no DFA engine
         model.zero_grad(set_to_none=True)
         model(input_ids, targets).ce_loss.backward()
         for i, block in enumerate(model.blocks):
             parts = [p.grad.flatten() for p in block.parameters() if p.grad is not None]
             grads[f"block{i}"] = torch.cat(parts) if parts else None
     finally:
-        model.config.training, model.dfa = saved
+        model.dfa = engine
         model.zero_grad(set_to_none=True)
     return grads
 
