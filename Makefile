@@ -27,7 +27,7 @@ build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	TRITON_INTERPRET=1 $(PY) -m pytest tests -q
+	OKADFA_REQUIRE_NATIVE=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q
 
 demo: build
 	$(PY) -m okadfa.demo

@@ -97,3 +97,12 @@ def test_kernels_package_is_namespaced(tmp_path):
                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "True"
+
+
+def test_native_extension_present_when_required():
+    """`make test` builds okadfa._C and sets OKADFA_REQUIRE_NATIVE=1: tests that need the
+    extension then must not skip because the build is missing or fails to import."""
+    if os.environ.get("OKADFA_REQUIRE_NATIVE") != "1":
+        pytest.skip("OKADFA_REQUIRE_NATIVE is not set (a run outside make test)")
+    status = okadfa.backends()["cpu"]
+    assert status["available"], status["reason"]
