@@ -92,8 +92,8 @@ def test_half_precision_sums_in_float32(dtype):
 
 @pytest.mark.parametrize("weights,kwargs,exc,match", [
     ([], {}, ValueError, "at least one matrix"),
-    (randn(3), {}, ValueError, r"weights\[0\] must be 2-D"),
-    ([randn(2, 2), randn(2, 2, 2)], {}, ValueError, r"weights\[1\] must be 2-D"),
+    (randn(3), {}, ValueError, r"weights\[0\] must have shape \(out, in\)"),
+    ([randn(2, 2), randn(2, 2, 2)], {}, ValueError, r"weights\[1\] must have shape \(out, in\)"),
     (torch.ones(2, 2, dtype=torch.long), {}, TypeError, r"weights\[0\] must be a floating-point"),
     ([randn(2, 2), "W"], {}, TypeError, r"weights\[1\] must be a torch.Tensor"),
     (randn(6, 2), dict(per_head=True, num_heads=4), ValueError, "not divisible by num_heads=4"),

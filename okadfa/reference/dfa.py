@@ -11,18 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._checks import check_matrix
 from .feedback import FeedbackSpec, materialize_feedback
 
 __all__ = ["dfa_feedback", "dfa_head"]
-
-
-def _check_matrix(x, name: str, layout: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
-    if x.dim() != 2:
-        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
 
 
 def _feedback_tensor(feedback, error_dim: int, device: torch.device, needs: str) -> Tensor:
@@ -64,15 +56,15 @@ def dfa_feedback(error: Tensor, feedback) -> Tensor:
         >>> dfa_feedback(torch.randn(10, 768), spec).shape
         torch.Size([12, 10, 768])
     """
-    _check_matrix(error, "error", "(N, E)")
+    check_matrix(error, "error", "(N, E)")
     b = _feedback_tensor(feedback, error.shape[1], error.device, f"the error has {error.shape[1]} columns")
     acc = torch.promote_types(error.dtype, torch.float32)    # half types accumulate in float32
     return _project(error, b, acc).to(error.dtype)
 
 
 def _check_head_inputs(h, w_dec, targets, ignore_index, chunk_size, error) -> None:
-    _check_matrix(h, "h", "(N, d)")
-    _check_matrix(w_dec, "w_dec", "(V, d)")
+    check_matrix(h, "h", "(N, d)")
+    check_matrix(w_dec, "w_dec", "(V, d)")
     if w_dec.shape[1] != h.shape[1]:
         raise ValueError(f"w_dec must have shape (V, {h.shape[1]}) to match h (N, {h.shape[1]}), "
                          f"got {tuple(w_dec.shape)}")

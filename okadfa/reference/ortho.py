@@ -11,6 +11,8 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from ._checks import check_matrix
+
 __all__ = ["OrthoSchedule", "orthogonality_loss"]
 
 
@@ -52,12 +54,7 @@ def orthogonality_loss(weights: Tensor | Iterable[Tensor], *, per_head: bool = F
     if per_head and (isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1):
         raise ValueError(f"per_head=True needs num_heads, a positive int, got {num_heads!r}")
     for i, w in enumerate(ws):
-        if not isinstance(w, Tensor):
-            raise TypeError(f"weights[{i}] must be a torch.Tensor, got {type(w).__name__}")
-        if not w.is_floating_point():
-            raise TypeError(f"weights[{i}] must be a floating-point tensor, got {w.dtype}")
-        if w.dim() != 2:
-            raise ValueError(f"weights[{i}] must be 2-D (out, in), got shape {tuple(w.shape)}")
+        check_matrix(w, f"weights[{i}]", "(out, in)")
         if per_head and w.shape[0] % num_heads:
             raise ValueError(f"weights[{i}] has {w.shape[0]} rows, not divisible by num_heads={num_heads}")
     terms = []
