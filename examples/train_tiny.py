@@ -3,8 +3,9 @@
     python examples/train_tiny.py [--steps 300] [--batch-size 16] [--seq-len 128]
 
 Data: bytes of the Python standard library's own source files (no download).
-Prints the training loss and, for DFA, the per-block alignment between the DFA
-update and the true gradient (okadfa.diagnostics.gradient_alignment).
+Prints the training loss and, for DFA, the alignment between the DFA update and
+the true gradient (okadfa.diagnostics.gradient_alignment) per block and for all
+blocks together, averaged over 4 fixed probe batches.
 """
 import argparse
 import glob
@@ -42,6 +43,8 @@ def train(training, data, args):
     model = OKADFAModel(OKADFAConfig.preset("tiny", training=training, max_seq_len=args.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     stream = batches(data, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed))
+    probe_stream = batches(data, args.batch_size, args.seq_len, torch.Generator().manual_seed(args.seed + 1000))
+    probes = [next(probe_stream) for _ in range(4)]
     start, recent = time.time(), []
     for step in range(1, args.steps + 1):
         x, y = next(stream)
@@ -53,8 +56,9 @@ def train(training, data, args):
         if step == 1 or step % args.log_every == 0:
             line = f"{training} step {step:4d} loss {sum(recent) / len(recent):.3f} ({time.time() - start:.0f}s)"
             if training == "dfa":
-                align = gradient_alignment(model, x, y)
-                line += "  alignment " + " ".join(f"{k}:{v['cosine']:+.2f}" for k, v in align.items())
+                reports = [gradient_alignment(model, px, py) for px, py in probes]
+                line += "  alignment " + " ".join(
+                    f"{k}:{sum(r[k]['cosine'] for r in reports) / len(reports):+.2f}" for k in reports[0])
             print(line, flush=True)
     return sum(recent) / len(recent)
 

@@ -38,7 +38,9 @@ def _block_grads(model, input_ids, targets, training: str) -> dict[str, Tensor]:
 
 
 def gradient_alignment(model, input_ids: Tensor, targets: Tensor) -> dict[str, dict[str, float]]:
-    """{"block<i>": {"cosine": cos(g_dfa, g_bp), "rel_error": ‖g_dfa − g_bp‖/‖g_bp‖}} per block.
+    """{"block<i>": {"cosine": cos(g_dfa, g_bp), "rel_error": ‖g_dfa − g_bp‖/‖g_bp‖}} per block,
+    and "blocks" for all block parameters together (a positive cosine there means
+    the DFA update descends the loss to first order).
 
     Runs one DFA and one backprop backward on the same batch (model in training
     mode, the step counter and FAVOR+ redraws restored afterwards); leaves .grad
@@ -62,6 +64,7 @@ def gradient_alignment(model, input_ids: Tensor, targets: Tensor) -> dict[str, d
             model.get_buffer(k).copy_(v)
         torch.set_rng_state(rng)
         model.train(was_training)
+    dfa["blocks"], bp["blocks"] = torch.cat(list(dfa.values())), torch.cat(list(bp.values()))
     report = {}
     for name in dfa:
         a, b = dfa[name], bp[name]
