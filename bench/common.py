@@ -173,3 +173,41 @@ def chunked_flops(T, *, m=M, dk=D, dv=D, chunk=64, causal=True, backward=False, 
             total += 2 * feat + 2 * state                           # queries: features, E·Sᵀ, R, dq
             total += 2 * feat + state + 2 * n * m * dv              # keys: features, vx·Rᵀ, fk·R, dk
     return bh * total
+
+
+# ------------------------------------------------------------------------------------------- dfa_head
+# The DFA output head at gpt2-small scale (DESIGN.md §4): error="hidden", 12 feedback points.
+DFA_HEAD_SHAPE = dict(N=2048, d=768, V=50257, P=12)
+DFA_HEAD_ROWS = ("cpu", "cpu-stored", "unfused")
+
+
+def make_dfa_head_step(name, N=2048, d=768, V=50257, P=12, seed=0):
+    """One DFA head step, inputs prepared outside the timing:
+
+    cpu:        okadfa.dfa_head (backend="cpu"), seeded feedback generated in the kernel;
+    cpu-stored: the same with the feedback stored as a (P, d, d) tensor;
+    unfused:    plain PyTorch: full N×V logits, F.cross_entropy, autograd for the head
+                gradients and e = ∂loss/∂h, then e B_pᵀ with a stored (P, d, d) feedback."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g)
+    w = torch.randn(V, d, generator=g) * d ** -0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    spec = okadfa.FeedbackSpec(P, d, d, seed=seed)
+    if name == "cpu":
+        return lambda: okadfa.dfa_head(h, w, t, spec, backend="cpu")
+    stored = torch.randn(P, d, d, generator=g) * d ** -0.5   # any fixed matrices will do
+    if name == "cpu-stored":
+        return lambda: okadfa.dfa_head(h, w, t, stored, backend="cpu")
+    h, w = h.requires_grad_(), w.requires_grad_()
+
+    def unfused():
+        h.grad = w.grad = None
+        torch.nn.functional.cross_entropy(h @ w.T, t).backward()
+        return torch.matmul(h.grad, stored.transpose(1, 2))
+    return unfused
+
+
+def dfa_head_flops(N=2048, d=768, V=50257, P=12):
+    """Matrix-product FLOPs of one head step: logits, grad_h, grad_w_dec (2·N·V·d each)
+    and the projection of the hidden error (2·N·d·d per point)."""
+    return 3 * 2 * N * V * d + P * 2 * N * d * d

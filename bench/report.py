@@ -1,15 +1,18 @@
-"""Benchmark report for causal favor_attention on this machine.
+"""Benchmark report for causal favor_attention and the DFA head on this machine.
 
-    python -m bench.report [--quick] [--out bench/results]
+    python -m bench.report [--quick] [--only favor_attention|dfa_head] [--out bench/results]
 
 Rows: okadfa backends (cpu, reference), SDPA causal softmax, and peers when
 importable (performer-pytorch on fast-transformers' CPU kernel). For T in
 256..8192 it measures forward and forward+backward median time and peak memory
 (B=1, H=8, M=256, D=64, float32), plus M=128 forward+backward for the cpu backend,
 the fp32 matmul throughput of the machine and the cpu backend's achieved
-GFLOP/s (FLOPs counted by bench.common.chunked_flops). Writes JSON and prints
-markdown tables. Timings are medians of one run on a shared machine: compare
-ratios within a run, not absolute times across runs.
+GFLOP/s (FLOPs counted by bench.common.chunked_flops). The dfa_head section
+compares the fused cpu dfa_head (seeded and stored feedback) with the unfused
+PyTorch head (bench.common.make_dfa_head_step) at d=768, V=50257, 12 points,
+N=2048 tokens, error="hidden" (--quick: N=256, d=256, V=4096). Writes JSON and
+prints markdown tables. Timings are medians of one run on a shared machine:
+compare ratios within a run, not absolute times across runs.
 """
 from __future__ import annotations
 
@@ -18,11 +21,14 @@ import datetime
 import json
 import os
 import platform
+import statistics
+import time
 
 import torch
 
 import okadfa
-from bench.common import B, D, H, M, chunked_flops, make_step, median_time, peak_memory, peers
+from bench.common import B, D, DFA_HEAD_ROWS, DFA_HEAD_SHAPE, H, M, chunked_flops, dfa_head_flops, make_dfa_head_step, \
+    make_step, median_time, peak_memory, peers
 
 
 def matmul_gflops(n=2048):
@@ -81,35 +87,82 @@ def table(rows, names):
     return "\n".join(out)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="T up to 1024 and fewer repetitions")
-    parser.add_argument("--max-t", type=int, default=8192, help="largest T (default 8192)")
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args(argv)
-    max_t = min(args.max_t, 1024) if args.quick else args.max_t
-    Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= max_t]
-    names = (["cpu"] if okadfa.backends()["cpu"]["available"] else []) + ["reference", "sdpa"] + sorted(peers())
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
-                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, okadfa=okadfa.__version__, shape=dict(B=B, H=H, M=M, D=D),
-                dtype="float32")
-    meta["matmul_gflops"] = matmul_gflops()
-    print(f"machine: {meta['threads']} threads, fp32 matmul {meta['matmul_gflops']:.0f} GFLOP/s", flush=True)
-    rows = run(Ts, names, quick=args.quick)
-    meta["matmul_gflops_after"] = matmul_gflops()
-    md = table(rows, names)
+def run_dfa_head(shape, quick=False):
+    """Median time, peak memory and GFLOP/s of each DFA head row at `shape`. The rows
+    take turns, one call each per round, so that a shared machine's load hits them alike."""
+    names = [n for n in DFA_HEAD_ROWS if not n.startswith("cpu") or okadfa.backends()["cpu"]["available"]]
+    steps = {name: make_dfa_head_step(name, **shape) for name in names}
+    times = {name: [] for name in names}
+    for round_ in range(6 if quick else 4):          # round 0 warms up
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            if round_:
+                times[name].append(time.perf_counter() - t0)
+    rows = []
+    for name, step in steps.items():
+        row = dict(backend=name, **shape, median_ms=1e3 * statistics.median(times[name]),
+                   peak_mb=peak_memory(step) / 2 ** 20)
+        row["gflops"] = dfa_head_flops(**shape) / row["median_ms"] / 1e6
+        rows.append(row)
+        print(f"  dfa_head {name:>10} {row['median_ms']:9.1f} ms {row['peak_mb']:8.1f} MB", flush=True)
+    return rows
+
+
+def dfa_head_table(rows):
+    base = next((r for r in rows if r["backend"] == "unfused"), None)
+    s = rows[0]
+    out = [f"\n**DFA head, error=hidden, N={s['N']}, d={s['d']}, V={s['V']}, {s['P']} points: median ms, peak MB**\n",
+           "| head | median ms | peak MB | GFLOP/s | time vs unfused | memory vs unfused |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio_t = f"{r['median_ms'] / base['median_ms']:.2f}×" if base else ""
+        ratio_m = f"{r['peak_mb'] / base['peak_mb']:.2f}×" if base else ""
+        out.append(f"| {r['backend']} | {r['median_ms']:.0f} | {r['peak_mb']:.0f} | {r['gflops']:.0f} | {ratio_t} | "
+                   f"{ratio_m} |")
+    return "\n".join(out)
+
+
+def _write(out_dir, stem, meta, rows, md):
     header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; "
               f"{meta['date']}; fp32 matmul {meta['matmul_gflops']:.0f}/{meta['matmul_gflops_after']:.0f} "
               f"GFLOP/s (before/after)")
     print("\n" + header + "\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, "cpu_favor_attention" + ("_quick" if args.quick else ""))
-    with open(stem + ".json", "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem)
+    with open(path + ".json", "w") as f:
         json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
+    with open(path + ".md", "w") as f:
         f.write(header + "\n" + md + "\n")
-    print(f"\nwrote {stem}.json and {stem}.md")
+    print(f"\nwrote {path}.json and {path}.md")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="T up to 1024, a smaller DFA head, fewer repetitions")
+    parser.add_argument("--max-t", type=int, default=8192, help="largest T (default 8192)")
+    parser.add_argument("--only", choices=("favor_attention", "dfa_head"), help="run one section (default: both)")
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    suffix = "_quick" if args.quick else ""
+    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
+                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                torch=torch.__version__, okadfa=okadfa.__version__, dtype="float32")
+    meta["matmul_gflops"] = matmul_gflops()
+    print(f"machine: {meta['threads']} threads, fp32 matmul {meta['matmul_gflops']:.0f} GFLOP/s", flush=True)
+    if args.only in (None, "favor_attention"):
+        max_t = min(args.max_t, 1024) if args.quick else args.max_t
+        Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= max_t]
+        names = (["cpu"] if okadfa.backends()["cpu"]["available"] else []) + ["reference", "sdpa"] + sorted(peers())
+        rows = run(Ts, names, quick=args.quick)
+        meta["matmul_gflops_after"] = matmul_gflops()
+        _write(args.out, "cpu_favor_attention" + suffix, dict(meta, shape=dict(B=B, H=H, M=M, D=D)), rows,
+               table(rows, names))
+    if args.only in (None, "dfa_head"):
+        shape = dict(N=256, d=256, V=4096, P=12) if args.quick else dict(DFA_HEAD_SHAPE)
+        rows = run_dfa_head(shape, quick=args.quick)
+        meta["matmul_gflops_after"] = matmul_gflops()
+        _write(args.out, "cpu_dfa_head" + suffix, dict(meta, shape=shape), rows, dfa_head_table(rows))
 
 
 if __name__ == "__main__":

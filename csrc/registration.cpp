@@ -16,6 +16,16 @@ TORCH_LIBRARY(okadfa, m) {
         "-> (Tensor, Tensor)");
   m.def("linear_attention_bwd(Tensor grad_out, Tensor q_feat, Tensor k_feat, Tensor v, Tensor out, "
         "Tensor lognorm, bool causal, int chunk_size) -> (Tensor, Tensor, Tensor)");
+  // DFA (DESIGN.md §4). feedback: a stored (P, dim, E) tensor, or None for seeded
+  // matrices (points, dim, seed = the uint64 seed's bits, dist 0 normal / 1 uniform,
+  // shared); the other feedback arguments are ignored when it is stored.
+  m.def("dfa_feedback(Tensor error, Tensor? feedback, int points, int dim, int seed, int dist, bool shared) "
+        "-> Tensor");
+  m.def("dfa_head(Tensor h, Tensor w_dec, Tensor targets, Tensor? feedback, int points, int dim, int seed, "
+        "int dist, bool shared, int ignore_index, bool logits_error, int chunk_size) "
+        "-> (Tensor loss, Tensor grad_h, Tensor grad_w_dec, Tensor signals)");
+  // B_point (dim, error_dim), float32 on the CPU, as the CPU kernels generate it (diagnostics).
+  m.def("seeded_feedback(int point, int dim, int error_dim, int seed, int dist) -> Tensor");
 }
 
 // gemm_flops(reset): FLOPs of the CPU kernels' matrix products since the last reset.

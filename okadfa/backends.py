@@ -33,8 +33,26 @@ def _has_kernel(op: str, key: str) -> bool:
     return _NATIVE_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(f"okadfa::{op}", key)
 
 
+try:
+    import triton
+
+    from . import kernels  # noqa: F401  (registers the okadfa::triton_* ops)
+    _TRITON_ERROR = None
+except ImportError as exc:
+    _TRITON_ERROR = str(exc)
+
+TRITON_OPS = _TRITON_ERROR is None   # the okadfa::triton_* ops are registered (they may not run here)
+
+
 def _triton_status() -> tuple[bool, str]:
-    return False, "no Triton kernels are shipped in this version of okadfa.kernels"
+    if _TRITON_ERROR is not None:
+        return False, f"okadfa.kernels failed to import ({_TRITON_ERROR}); install triton>=3.0"
+    where = f"Triton {triton.__version__} kernels (okadfa.kernels)"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, where + ", interpreted on the CPU (TRITON_INTERPRET=1)"
+    if torch.cuda.is_available():
+        return True, where
+    return False, "no CUDA device (TRITON_INTERPRET=1 runs the Triton kernels on the CPU, slowly)"
 
 
 def _discover() -> dict[str, dict[str, object]]:
@@ -106,8 +124,8 @@ def select_backend(backend: str, device: torch.device) -> str:
     if backend == "reference":
         return backend
     if backend == "triton":
-        ok, why = _triton_status()
-        if not ok:
+        ok, why = _STATUS["triton"]["available"], _STATUS["triton"]["reason"]
+        if not ok and not why.startswith("no CUDA device"):
             raise RuntimeError(f"okadfa: backend 'triton' is unavailable: {why}")
         if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("okadfa: backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 on the CPU), "

@@ -9,19 +9,19 @@ the previous one (Nøkland 2016; Launay et al. 2020 for transformers). The head
 
 Everything runs through an ordinary `loss.backward()`: `dfa_loss` returns a loss
 whose backward delivers the head gradients and every g_p at once, computed by the
-fused `dfa_head` (the N×V logits are never kept for backward).
+fused `okadfa.dfa_head` (the N×V logits never exist whole; seeded feedback is
+generated inside the kernel, so no feedback matrix is materialised).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
-from .reference.dfa import dfa_head
-from .reference.feedback import FeedbackSpec, materialize_feedback
+from .ops.dfa_head import dfa_head
+from .ops.dfa_feedback import seeded_feedback_matrix
+from .reference.feedback import FeedbackSpec
 
 __all__ = ["DFA"]
-
-_HEAD_ROWS = 1024   # rows of logits formed at a time by the head (never N×V at once)
 
 
 class _DFAHeadLoss(torch.autograd.Function):
@@ -32,7 +32,7 @@ class _DFAHeadLoss(torch.autograd.Function):
     def forward(ctx, h, w_dec, targets, feedback, error, ignore_index, *points):
         n, d = h.shape[0] * h.shape[1], h.shape[-1]
         loss, grad_h, grad_w, signals = dfa_head(h.reshape(n, d), w_dec, targets.reshape(n), feedback,
-                                                 ignore_index=ignore_index, error=error, chunk_size=_HEAD_ROWS)
+                                                 ignore_index=ignore_index, error=error)
         ctx.save_for_backward(grad_h, grad_w, signals)
         ctx.shapes = [p.shape for p in points]
         ctx.h_shape = h.shape
@@ -70,27 +70,21 @@ class DFA(nn.Module):
         self.spec = FeedbackSpec(len(self.points), dim, error_dim, seed=seed, dist=dist, shared=shared,
                                  storage=storage)
         if storage == "stored":
-            self.register_buffer("feedback", materialize_feedback(self.spec))
+            # The cpu kernels' own seeded values (materialize_feedback's to a few ulps),
+            # so that stored and seeded feedback train identically.
+            matrices = [seeded_feedback_matrix(self.spec, p) for p in range(len(self.points))]
+            self.register_buffer("feedback", torch.stack(matrices))
         else:
             self.feedback = None
-        # Seeded matrices are regenerated once per device and cached outside the
-        # state_dict (the reference dfa_head has no in-kernel generation).
-        self._seeded_cache: dict = {}
 
     def feedback_matrix(self, p: int | str) -> Tensor:
-        """B_p (dim × error_dim): point p receives e B_pᵀ."""
+        """B_p (dim × error_dim): point p receives e B_pᵀ. Seeded matrices are generated
+        on demand (float32, on the CPU, as the cpu kernels generate them), for diagnostics."""
         index = self.points.index(p) if isinstance(p, str) else p
-        return self._matrices(torch.device("cpu") if self.feedback is None else self.feedback.device)[index]
+        return seeded_feedback_matrix(self.spec, index) if self.feedback is None else self.feedback[index]
 
-    def _matrices(self, device) -> Tensor:
-        if self.feedback is not None:
-            return self.feedback
-        if device not in self._seeded_cache:
-            self._seeded_cache[device] = materialize_feedback(self.spec, device=device)
-        return self._seeded_cache[device]
-
-    # The head runs eagerly under torch.compile (its reference implementation has
-    # data-dependent Python control flow); the trunk around it compiles.
+    # The head runs eagerly under torch.compile (its input checks read the targets);
+    # the trunk around it compiles.
     @torch.compiler.disable
     def loss(self, h: Tensor, w_dec: Tensor, targets: Tensor, point_outputs: list[Tensor], *,
              ignore_index: int = -100) -> Tensor:
@@ -102,8 +96,8 @@ class DFA(nn.Module):
         """
         if len(point_outputs) != len(self.points):
             raise ValueError(f"expected {len(self.points)} feedback point outputs, got {len(point_outputs)}")
-        return _DFAHeadLoss.apply(h, w_dec, targets, self._matrices(h.device), self.error, ignore_index,
-                                  *point_outputs)
+        feedback = self.spec if self.feedback is None else self.feedback
+        return _DFAHeadLoss.apply(h, w_dec, targets, feedback, self.error, ignore_index, *point_outputs)
 
     def extra_repr(self) -> str:
         s = self.spec

@@ -66,14 +66,25 @@ def test_linear_attention_rejects():
         okadfa.linear_attention(fq[0], fq, v)
 
 
-def test_triton_backend_is_reported_and_refused():
+def test_triton_backend_is_reported_and_refused(monkeypatch):
     status = okadfa.backends()
     assert set(status) == {"triton", "cuda", "cpu", "reference"}
     assert status["reference"]["available"] is True
     assert all(isinstance(s["reason"], str) and s["reason"] for s in status.values())
-    if not status["triton"]["available"]:
+    if "failed to import" in status["triton"]["reason"]:
         with pytest.raises(RuntimeError, match="backend 'triton' is unavailable"):
             okadfa.favor_attention(*_inputs(), backend="triton")
+        return
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        # The kernels were built for the interpreter at import: they run on CPU tensors.
+        assert status["triton"]["available"] is True
+        q, k, v, w = _inputs()
+        torch.testing.assert_close(okadfa.favor_attention(q, k, v, w, backend="triton"),
+                                   okadfa.favor_attention(q, k, v, w, backend="reference"), rtol=1e-5, atol=1e-6)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for op, args in ((okadfa.favor_attention, _inputs()), (okadfa.linear_attention, [x.abs() for x in _inputs()[:3]])):
+        with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):
+            op(*args, backend="triton")
 
 
 def test_environment_override(monkeypatch):

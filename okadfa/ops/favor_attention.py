@@ -1,7 +1,8 @@
 """favor_attention: FAVOR+ attention with the feature map fused (DESIGN.md §3).
 
 The native kernels are the registered ops okadfa::favor_attention_fwd/_bwd
-(csrc/favor_attention.cpp); this module gives them fake implementations and
+(csrc/favor_attention.cpp), the Triton kernels okadfa::triton_favor_attention_fwd/_bwd
+(okadfa.kernels.favor_attention); this module gives them fake implementations and
 autograd, validates input and dispatches between backends.
 """
 from __future__ import annotations
@@ -10,43 +11,35 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import NATIVE_AVAILABLE, select_backend
+from ..backends import NATIVE_AVAILABLE, TRITON_OPS, select_backend
 from . import _validation as val
+from ._autograd import register_attention_autograd
 
 DEFAULT_CHUNK = 64
 
 
-# fake tensor implementation of okadfa::favor_attention_fwd
+# fake tensor implementation of okadfa::favor_attention_fwd and okadfa::triton_favor_attention_fwd
 def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
-    return torch.empty_like(v), q.new_empty(q.shape[:3])
+    return torch.empty_like(v), q.new_empty(q.shape[:3], dtype=val.native_dtype(q.dtype))   # lognorm
 
 
-# fake tensor implementation of okadfa::favor_attention_bwd
+# fake tensor implementation of okadfa::favor_attention_bwd and okadfa::triton_favor_attention_bwd
 def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, causal, scale, chunk_size, projection_grad):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(projection)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, projection, causal, scale, chunk_size = inputs
-    out, lognorm = output
-    ctx.mark_non_differentiable(lognorm)     # an internal statistic, not an attention output
-    ctx.save_for_backward(q, k, v, projection, out, lognorm)
-    ctx.args = (causal, scale, chunk_size)
-
-
-def _backward(ctx, grad_out, grad_lognorm):
-    q, k, v, projection, out, lognorm = ctx.saved_tensors
-    causal, scale, chunk_size = ctx.args
-    dq, dk, dv, dw = torch.ops.okadfa.favor_attention_bwd(
-        grad_out.contiguous(), q, k, v, projection, out, lognorm, causal, scale, chunk_size,
-        ctx.needs_input_grad[3])
-    return dq, dk, dv, (dw if ctx.needs_input_grad[3] else None), None, None, None
+def _register(fwd: str, bwd: str) -> None:
+    # Replaces the fake that triton_op derives from the launcher: under TRITON_INTERPRET=1
+    # wrap_triton returns the plain interpreted kernel, which cannot run on fake tensors.
+    torch.library.register_fake(f"okadfa::{fwd}")(_fwd_fake)
+    torch.library.register_fake(f"okadfa::{bwd}")(_bwd_fake)
+    register_attention_autograd(fwd, bwd, num_tensors=4, weight_grad=True)
 
 
 if NATIVE_AVAILABLE:
-    torch.library.register_fake("okadfa::favor_attention_fwd")(_fwd_fake)
-    torch.library.register_fake("okadfa::favor_attention_bwd")(_bwd_fake)
-    torch.library.register_autograd("okadfa::favor_attention_fwd", _backward, setup_context=_setup_context)
+    _register("favor_attention_fwd", "favor_attention_bwd")
+if TRITON_OPS:
+    _register("triton_favor_attention_fwd", "triton_favor_attention_bwd")
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
@@ -72,9 +65,11 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         causal: attend to s ≤ t only.
         scale: logit scale, default Dk^-1/2 as in scaled_dot_product_attention.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see `okadfa.backends()`).
-        chunk_size: positions per chunk of the native kernels (default 64).
+        chunk_size: positions per chunk of the native kernels (default 64; the triton
+            backend rounds it to a power of two in [16, 128], smaller for large M).
     Returns:
-        (B, H, T, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32.
+        (B, H, T, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32; the
+        triton backend reads them as they are (float32 arithmetic) and rejects float64.
 
     Example:
         >>> q, k, v = torch.randn(3, 2, 4, 1024, 64).unbind(0)
@@ -100,6 +95,11 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     if name == "reference":
         q, k, v = (val.prepare(x, batch, x.dtype) for x in (q, k, v))
         return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk)
+    if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
+        q, k, v = (val.prepare(x, batch, x.dtype) for x in (q, k, v))
+        out, _ = torch.ops.okadfa.triton_favor_attention_fwd(q, k, v, projection.to(q.dtype).contiguous(), causal,
+                                                             scale, chunk)
+        return out
     out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
     q, k, v = (val.prepare(x, batch, dtype) for x in (q, k, v))
     out, _ = torch.ops.okadfa.favor_attention_fwd(q, k, v, projection.to(dtype).contiguous(), causal, scale, chunk)

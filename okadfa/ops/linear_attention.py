@@ -1,6 +1,7 @@
 """linear_attention: normalised linear attention on caller-computed features.
 
 Native kernels: okadfa::linear_attention_fwd/_bwd (csrc/linear_attention.cpp),
+Triton kernels: okadfa::triton_linear_attention_fwd/_bwd (okadfa.kernels.favor_attention);
 the same chunked algorithm as favor_attention without the fused feature map.
 """
 from __future__ import annotations
@@ -9,41 +10,35 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import NATIVE_AVAILABLE, select_backend
+from ..backends import NATIVE_AVAILABLE, TRITON_OPS, select_backend
 from . import _validation as val
+from ._autograd import register_attention_autograd
 
 DEFAULT_CHUNK = 64
 
 
-# fake tensor implementation of okadfa::linear_attention_fwd
+# fake tensor implementation of okadfa::linear_attention_fwd and okadfa::triton_linear_attention_fwd
 def _fwd_fake(q_feat, k_feat, v, causal, chunk_size):
-    return torch.empty_like(v), q_feat.new_empty(q_feat.shape[:3])
+    return torch.empty_like(v), q_feat.new_empty(q_feat.shape[:3], dtype=val.native_dtype(q_feat.dtype))
 
 
-# fake tensor implementation of okadfa::linear_attention_bwd
+# fake tensor implementation of okadfa::linear_attention_bwd and okadfa::triton_linear_attention_bwd
 def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, causal, chunk_size):
     return torch.empty_like(q_feat), torch.empty_like(k_feat), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q_feat, k_feat, v, causal, chunk_size = inputs
-    out, lognorm = output
-    ctx.mark_non_differentiable(lognorm)     # an internal statistic, not an attention output
-    ctx.save_for_backward(q_feat, k_feat, v, out, lognorm)
-    ctx.args = (causal, chunk_size)
-
-
-def _backward(ctx, grad_out, grad_lognorm):
-    q_feat, k_feat, v, out, lognorm = ctx.saved_tensors
-    dq, dk, dv = torch.ops.okadfa.linear_attention_bwd(grad_out.contiguous(), q_feat, k_feat, v, out, lognorm,
-                                                       *ctx.args)
-    return dq, dk, dv, None, None
+def _register(fwd: str, bwd: str) -> None:
+    # Replaces the fake that triton_op derives from the launcher: under TRITON_INTERPRET=1
+    # wrap_triton returns the plain interpreted kernel, which cannot run on fake tensors.
+    torch.library.register_fake(f"okadfa::{fwd}")(_fwd_fake)
+    torch.library.register_fake(f"okadfa::{bwd}")(_bwd_fake)
+    register_attention_autograd(fwd, bwd, num_tensors=3, weight_grad=False)
 
 
 if NATIVE_AVAILABLE:
-    torch.library.register_fake("okadfa::linear_attention_fwd")(_fwd_fake)
-    torch.library.register_fake("okadfa::linear_attention_bwd")(_bwd_fake)
-    torch.library.register_autograd("okadfa::linear_attention_fwd", _backward, setup_context=_setup_context)
+    _register("linear_attention_fwd", "linear_attention_bwd")
+if TRITON_OPS:
+    _register("triton_linear_attention_fwd", "triton_linear_attention_bwd")
 
 
 def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
@@ -87,6 +82,9 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     if name == "reference":
         q_feat, k_feat, v = (val.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
         return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk)
+    if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
+        q_feat, k_feat, v = (val.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
+        return torch.ops.okadfa.triton_linear_attention_fwd(q_feat, k_feat, v, causal, chunk)[0]
     out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
     q_feat, k_feat, v = (val.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
     out, _ = torch.ops.okadfa.linear_attention_fwd(q_feat, k_feat, v, causal, chunk)

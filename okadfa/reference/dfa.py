@@ -17,14 +17,14 @@ from .feedback import FeedbackSpec, materialize_feedback
 __all__ = ["dfa_feedback", "dfa_head"]
 
 
-def _feedback_tensor(feedback, error_dim: int, device: torch.device, needs: str) -> Tensor:
-    """Validate `feedback` against an error with `error_dim` columns; return B (P, d, E).
-
-    `needs` completes the mismatch message, e.g. "the error has 6 columns"."""
+def check_feedback(feedback, error_dim: int, device: torch.device, needs: str) -> None:
+    """Validate `feedback` (a FeedbackSpec or a stored (P, d, E) tensor) against an error
+    with `error_dim` columns on `device`; `needs` completes the mismatch message, e.g.
+    "the error has 6 columns". Shared by every backend (okadfa.ops)."""
     if isinstance(feedback, FeedbackSpec):
         if feedback.error_dim != error_dim:
             raise ValueError(f"feedback.error_dim is {feedback.error_dim} but {needs}")
-        return materialize_feedback(feedback, device=device)
+        return
     if not isinstance(feedback, Tensor):
         raise TypeError(f"feedback must be a FeedbackSpec or a tensor (P, d, E), got {type(feedback).__name__}")
     if not feedback.is_floating_point():
@@ -33,7 +33,11 @@ def _feedback_tensor(feedback, error_dim: int, device: torch.device, needs: str)
         raise ValueError(f"feedback must have shape (P, d, {error_dim}) since {needs}, got {tuple(feedback.shape)}")
     if feedback.device != device:
         raise ValueError(f"feedback is on {feedback.device} but the error is on {device}")
-    return feedback
+
+
+def _feedback_tensor(feedback, device: torch.device) -> Tensor:
+    """B (P, d, E) of a checked `feedback`: the stored tensor, or the spec materialised."""
+    return materialize_feedback(feedback, device=device) if isinstance(feedback, FeedbackSpec) else feedback
 
 
 def _project(e: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
@@ -57,12 +61,14 @@ def dfa_feedback(error: Tensor, feedback) -> Tensor:
         torch.Size([12, 10, 768])
     """
     check_matrix(error, "error", "(N, E)")
-    b = _feedback_tensor(feedback, error.shape[1], error.device, f"the error has {error.shape[1]} columns")
+    check_feedback(feedback, error.shape[1], error.device, f"the error has {error.shape[1]} columns")
+    b = _feedback_tensor(feedback, error.device)
     acc = torch.promote_types(error.dtype, torch.float32)    # half types accumulate in float32
     return _project(error, b, acc).to(error.dtype)
 
 
-def _check_head_inputs(h, w_dec, targets, ignore_index, chunk_size, error) -> None:
+def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error) -> int:
+    """Validate dfa_head's arguments (shared by every backend); return E, the error width."""
     check_matrix(h, "h", "(N, d)")
     check_matrix(w_dec, "w_dec", "(V, d)")
     if w_dec.shape[1] != h.shape[1]:
@@ -91,6 +97,9 @@ def _check_head_inputs(h, w_dec, targets, ignore_index, chunk_size, error) -> No
     if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
         bad = kept[(kept < 0) | (kept >= V)][0].item()
         raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}, found {bad}")
+    E = h.shape[1] if error == "hidden" else V
+    check_feedback(feedback, E, h.device, f"error={error!r} needs E = {'d' if error == 'hidden' else 'V'} = {E}")
+    return E
 
 
 def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_index: int = -100,
@@ -127,10 +136,9 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         >>> s.shape
         torch.Size([4, 8, 16])
     """
-    _check_head_inputs(h, w_dec, targets, ignore_index, chunk_size, error)
+    check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error)
     (N, d), V = h.shape, w_dec.shape[0]
-    E = d if error == "hidden" else V
-    b = _feedback_tensor(feedback, E, h.device, f"error={error!r} needs E = {'d' if error == 'hidden' else 'V'} = {E}")
+    b = _feedback_tensor(feedback, h.device)
     acc = torch.promote_types(torch.promote_types(h.dtype, w_dec.dtype), torch.float32)
     w = w_dec.to(acc)
     valid = targets != ignore_index

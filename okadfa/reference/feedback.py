@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FeedbackSpec", "materialize_feedback", "philox4x32"]
+__all__ = ["FeedbackSpec", "materialize_feedback", "philox4x32", "seeded_matrix"]
 
 _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)   # round multipliers
@@ -179,11 +179,17 @@ def materialize_feedback(spec: FeedbackSpec, *, device=None, dtype: torch.dtype 
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
     P, d, E = spec.shape
-    n = d * E
-    mats = torch.empty(1 if spec.shared else P, n, dtype=torch.float32)
-    for p in range(mats.shape[0]):
-        for start in range(0, n, _BLOCK):
-            idx = torch.arange(start, min(start + _BLOCK, n), dtype=torch.int64)
-            mats[p, start:start + idx.numel()] = _seeded_values(spec.seed, p, idx, E, spec.dist)
-    out = mats.reshape(-1, d, E).expand(P, d, E)
-    return out.to(device=device, dtype=dtype).contiguous()
+    mats = torch.stack([seeded_matrix(spec, p) for p in range(1 if spec.shared else P)])
+    return mats.expand(P, d, E).to(device=device, dtype=dtype).contiguous()
+
+
+def seeded_matrix(spec: FeedbackSpec, p: int) -> Tensor:
+    """B_p alone (dim, error_dim), float32 on the CPU: generated with point 0 if spec.shared."""
+    d, E = spec.dim, spec.error_dim
+    if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < spec.points:
+        raise ValueError(f"p must be an int in [0, {spec.points}), got {p!r}")
+    flat = torch.empty(d * E, dtype=torch.float32)
+    for start in range(0, d * E, _BLOCK):
+        idx = torch.arange(start, min(start + _BLOCK, d * E), dtype=torch.int64)
+        flat[start:start + idx.numel()] = _seeded_values(spec.seed, 0 if spec.shared else p, idx, E, spec.dist)
+    return flat.view(d, E)

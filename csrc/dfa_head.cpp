@@ -1,0 +1,123 @@
+// dfa_head on the CPU: the output head with DFA signals (DESIGN.md §4), row chunk
+// by row chunk so that the N×V logits never exist whole. For rows c of a chunk:
+//
+//   y_c = h_c W_decᵀ (c×V workspace)  →  in place  dy_c = (softmax(y_c) − onehot)/Nv
+//   loss += Σ (logsumexp(y_n) − y_n[t_n]),   grad_h[c] = dy_c W_dec,   grad_W_dec += dy_cᵀ h_c
+//   error="logits": signals[:, c] = dy_c B_pᵀ
+//
+// (rows with t_n = ignore_index get dy = 0 and no loss). error="hidden" projects
+// e = grad_h after the loop, all rows at once, so each seeded entry of the d×d
+// matrices is generated once per call; with error="logits" the d×V matrices are
+// regenerated once per chunk (the price of storing nothing: larger chunks, fewer
+// regenerations). The chunks run one after another with multi-threaded GEMMs and
+// row-parallel softmax, so the grad_W_dec sum has a fixed order: deterministic.
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "cpu_math.h"
+#include "dfa_projection.h"
+
+namespace okadfa::cpu {
+namespace {
+
+// Rows of y (rows×V) become dy in place; row_loss[r] = logsumexp(y_r) − y_r[t_r] (0 if ignored).
+template <typename T>
+void softmax_cross_entropy(T* y, int64_t rows, int64_t V, const int64_t* targets, int64_t ignore_index, T inv_nv,
+                           double* row_loss) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      T* row = y + r * V;
+      if (targets[r] == ignore_index) {
+        std::fill(row, row + V, T(0));
+        row_loss[r] = 0.0;
+        continue;
+      }
+      T shift;
+      row_max(row, 1, V, V, &shift);
+      const T target_logit = row[targets[r]];
+      exp_shift_rows(row, 1, V, V, &shift);
+      T sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < V; ++j) sum += row[j];
+      row_loss[r] = static_cast<double>(shift + std::log(sum) - target_logit);
+      const T scale = inv_nv / sum;
+#pragma omp simd
+      for (int64_t j = 0; j < V; ++j) row[j] *= scale;
+      row[targets[r]] -= inv_nv;
+    }
+  });
+}
+
+template <typename T>
+void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, int64_t d, int64_t V,
+                     int64_t ignore_index, int64_t n_valid, bool logits_error, int64_t chunk, const Feedback& fb,
+                     T* loss, T* grad_h, T* grad_w, T* signals) {
+  const T inv_nv = T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1));
+  const int64_t dp = fb.dim;
+  auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  at::Tensor logits = at::empty({std::min(chunk, N), V}, opts);
+  at::Tensor row_loss = at::empty({N}, at::kDouble);
+  T* y = logits.data_ptr<T>();
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t n = std::min(chunk, N - r0);
+    const T* h_c = h + r0 * d;
+    gemm(false, true, n, V, d, T(1), h_c, d, w, d, T(0), y, V);
+    softmax_cross_entropy(y, n, V, targets + r0, ignore_index, inv_nv, row_loss.data_ptr<double>() + r0);
+    gemm(false, false, n, d, V, T(1), y, V, w, d, T(0), grad_h + r0 * d, d);
+    gemm(true, false, V, d, n, T(1), y, V, h_c, d, r0 == 0 ? T(0) : T(1), grad_w, d);
+    if (logits_error) project_feedback(fb, y, n, V, signals + r0 * dp, N * dp);
+  }
+  if (!logits_error) project_feedback(fb, grad_h, N, d, signals, N * dp);
+  const double* rl = row_loss.data_ptr<double>();
+  double total = 0.0;
+  for (int64_t r = 0; r < N; ++r) total += rl[r];
+  *loss = static_cast<T>(total / static_cast<double>(std::max<int64_t>(n_valid, 1)));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
+    const at::Tensor& h, const at::Tensor& w_dec, const at::Tensor& targets, const std::optional<at::Tensor>& feedback,
+    int64_t points, int64_t dim, int64_t seed, int64_t dist, bool shared, int64_t ignore_index, bool logits_error,
+    int64_t chunk_size) {
+  TORCH_CHECK(h.dim() == 2 && at::isFloatingType(h.scalar_type()), "okadfa: h must be a floating (N, d) tensor, got ",
+              h.scalar_type(), " ", h.sizes());
+  TORCH_CHECK(w_dec.dim() == 2 && at::isFloatingType(w_dec.scalar_type()) && w_dec.size(1) == h.size(1),
+              "okadfa: w_dec must be a floating (V, ", h.size(1), ") tensor, got ", w_dec.scalar_type(), " ",
+              w_dec.sizes());
+  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == h.size(0) && targets.scalar_type() == at::kLong,
+              "okadfa: targets must be an int64 tensor of shape (", h.size(0), "), got ", targets.scalar_type(), " ",
+              targets.sizes());
+  TORCH_CHECK(w_dec.device() == h.device() && targets.device() == h.device(),
+              "okadfa: h, w_dec and targets must be on one device");
+  TORCH_CHECK(chunk_size >= 1, "okadfa: chunk_size must be positive, got ", chunk_size);
+  const int64_t N = h.size(0), d = h.size(1), V = w_dec.size(0);
+  const at::Tensor t = targets.contiguous();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  int64_t n_valid = 0;
+  for (int64_t r = 0; r < N; ++r) {
+    if (tp[r] == ignore_index) continue;
+    TORCH_CHECK(tp[r] >= 0 && tp[r] < V, "okadfa: targets must be in [0, ", V, ") or equal ignore_index=",
+                ignore_index, ", found ", tp[r]);
+    ++n_valid;
+  }
+  const at::ScalarType acc = at::promote_types(at::promote_types(h.scalar_type(), w_dec.scalar_type()), at::kFloat);
+  const at::Tensor hc = h.to(acc).contiguous(), wc = w_dec.to(acc).contiguous();
+  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, logits_error ? V : d, acc, hc);
+  at::Tensor loss = at::empty({}, hc.options());
+  at::Tensor grad_h = at::empty({N, d}, hc.options());
+  at::Tensor grad_w = N > 0 ? at::empty({V, d}, hc.options()) : at::zeros({V, d}, hc.options());
+  at::Tensor signals = at::empty({fb.points, N, fb.dim}, hc.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "dfa_head", [&] {
+    dfa_head_kernel<scalar_t>(hc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), tp, N, d, V, ignore_index, n_valid,
+                              logits_error, chunk_size, fb, loss.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
+                              grad_w.data_ptr<scalar_t>(), signals.data_ptr<scalar_t>());
+  });
+  return {loss, grad_h.to(h.scalar_type()), grad_w.to(w_dec.scalar_type()), signals.to(h.scalar_type())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(okadfa, CPU, m) { m.impl("dfa_head", &dfa_head_cpu); }
+
+}  // namespace okadfa::cpu
