@@ -67,8 +67,8 @@ inline double cos_turn(float x) {
 
 // out[c] = B_p at flat index idx0 + c (i·E + j), c < n: philox.h's Philox words (scalar),
 // then the normative float32 arithmetic with ln and cos from log_unit and cos_turn (a
-// vectorised loop). "uniform" is bit-exact; "normal" uses correctly rounded ln and cos, so
-// it is within an ulp or two of any float32 logf/cosf (philox.h's feedback_entry, torch's).
+// vectorised loop): the correctly rounded values the definition asks for, so every entry
+// equals materialize_feedback's and philox.h's feedback_entry's bit for bit.
 __attribute__((target_clones("avx512f", "avx2", "default")))
 void seeded_values(uint64_t seed, uint32_t p, uint64_t idx0, int64_t n, float sqrt_e, int dist, float* out) {
   constexpr int64_t kBlock = 64;

@@ -7,8 +7,9 @@
 //   u_a = ((x0 >> 8) + 1)·2⁻²⁴,  u_b = (x1 >> 8)·2⁻²⁴
 //   normal:  √(−2 ln u_a)·cos(fl(2π)·u_b) / fl(√E);   uniform: (2·u_b − 1) / fl(√E)
 //
-// All float arithmetic is float32, one rounding per operation (compile without
-// fast-math for these functions: logf/cosf, not their approximations).
+// All float arithmetic is float32, one rounding per operation; ln and cos are the
+// correctly rounded float32 values, evaluated in double and rounded (never logf/cosf,
+// whose results differ between libraries). Compile without fast-math.
 #pragma once
 
 #include <cstdint>
@@ -49,7 +50,9 @@ OKADFA_HOST_DEVICE float feedback_entry(uint64_t seed, uint32_t p, uint64_t idx,
   if (dist == kFeedbackUniform) return (2.0f * u_b - 1.0f) / sqrt_e;
   const float u_a = static_cast<float>((c[0] >> 8) + 1u) * 5.9604644775390625e-08f;
   const float two_pi = 6.28318548202514648f;                                    // fl(2π)
-  return sqrtf(-2.0f * logf(u_a)) * cosf(two_pi * u_b) / sqrt_e;
+  const float ln = static_cast<float>(log(static_cast<double>(u_a)));
+  const float cs = static_cast<float>(cos(static_cast<double>(two_pi * u_b)));
+  return sqrtf(-2.0f * ln) * cs / sqrt_e;
 }
 
 }  // namespace okadfa

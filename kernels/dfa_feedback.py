@@ -67,9 +67,10 @@ def _feedback_tile(rows, cols, p, E, k0, k1, sqrt_e, NORMAL: tl.constexpr, LIBDE
     """float32 B[p, i, j] for i in rows, j in cols (a rows×cols tile) from key (k0, k1) (uint32):
     idx = i·E + j (int64), counter = (idx mod 2³², p, idx >> 32, 0), x = Philox4x32-10;
     u_a = ((x₀ >> 8) + 1)·2⁻²⁴, u_b = (x₁ >> 8)·2⁻²⁴;
-    normal: √(−2 ln u_a)·cos(fl(2π)·u_b)/fl(√E), uniform: (2u_b − 1)/fl(√E).
-    LIBDEVICE: CUDA's logf/cosf and correctly rounded sqrt/division (tl.sqrt and `/` may be
-    approximate there); the interpreter's numpy float32 math is already correctly rounded."""
+    normal: √(−2 ln u_a)·cos(fl(2π)·u_b)/fl(√E), uniform: (2u_b − 1)/fl(√E), with ln and cos
+    evaluated in float64 and rounded (the normative correctly rounded values).
+    LIBDEVICE: CUDA's libdevice and correctly rounded sqrt/division (tl.sqrt and `/` may be
+    approximate there); the interpreter's numpy math is already correctly rounded."""
     idx = rows[:, None].to(tl.int64) * E + cols[None, :]
     c0 = idx.to(tl.uint32)                 # idx mod 2³²
     c2 = (idx >> 32).to(tl.uint32)
@@ -78,10 +79,13 @@ def _feedback_tile(rows, cols, p, E, k0, k1, sqrt_e, NORMAL: tl.constexpr, LIBDE
     u_b = (x1 >> 8).to(tl.float32) * _TWO_M24
     if NORMAL:
         u_a = ((x0 >> 8) + 1).to(tl.float32) * _TWO_M24
-        if LIBDEVICE:
-            value = libdevice.sqrt_rn(-2.0 * libdevice.log(u_a)) * libdevice.cos(_TWO_PI_F32 * u_b)
+        angle = (u_b * _TWO_PI_F32).to(tl.float64)
+        if LIBDEVICE:   # ln, cos in float64 then rounded: the correctly rounded float32 values
+            ln = libdevice.log(u_a.to(tl.float64)).to(tl.float32)
+            value = libdevice.sqrt_rn(-2.0 * ln) * libdevice.cos(angle).to(tl.float32)
         else:
-            value = tl.sqrt(-2.0 * tl.log(u_a)) * tl.cos(_TWO_PI_F32 * u_b)
+            ln = tl.log(u_a.to(tl.float64)).to(tl.float32)
+            value = tl.sqrt(-2.0 * ln) * tl.cos(angle).to(tl.float32)
     else:
         value = 2.0 * u_b - 1.0
     if LIBDEVICE:

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .ops.dfa_head import dfa_head
 from .ops.dfa_feedback import seeded_feedback_matrix
-from .reference.feedback import FeedbackSpec
+from .reference.feedback import FeedbackSpec, materialize_feedback
 
 __all__ = ["DFA"]
 
@@ -70,10 +70,7 @@ class DFA(nn.Module):
         self.spec = FeedbackSpec(len(self.points), dim, error_dim, seed=seed, dist=dist, shared=shared,
                                  storage=storage)
         if storage == "stored":
-            # The cpu kernels' own seeded values (materialize_feedback's to a few ulps),
-            # so that stored and seeded feedback train identically.
-            matrices = [seeded_feedback_matrix(self.spec, p) for p in range(len(self.points))]
-            self.register_buffer("feedback", torch.stack(matrices))
+            self.register_buffer("feedback", materialize_feedback(self.spec))
         else:
             self.feedback = None
 

@@ -34,7 +34,7 @@ def native_feedback_args(feedback, dtype: torch.dtype) -> tuple:
 def seeded_feedback_matrix(spec: FeedbackSpec, p: int) -> Tensor:
     """B_p (dim, error_dim) of a seeded spec, float32 on the CPU, exactly as the cpu backend
     generates it (without the native extension: the reference definition). It equals
-    `materialize_feedback(spec)[p]` bit for bit with dist="uniform", to a few ulps with "normal"."""
+    `materialize_feedback(spec)[p]` bit for bit."""
     if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"spec must be a FeedbackSpec, got {type(spec).__name__}")
     if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < spec.points:
@@ -81,8 +81,7 @@ def dfa_feedback(error: Tensor, feedback, *, backend: str = "auto") -> Tensor:
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see `okadfa.backends()`).
     Returns:
         (P, N, d) in error's dtype, accumulated in float32 (float64 for float64 errors).
-        Seeded "uniform" entries are bit-exact on every backend, "normal" ones agree with
-        `materialize_feedback` to a few float32 ulps (float32 log and cos).
+        Seeded entries equal `materialize_feedback`'s bit for bit on every backend.
 
     Example:
         >>> g = okadfa.dfa_feedback(torch.randn(10, 768), okadfa.FeedbackSpec(12, 768, 768))

