@@ -34,7 +34,7 @@ demo: build
 
 bench: build
 	$(PY) -m pip install -q pytest-benchmark matplotlib
-	$(PY) -m pytest bench/bench_favor_attention.py -q
+	$(PY) -m pytest bench/bench_favor_attention.py bench/bench_dfa_head.py -q
 	$(PY) -m bench.report
 
 clean:
