@@ -41,8 +41,8 @@ _triton_op = getattr(torch.library, "triton_op", None) or torch.library.custom_o
 _wrap_triton = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
 
 _MASK32 = 0xFFFFFFFF
-_TWO_PI_F32 = 6.2831854820251465   # fl(2π)
-_TWO_M24 = 5.9604644775390625e-08  # 2⁻²⁴
+_TWO_PI_F32 = tl.constexpr(6.2831854820251465)   # fl(2π)
+_TWO_M24 = tl.constexpr(5.9604644775390625e-08)  # 2⁻²⁴
 
 
 @triton.jit
