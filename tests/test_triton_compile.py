@@ -1,4 +1,4 @@
-"""The Triton DFA kernels compile for a real GPU (sm_90) with Triton's own compiler and ptxas,
+"""The Triton kernels (attention and DFA) compile for a real GPU (sm_90) with Triton's own compiler and ptxas,
 on any machine: the interpreter used by the other Triton tests never compiles, so GPU-only
 errors (non-constexpr globals, libdevice calls, dtype rules of the compiled dot) surface here.
 Runs in a subprocess without TRITON_INTERPRET, each kernel in every constexpr variant launched."""
@@ -35,6 +35,22 @@ SCRIPT = textwrap.dedent('''
           dict(ACCUMULATE=False, FP32_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
     build(m._softmax_xent_kernel, dict(y_ptr="*fp32", t_ptr="*i64", nv_ptr="*i64", loss_ptr="*fp32", R="i32",
                                        V="i32", ignore_index="i32"), dict(BLOCK_R=4, BLOCK_V=1024))
+
+    import okadfa.kernels.favor_attention as a
+    fwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32", ln_ptr="*fp32", T="i32",
+               M="i32", DQ="i32", DV="i32", sqrt_scale="fp32", tiny="fp32")
+    bwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", g_ptr="*bf16", ln_ptr="*fp32",
+               delta_ptr="*fp32", dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*fp32", dw_ptr="*fp32", p_ptr="*fp32",
+               BH="i32", T="i32", M="i32", DQ="i32", DV="i32", sqrt_scale="fp32", n_chunks="i32")
+    # the issue's shape (M = 256, Dk = 64) in bf16, and float32 with IEEE products
+    for types, precision in ((None, "tf32"), ("*fp32", "ieee")):
+        for causal in (True, False):
+            for fused in (True, False):
+                meta = dict(FUSED=fused, CAUSAL=causal, BLOCK_T=16, M_PAD=256, DQ_PAD=64 if fused else 256,
+                            BLOCK_DV=16, PRECISION=precision)
+                cast = lambda sig: {k: (types if types and v == "*bf16" else v) for k, v in sig.items()}
+                build(a._fwd_kernel, cast(fwd), meta)
+                build(a._bwd_kernel, cast(bwd), dict(meta, DW=fused))
     print("compiled")
 ''')
 
