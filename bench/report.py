@@ -1,23 +1,42 @@
-"""Benchmark report for causal favor_attention and the DFA head on this machine.
+"""Benchmark report: the microbenchmarks that apply on this machine, with plots.
 
-    python -m bench.report [--quick] [--only favor_attention|dfa_head] [--out bench/results]
+    python -m bench.report [--device auto|cpu|cuda] [--quick] [--max-t N]
+                           [--only favor_attention|dfa_head] [--out bench/results] [--no-plots]
+    python -m bench.report --replot [--out bench/results]
 
-Rows: okadfa backends (cpu, reference), SDPA causal softmax, and peers when
-importable (performer-pytorch on fast-transformers' CPU kernel). For T in
-256..8192 it measures forward and forward+backward median time and peak memory
-(B=1, H=8, M=256, D=64, float32), plus M=128 forward+backward for the cpu backend,
-the fp32 matmul throughput of the machine and the cpu backend's achieved
-GFLOP/s (FLOPs counted by bench.common.chunked_flops). The dfa_head section
-compares the fused cpu dfa_head (seeded and stored feedback) with the unfused
-PyTorch head (bench.common.make_dfa_head_step) at d=768, V=50257, 12 points,
-N=2048 tokens, error="hidden" (--quick: N=256, d=256, V=4096). Writes JSON and
-prints markdown tables. Timings are medians of one run on a shared machine:
-compare ratios within a run, not absolute times across runs.
+--device auto (the default) picks cuda when torch sees a GPU, else cpu.
+
+On cpu: causal favor_attention rows for okadfa backends (cpu, reference), SDPA
+causal softmax, and peers when importable (performer-pytorch on fast-transformers'
+CPU kernel). For T in 256..8192 (--max-t) it measures forward and forward+backward
+median time and peak memory (B=1, H=8, M=256, D=64, float32), plus M=128
+forward+backward for the cpu backend, the fp32 matmul throughput of the machine
+and the cpu backend's achieved GFLOP/s (FLOPs counted by bench.common.chunked_flops).
+The dfa_head section compares the fused cpu dfa_head (seeded and stored feedback)
+with the unfused PyTorch head (bench.common.make_dfa_head_step) at d=768, V=50257,
+12 points, N=2048 tokens, error="hidden" (--quick: N=256, d=256, V=4096). Writes
+cpu_favor_attention[_quick].{json,md} and cpu_dfa_head[_quick].{json,md}.
+
+On cuda: the GPU suite of bench/gpu.py (triton and cuda backends, and
+flash-linear-attention when importable, against SDPA's flash kernel in bf16; the
+fused dfa_head against the unfused head), written to cuda_kernels[_quick].{json,md}.
+--quick, --max-t and --out are passed on; --only does not apply.
+
+Plots (bench/plots.py, needs matplotlib) go next to the JSON:
+<stem>_time_memory_fwd.png and <stem>_time_memory_fwd_bwd.png (median time and
+peak memory against T, log-log, the T where okadfa overtakes SDPA marked), and
+cpu_dfa_head[_quick].png or cuda_kernels[_quick]_dfa_head.png (bars of time and
+memory per head). --no-plots skips them; --replot only redraws them from every
+JSON already in --out, without benchmarking.
+
+Timings are medians of one run on a shared machine: compare ratios within a run,
+not absolute times across runs.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import os
 import platform
@@ -27,6 +46,7 @@ import time
 import torch
 
 import okadfa
+from bench import plots
 from bench.common import B, D, DFA_HEAD_ROWS, DFA_HEAD_SHAPE, H, M, chunked_flops, dfa_head_flops, make_dfa_head_step, \
     make_step, median_time, peak_memory, peers
 
@@ -123,7 +143,7 @@ def dfa_head_table(rows):
     return "\n".join(out)
 
 
-def _write(out_dir, stem, meta, rows, md):
+def _write(out_dir, stem, meta, rows, md, plot=True):
     header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; "
               f"{meta['date']}; fp32 matmul {meta['matmul_gflops']:.0f}/{meta['matmul_gflops_after']:.0f} "
               f"GFLOP/s (before/after)")
@@ -135,15 +155,16 @@ def _write(out_dir, stem, meta, rows, md):
     with open(path + ".md", "w") as f:
         f.write(header + "\n" + md + "\n")
     print(f"\nwrote {path}.json and {path}.md")
+    if plot:
+        _plot(path + ".json")
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="T up to 1024, a smaller DFA head, fewer repetitions")
-    parser.add_argument("--max-t", type=int, default=8192, help="largest T (default 8192)")
-    parser.add_argument("--only", choices=("favor_attention", "dfa_head"), help="run one section (default: both)")
-    parser.add_argument("--out", default="bench/results")
-    args = parser.parse_args(argv)
+def _plot(json_path):
+    for png in plots.plot_results(json_path):
+        print(f"wrote {png}")
+
+
+def run_cpu(args):
     suffix = "_quick" if args.quick else ""
     meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
                 processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
@@ -151,18 +172,54 @@ def main(argv=None):
     meta["matmul_gflops"] = matmul_gflops()
     print(f"machine: {meta['threads']} threads, fp32 matmul {meta['matmul_gflops']:.0f} GFLOP/s", flush=True)
     if args.only in (None, "favor_attention"):
-        max_t = min(args.max_t, 1024) if args.quick else args.max_t
+        max_t = args.max_t or 8192
+        max_t = min(max_t, 1024) if args.quick else max_t
         Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= max_t]
         names = (["cpu"] if okadfa.backends()["cpu"]["available"] else []) + ["reference", "sdpa"] + sorted(peers())
         rows = run(Ts, names, quick=args.quick)
         meta["matmul_gflops_after"] = matmul_gflops()
         _write(args.out, "cpu_favor_attention" + suffix, dict(meta, shape=dict(B=B, H=H, M=M, D=D)), rows,
-               table(rows, names))
+               table(rows, names), plot=not args.no_plots)
     if args.only in (None, "dfa_head"):
         shape = dict(N=256, d=256, V=4096, P=12) if args.quick else dict(DFA_HEAD_SHAPE)
         rows = run_dfa_head(shape, quick=args.quick)
         meta["matmul_gflops_after"] = matmul_gflops()
-        _write(args.out, "cpu_dfa_head" + suffix, dict(meta, shape=shape), rows, dfa_head_table(rows))
+        _write(args.out, "cpu_dfa_head" + suffix, dict(meta, shape=shape), rows, dfa_head_table(rows),
+               plot=not args.no_plots)
+
+
+def run_cuda(args):
+    from bench import gpu
+
+    if args.only:
+        print(f"--only {args.only} does not apply on cuda: bench.gpu runs both sections")
+    argv = ["--device", "cuda", "--out", args.out] + (["--quick"] if args.quick else []) + \
+        (["--max-t", str(args.max_t)] if args.max_t else [])
+    gpu.main(argv)
+    if not args.no_plots:
+        _plot(os.path.join(args.out, "cuda_kernels" + ("_quick" if args.quick else "") + ".json"))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="which microbenchmarks to run (auto: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    parser.add_argument("--max-t", type=int, help="largest T (default 8192 on cpu, 32768 on cuda)")
+    parser.add_argument("--only", choices=("favor_attention", "dfa_head"), help="run one cpu section (default: both)")
+    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
+    parser.add_argument("--replot", action="store_true", help="only redraw the plots of the JSON files in --out")
+    args = parser.parse_args(argv)
+    if args.replot:
+        for path in sorted(glob.glob(os.path.join(args.out, "*.json"))):
+            _plot(path)
+        return
+    device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        run_cuda(args)
+    else:
+        run_cpu(args)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""The benchmark report runs end to end on tiny sizes and writes well-formed results."""
+"""The benchmark report runs end to end on tiny sizes and writes well-formed results and plots."""
 import json
+import math
 
 import pytest
 
@@ -7,13 +8,30 @@ import okadfa
 
 pytest.importorskip("bench.report")
 
+try:
+    import matplotlib  # noqa: F401
+    HAVE_MATPLOTLIB = True
+except ImportError:
+    HAVE_MATPLOTLIB = False
+needs_matplotlib = pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
+PNG = b"\x89PNG"
+
+
+def _assert_png(path):
+    assert path.exists(), path
+    assert path.read_bytes()[:4] == PNG
+
 
 def test_report_quick_run(tmp_path, monkeypatch):
     from bench import common, report
 
     monkeypatch.setattr(common, "H", 2)
     monkeypatch.setattr(report, "H", 2)
-    report.main(["--quick", "--max-t", "256", "--out", str(tmp_path)])
+    report.main(["--device", "cpu", "--quick", "--max-t", "256", "--out", str(tmp_path)])
+    if HAVE_MATPLOTLIB:
+        for name in ("cpu_favor_attention_quick_time_memory_fwd.png",
+                     "cpu_favor_attention_quick_time_memory_fwd_bwd.png", "cpu_dfa_head_quick.png"):
+            _assert_png(tmp_path / name)
     data = json.loads((tmp_path / "cpu_favor_attention_quick.json").read_text())
     assert {"date", "torch", "threads", "matmul_gflops"} <= set(data["meta"])
     rows = data["rows"]
@@ -56,3 +74,100 @@ def test_flop_count_matches_the_kernels_gemms(causal, T, chunk):
     kw = dict(m=M, dk=Dk, dv=Dv, chunk=chunk, causal=causal, bh=B * H)
     assert fwd == chunked_flops(T, **kw)
     assert bwd == chunked_flops(T, backward=True, **kw)
+
+
+def _rows(backend, times, passes="fwd", **extra):
+    return [dict(backend=backend, T=T, passes=passes, median_ms=ms, peak_mb=ms / 10, **extra)
+            for T, ms in times.items()]
+
+
+def test_crossover_interpolates_on_log_log_axes():
+    from bench.plots import crossover
+
+    # cpu: 2 ms flat; sdpa: 1 ms at T=1024, 8 ms at T=4096. log(cpu/sdpa) goes from ln 2 to -ln 4,
+    # linearly in log T: zero a third of the way, at T = 1024 · 4^(1/3) ≈ 1625.5.
+    rows = _rows("cpu", {512: 1.5, 1024: 2, 4096: 2}) + _rows("sdpa", {512: 0.5, 1024: 1, 4096: 8})
+    assert crossover(rows, "cpu") == pytest.approx(1024 * 4 ** (1 / 3))
+    assert crossover(rows, "cpu", passes="fwd+bwd") is None              # no rows for that pass
+    assert crossover(rows, "sdpa", baseline="cpu") is None                # slower at the largest T
+
+
+def test_crossover_everywhere_never_and_noise():
+    from bench.plots import crossover
+
+    sdpa = _rows("sdpa", {256: 1, 512: 4, 1024: 16})
+    assert crossover(sdpa + _rows("cpu", {256: 0.5, 512: 1, 1024: 2}), "cpu") == 0.0     # faster at all T
+    assert crossover(sdpa + _rows("cpu", {256: 2, 512: 8, 1024: 32}), "cpu") is None     # never faster
+    # faster, slower, faster: the crossover is where it becomes faster for good, between 512 and 1024
+    x = crossover(sdpa + _rows("cpu", {256: 0.5, 512: 8, 1024: 8}), "cpu")
+    assert 512 < x < 1024 and x == pytest.approx(512 * 2 ** (math.log(2) / math.log(4)))
+    # M selects rows when there are several per T
+    rows = sdpa + _rows("cpu", {256: 2, 512: 8, 1024: 8}, M=256) + _rows("cpu", {256: 0.5, 512: 1, 1024: 2}, M=128)
+    assert crossover(rows, "cpu", M=128) == 0.0 and 512 < crossover(rows, "cpu", M=256) < 1024
+
+
+def _gpu_results():
+    """cuda_kernels.json as bench.gpu writes it, with made-up numbers: triton overtakes
+    flash attention between 2k and 4k, cuda is faster at every T, one row ran out of memory."""
+    Ts = (1024, 2048, 4096, 8192)
+    attention = []
+    for passes in ("fwd", "fwd+bwd"):
+        attention += _rows("triton", {T: T / 1500 for T in Ts}, passes)
+        attention += _rows("cuda", {T: T / 5000 for T in Ts}, passes)
+        attention += _rows("sdpa-flash", {T: (T / 2048) ** 2 for T in Ts}, passes)
+        attention += _rows("fla-chunk", {T: T / 1000 for T in Ts[:-1]}, passes)
+        attention.append(dict(backend="fla-chunk", T=8192, passes=passes, median_ms=None, peak_mb=None,
+                              error="out of memory"))
+    head = [dict(backend="dfa_head fused (seeded)", d=768, V=50257, points=12, N=8192, median_ms=9.5, peak_mb=60.0),
+            dict(backend="unfused PyTorch (stored)", d=768, V=50257, points=12, N=8192, median_ms=21.0,
+                 peak_mb=1700.0)]
+    meta = dict(device="cuda", device_name="NVIDIA H100 80GB HBM3", dtype="bfloat16",
+                shape=dict(B=4, H=8, M=256, D=64))
+    return dict(meta=meta, attention=attention, dfa_head=head)
+
+
+def test_gpu_crossovers():
+    from bench.plots import crossover
+
+    rows = _gpu_results()["attention"]
+    assert 2048 < crossover(rows, "triton", "sdpa-flash") < 4096
+    assert crossover(rows, "cuda", "sdpa-flash", passes="fwd+bwd") == 0.0
+
+
+GPU_PNGS = ("cuda_kernels_time_memory_fwd.png", "cuda_kernels_time_memory_fwd_bwd.png", "cuda_kernels_dfa_head.png")
+
+
+@needs_matplotlib
+def test_replot_draws_gpu_results(tmp_path):
+    from bench import report
+
+    (tmp_path / "cuda_kernels.json").write_text(json.dumps(_gpu_results()))
+    report.main(["--replot", "--out", str(tmp_path)])
+    for name in GPU_PNGS:
+        _assert_png(tmp_path / name)
+
+
+@needs_matplotlib
+def test_device_cuda_runs_the_gpu_suite_and_plots_it(tmp_path, monkeypatch):
+    """--device cuda hands over to bench.gpu.main (replaced here: no GPU needed) and plots what it wrote."""
+    from bench import gpu, report
+
+    calls = []
+
+    def fake_gpu_main(argv):
+        calls.append(argv)
+        (tmp_path / "cuda_kernels.json").write_text(json.dumps(_gpu_results()))
+    monkeypatch.setattr(gpu, "main", fake_gpu_main)
+    report.main(["--device", "cuda", "--out", str(tmp_path)])
+    assert calls == [["--device", "cuda", "--out", str(tmp_path)]]
+    for name in GPU_PNGS:
+        _assert_png(tmp_path / name)
+
+
+def test_no_plots(tmp_path, monkeypatch):
+    from bench import report
+
+    monkeypatch.setattr(report, "matmul_gflops", lambda: 1.0)
+    report.main(["--device", "cpu", "--quick", "--only", "dfa_head", "--no-plots", "--out", str(tmp_path)])
+    assert (tmp_path / "cpu_dfa_head_quick.json").exists()
+    assert not list(tmp_path.glob("*.png"))

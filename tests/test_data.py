@@ -1,0 +1,306 @@
+"""okadfa.data: corpora, tokenisers, the memory-mapped token cache and batching."""
+import json
+import os
+import sys
+import sysconfig
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from okadfa import data
+from okadfa.data import ByteTokenizer, GPT2Tokenizer, get_batch, get_tokenizer, load_corpus, val_batches
+
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+WIKI = {
+    "wiki.train.raw": " \n = Valkyria Chronicles III = \n \n Senjō no Valkyria 3 : Unrecorded Chronicles ( "
+                      "Japanese : 戦場のヴァルキュリア3 ) is a tactical role @-@ playing video game . \n \n = = "
+                      "Gameplay = = \n"
+                      " The game 's battle system , the BliTZ system , is carried over directly . \n",
+    "wiki.valid.raw": " \n = Homarus gammarus = \n \n Homarus gammarus , known as the European lobster , is a species "
+                      "of clawed lobster — found in Zürich ? No . \n",
+    "wiki.test.raw": " \n = Robert Boulter = \n \n Robert Boulter is an English film actor . \n",
+}
+
+
+def tiny_encoding(name="tiny"):
+    """A byte-level BPE with the GPT-2 pre-tokeniser and a handful of merges (vocab > 256)."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
+    ranks = {bytes([i]): i for i in range(256)}
+    for merge in [b"th", b"the", b" the", b"in", b"ing", b" \n", b"\n\n", b" =", b"\xc3\xa9", b"er", b" s"]:
+        ranks[merge] = len(ranks)
+    return tiktoken.Encoding(name, pat_str=GPT2_PATTERN, mergeable_ranks=ranks, special_tokens={})
+
+
+def make_wikitext(directory: Path) -> Path:
+    directory.mkdir(parents=True)
+    for name, text in WIKI.items():
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+def text_of(tokens, tok=None):
+    return (tok or ByteTokenizer()).decode(np.asarray(tokens))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenisers
+
+def test_byte_tokenizer_round_trip():
+    tok = get_tokenizer("bytes")
+    assert (tok.name, tok.vocab_size) == ("bytes", 256)
+    for text in ["hello, world\n", "Zürich — 東京 🙂", ""]:
+        ids = tok.encode(text)
+        assert ids == list(text.encode("utf-8")) and tok.decode(ids) == text
+    assert tok.encode(bytes(range(256))) == list(range(256))
+    assert tok.decode([0x66, 0xFF, 0x6F]) == "f\ufffdo"  # invalid UTF-8 is replaced, not an error
+    with pytest.raises(ValueError):
+        tok.decode([256])
+
+
+def test_tiny_tiktoken_round_trip():
+    tok = GPT2Tokenizer(tiny_encoding())
+    assert tok.vocab_size == 256 + 11 and tok.name == "tiktoken:tiny"
+    text = "the thing  is seen\n\n = é in Zürich = \n"
+    ids = tok.encode(text)
+    assert len(ids) < len(text.encode()) and max(ids) >= 256  # merges were used
+    assert tok.decode(ids) == text and tok.encode(text.encode()) == ids
+
+
+def test_real_gpt2_encoding():
+    try:
+        tok = GPT2Tokenizer()
+    except RuntimeError as e:
+        pytest.skip(f"the GPT-2 encoding cannot be loaded locally (no network, no TIKTOKEN_CACHE_DIR): {str(e)[:120]}")
+    assert tok.name == "gpt2" and tok.vocab_size == 50257
+    assert tok.encode("Hello world") == [15496, 995]
+    assert tok.decode(tok.encode("Zürich — 東京\n")) == "Zürich — 東京\n"
+
+
+def test_gpt2_unavailable_raises_clear_error(monkeypatch):
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
+
+    def offline(name):
+        raise ConnectionError("no network")
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as err:
+        get_tokenizer("gpt2")
+    assert "no network" in str(err.value) and "pip install tiktoken" in str(err.value)
+    monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
+    with pytest.raises(RuntimeError, match="tiktoken is not installed"):
+        get_tokenizer("gpt2")
+    with pytest.raises(ValueError, match="'bytes' or 'gpt2'"):
+        get_tokenizer("sentencepiece")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources and the cache
+
+def test_stdlib_corpus(tmp_path, monkeypatch):
+    corpus = load_corpus("stdlib", max_bytes=200_000, cache_dir=tmp_path)
+    assert corpus.name == "stdlib" and corpus.vocab_size == 256
+    assert isinstance(corpus.train, np.memmap) and corpus.train.dtype == np.uint8 and corpus.val.dtype == np.uint8
+    assert len(corpus.train) + len(corpus.val) == 200_000 and len(corpus.val) == 10_000
+    assert corpus.val_bytes == len(corpus.val)
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test"}
+    files = sorted((p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts)),
+                   key=lambda p: p.relative_to(root).as_posix())
+    first = files[0].read_bytes()[:200_000]
+    assert bytes(corpus.train[:len(first)]) == first
+    assert "def " in text_of(corpus.train) and "def " in text_of(corpus.val)
+    used = [p for p, _ in data._stdlib_files(1 << 40)]
+    assert used == [p for p in files if p.stat().st_size]  # same order; no tests, no site-packages
+
+    # Second load: same arrays straight from the cache (no re-tokenising, files untouched).
+    meta = next(tmp_path.glob("*.json"))
+    mtime = meta.stat().st_mtime_ns
+    monkeypatch.setattr(data, "_build", lambda *a, **k: pytest.fail("the cache was not reused"))
+    again = load_corpus("stdlib", max_bytes=200_000, cache_dir=tmp_path)
+    assert np.array_equal(again.train, corpus.train) and np.array_equal(again.val, corpus.val)
+    assert meta.stat().st_mtime_ns == mtime
+    assert sorted(p.name[len(meta.stem):] for p in tmp_path.iterdir()) == [".json", ".train.bin", ".val.bin"]
+    info = json.loads(meta.read_text())
+    assert (info["source"], info["tokenizer"], info["dtype"]) == ("stdlib", "bytes", "uint8")
+    assert (info["train_tokens"], info["val_tokens"], info["val_bytes"]) == (190_000, 10_000, 10_000)
+
+
+def test_wikitext_directory(tmp_path):
+    d = make_wikitext(tmp_path / "some" / "wikitext-2-raw")
+    corpus = load_corpus(str(d), cache_dir=tmp_path / "cache")
+    assert corpus.name == str(d)
+    assert text_of(corpus.train) == WIKI["wiki.train.raw"]
+    assert text_of(corpus.val) == WIKI["wiki.valid.raw"]
+    assert corpus.val_bytes == len(WIKI["wiki.valid.raw"].encode("utf-8")) == len(corpus.val)
+    # max_bytes caps the training text only; validation stays whole.
+    capped = load_corpus(str(d), cache_dir=tmp_path / "cache", max_bytes=20)
+    assert bytes(capped.train) == WIKI["wiki.train.raw"].encode()[:20]
+    assert np.array_equal(capped.val, corpus.val)
+
+
+def test_wikitext_by_name_via_data_dir(tmp_path, monkeypatch):
+    make_wikitext(tmp_path / "data" / "wikitext-2-raw-v1")
+    monkeypatch.setenv("OKADFA_DATA_DIR", str(tmp_path / "data"))
+    corpus = load_corpus("wikitext-2", cache_dir=tmp_path / "cache")
+    assert corpus.name == "wikitext-2"
+    assert text_of(corpus.train) == WIKI["wiki.train.raw"] and text_of(corpus.val) == WIKI["wiki.valid.raw"]
+
+
+def test_wikitext_missing_names_tried_paths(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if `datasets` were not installed
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    monkeypatch.setenv("OKADFA_DATA_DIR", str(tmp_path / "data"))
+    with pytest.raises(FileNotFoundError) as err:
+        load_corpus("wikitext-103", cache_dir=tmp_path / "cache")
+    msg = str(err.value)
+    for sub in ("wikitext-103-raw", "wikitext-103-raw-v1", "wikitext-103"):
+        assert str(tmp_path / "data" / sub) in msg
+    assert str(tmp_path / "hf") in msg and "--data" in msg and "OKADFA_DATA_DIR" in msg
+    monkeypatch.delenv("OKADFA_DATA_DIR")
+    with pytest.raises(FileNotFoundError, match="OKADFA_DATA_DIR is not set"):
+        load_corpus("wikitext-2", cache_dir=tmp_path / "cache")
+
+
+def test_wikitext_from_hf_cache(tmp_path, monkeypatch):
+    """With `datasets` importable, the HF cache is loaded offline and its text column joined."""
+    calls = []
+    cache_file = tmp_path / "hf.arrow"
+    cache_file.write_bytes(b"x")
+
+    class Split:
+        def __init__(self, text):
+            self.lines = text.splitlines(keepends=True)
+            self.cache_files = [{"filename": str(cache_file)}]
+
+        def iter(self, batch_size):
+            for i in range(0, len(self.lines), batch_size):
+                yield {"text": self.lines[i:i + batch_size]}
+
+    def load_dataset(path, name):
+        calls.append((path, name, os.environ.get("HF_DATASETS_OFFLINE")))
+        return {"train": Split(WIKI["wiki.train.raw"]), "validation": Split(WIKI["wiki.valid.raw"])}
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "0")
+    monkeypatch.delenv("OKADFA_DATA_DIR", raising=False)
+    corpus = load_corpus("wikitext-2", cache_dir=tmp_path / "cache")
+    assert calls == [("wikitext", "wikitext-2-raw-v1", "1")]
+    assert text_of(corpus.train) == WIKI["wiki.train.raw"] and text_of(corpus.val) == WIKI["wiki.valid.raw"]
+
+
+def test_text_file_split(tmp_path):
+    text = "".join(f"line {i}: Zürich ☃\n" for i in range(100)).encode()
+    path = tmp_path / "corpus.txt"
+    path.write_bytes(text)
+    corpus = load_corpus(str(path), cache_dir=tmp_path / "cache", val_fraction=0.1)
+    n_val = int(len(text) * 0.1)
+    assert (len(corpus.train), len(corpus.val)) == (len(text) - n_val, n_val)
+    assert bytes(corpus.train) + bytes(corpus.val) == text and corpus.val_bytes == n_val
+    assert bytes(load_corpus(str(path), cache_dir=tmp_path / "cache", max_bytes=50).train) == text[:48]
+    # Changing the file invalidates the cache.
+    path.write_bytes(text + b"more\n")
+    changed = load_corpus(str(path), cache_dir=tmp_path / "cache", val_fraction=0.1)
+    assert bytes(changed.train) + bytes(changed.val) == text + b"more\n"
+
+
+def test_text_folder(tmp_path):
+    root = tmp_path / "texts"
+    (root / "sub").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "b.txt").write_text("second file\n")
+    (root / "a.txt").write_text("first file\n")
+    (root / "sub" / "c.txt").write_text("third, nested — file\n")
+    (root / ".hidden").write_text("SECRET\n")
+    (root / ".git" / "config").write_text("SECRET\n")
+    corpus = load_corpus(str(root), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    whole = "first file\nsecond file\nthird, nested — file\n".encode()
+    assert bytes(corpus.train) + bytes(corpus.val) == whole
+    assert len(corpus.val) == int(len(whole) * 0.25)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / ".only-hidden").write_text("x")
+    with pytest.raises(ValueError, match="no \\(non-hidden\\) files"):
+        load_corpus(str(empty), cache_dir=tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_corpus(str(tmp_path / "nope.txt"), cache_dir=tmp_path / "cache")
+    with pytest.raises(ValueError, match="val_fraction"):
+        load_corpus(str(root), cache_dir=tmp_path / "cache", val_fraction=1.0)
+
+
+def test_bpe_corpus_uint16_and_chunking_is_exact(tmp_path, monkeypatch):
+    """A >256 vocab is stored as uint16, and tokenising in small chunks gives the whole-text tokens."""
+    enc = tiny_encoding("tiny-chunks")
+    tok = GPT2Tokenizer(enc)
+    text = WIKI["wiki.train.raw"] * 4 + " the thing = \n\n théâtre \n"
+    (tmp_path / "t.txt").write_text(text, encoding="utf-8")
+    monkeypatch.setattr(data, "CHUNK", 64)
+    corpus = load_corpus(str(tmp_path / "t.txt"), tokenizer=tok, cache_dir=tmp_path / "cache")
+    assert corpus.vocab_size == 267 and corpus.train.dtype == np.uint16 and isinstance(corpus.val, np.memmap)
+    assert np.concatenate([corpus.train, corpus.val]).tolist() == enc.encode_ordinary(text)
+    assert tok.decode(corpus.train) + tok.decode(corpus.val) == text
+    assert corpus.val_bytes == sum(len(enc.decode_single_token_bytes(int(t))) for t in corpus.val)
+    assert len(corpus.val) == int((len(corpus.train) + len(corpus.val)) * 0.05)
+
+
+def test_interrupted_build_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "t.txt"
+    path.write_text("abc " * 1000)
+
+    def crash(self, chunk):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ByteTokenizer, "_encode_chunk", crash)
+    with pytest.raises(KeyboardInterrupt):
+        load_corpus(str(path), cache_dir=tmp_path / "cache")
+    assert list((tmp_path / "cache").iterdir()) == []
+    monkeypatch.undo()
+    assert len(load_corpus(str(path), cache_dir=tmp_path / "cache").train) == 3800
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+
+TOKENS = np.arange(5000, dtype=np.uint16)
+
+
+def test_get_batch_shapes_and_shift():
+    x, y = get_batch(TOKENS, step=0, batch_size=4, seq_len=16)
+    assert x.shape == y.shape == (4, 16) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(y, x + 1)  # y is x shifted by one token (TOKENS is consecutive)
+    assert torch.equal(x[:, 1:], x[:, :-1] + 1)  # each row is one contiguous window
+    assert int(x.min()) >= 0 and int(y.max()) <= 4999
+
+
+def test_get_batch_deterministic_and_rank_slices():
+    x1, y1 = get_batch(TOKENS, step=7, batch_size=4, seq_len=16, seed=3)
+    x2, y2 = get_batch(TOKENS, step=7, batch_size=4, seq_len=16, seed=3)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    assert not torch.equal(x1, get_batch(TOKENS, step=8, batch_size=4, seq_len=16, seed=3)[0])
+    assert not torch.equal(x1, get_batch(TOKENS, step=7, batch_size=4, seq_len=16, seed=4)[0])
+    parts = [get_batch(TOKENS, step=7, batch_size=4, seq_len=16, seed=3, rank=r, world_size=2) for r in range(2)]
+    assert torch.equal(torch.cat([p[0] for p in parts]), x1) and torch.equal(torch.cat([p[1] for p in parts]), y1)
+    assert parts[0][0].shape == (2, 16)
+
+
+def test_get_batch_errors():
+    with pytest.raises(ValueError, match="divisible"):
+        get_batch(TOKENS, step=0, batch_size=5, seq_len=8, world_size=2)
+    with pytest.raises(ValueError, match="needs at least 17"):
+        get_batch(TOKENS[:16], step=0, batch_size=1, seq_len=16)
+    x, y = get_batch(TOKENS[:17], step=0, batch_size=2, seq_len=16)  # exactly one window fits
+    assert torch.equal(x[0], torch.arange(16)) and torch.equal(y[1], torch.arange(1, 17))
+
+
+def test_val_batches():
+    tokens = np.arange(103, dtype=np.uint8)
+    batches = list(val_batches(tokens, batch_size=4, seq_len=10))
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 10), (4, 10), (2, 10)]
+    assert torch.equal(torch.cat([x for x, _ in batches]).flatten(), torch.arange(100))
+    assert torch.equal(torch.cat([y for _, y in batches]).flatten(), torch.arange(1, 101))
+    assert all(x.dtype == torch.int64 for x, _ in batches)
+    assert len(list(val_batches(tokens, batch_size=4, seq_len=10, max_batches=2))) == 2
+    with pytest.raises(ValueError):
+        val_batches(tokens[:10], batch_size=4, seq_len=10)
