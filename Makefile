@@ -1,5 +1,6 @@
 # make test  - set up (virtualenv, torch, native build) and run the whole test suite
-# make demo  - set up, then run the demo (causal FAVOR+ vs the reference and SDPA)
+# make demo  - set up, then the showcase: tiny model trained with DFA and with backprop on the
+#              embedded corpus (table + plots in docs/demo), then the quick microbenchmark
 # make bench - microbenchmarks: pytest-benchmark, then the report script
 # The active virtualenv is used if there is one; otherwise .venv is created.
 # torch is installed (pinned) only when missing; an installed torch is kept.
@@ -30,7 +31,8 @@ test: build
 	OKADFA_REQUIRE_NATIVE=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q
 
 demo: build
-	$(PY) -m okadfa.demo
+	$(PY) -m pip install -q matplotlib
+	$(PY) -m okadfa.demo --out docs/demo
 
 bench: build
 	$(PY) -m pip install -q pytest-benchmark matplotlib

@@ -166,3 +166,13 @@ def test_compare_runs_and_reports(tmp_path):
     pytest.importorskip("matplotlib", reason="plots need matplotlib")
     for name in ("val_loss.png", "alignment.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_smoke(tmp_path, capsys):
+    from okadfa.demo import main as demo
+    assert demo(["--out", str(tmp_path), "--steps", "2", "--no-bench", "--set", "n_layers=1", "--max-bytes", "100000",
+                 "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--sample-tokens", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "| favor+dfa |" in out and "| favor+bp |" in out
+    assert {"favor+dfa", "favor+bp"} <= {p.name for p in tmp_path.iterdir()}
+    assert (tmp_path / "report.md").exists()
