@@ -171,3 +171,19 @@ def test_no_plots(tmp_path, monkeypatch):
     report.main(["--device", "cpu", "--quick", "--only", "dfa_head", "--no-plots", "--out", str(tmp_path)])
     assert (tmp_path / "cpu_dfa_head_quick.json").exists()
     assert not list(tmp_path.glob("*.png"))
+
+
+def test_model_bench_tiny(tmp_path):
+    from bench import model as model_bench
+    model_bench.main(["--preset", "tiny", "--seq-lens", "16,24", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "model_tiny.json").read_text())
+    assert data["meta"]["parameters"] > 0
+    rows = data["rows"]
+    assert {(r["T"], r["attention"], r["mode"]) for r in rows} == {
+        (T, a, m) for T in (16, 24) for a in ("favor", "softmax") for m in model_bench.MODES}
+    assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in rows)
+    train = {(r["T"], r["attention"]): r["peak_mb"] for r in rows if r["mode"] == "train bp"}
+    fwd = {(r["T"], r["attention"]): r["peak_mb"] for r in rows if r["mode"] == "forward"}
+    assert all(train[k] > fwd[k] for k in train)      # a training step holds the gradients too
+    md = (tmp_path / "model_tiny.md").read_text()
+    assert "| 24 | train dfa |" in md and "favor speed-up" in md
