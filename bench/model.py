@@ -7,13 +7,16 @@ scale") are about, so they are measured here rather than taken on trust.
 
 For each T and attention (favor, softmax), on `--preset` with max_seq_len = T:
   forward      inference: model.eval(), no grad, logits for every position
-  train dfa    zero_grad(set_to_none) + forward + backward with DFA
+  train dfa    forward + backward with DFA (into existing .grad)
   train bp     the same with backprop
 median time (bench.common.median_time, at least 3 runs) and the peak bytes torch's
 CPU allocator held during one call beyond what existed before it
-(bench.common.peak_memory): activations, workspaces, logits and, for the training
-steps, the gradients. Parameters, and the AdamW state a training run adds (2×),
-do not depend on the method and are reported once in the header. Writes
+(bench.common.peak_memory): activations, workspaces, logits, gradient
+temporaries. The gradients themselves already exist when a step starts: freeing
+them inside the measured call (zero_grad(set_to_none=True)) made the profiler's
+count vary by ±15% between identical calls, since it cannot see frees of blocks
+allocated before it started. Parameters, gradients (1×) and AdamW state (2×) do not
+depend on the method and are reported once in the header. Writes
 model_<preset>.{json,md} under --out.
 """
 from __future__ import annotations
@@ -51,7 +54,6 @@ def make_call(preset: str, attention: str, mode: str, T: int, batch: int, seed: 
         model.train()
 
         def call():
-            model.zero_grad(set_to_none=True)
             model(x, y).loss.backward()
     return model, call
 
@@ -106,8 +108,8 @@ def main(argv=None):
     rows = run(args.preset, seq_lens, args.batch)
     header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; {meta['date']}. "
               f"`{args.preset}` ({n_params / 1e6:.1f}M parameters: {meta['parameter_mb']:.0f} MB in float32, "
-              f"AdamW state another {2 * meta['parameter_mb']:.0f} MB), batch {args.batch}, float32. Peak MB = "
-              f"torch CPU allocator beyond the model (activations, workspaces, logits, gradients).")
+              f"gradients as much, AdamW state twice that), batch {args.batch}, float32. Peak MB = torch's CPU "
+              f"allocator beyond the model and its gradients (activations, workspaces, logits, temporaries).")
     md = header + "\n\n" + table(rows) + "\n"
     print("\n" + md)
     os.makedirs(args.out, exist_ok=True)

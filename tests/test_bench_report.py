@@ -184,6 +184,6 @@ def test_model_bench_tiny(tmp_path):
     assert all(r["median_s"] > 0 and r["peak_mb"] > 0 for r in rows)
     train = {(r["T"], r["attention"]): r["peak_mb"] for r in rows if r["mode"] == "train bp"}
     fwd = {(r["T"], r["attention"]): r["peak_mb"] for r in rows if r["mode"] == "forward"}
-    assert all(train[k] > fwd[k] for k in train)      # a training step holds the gradients too
+    assert all(train[k] > fwd[k] for k in train)      # a training step keeps activations for backward
     md = (tmp_path / "model_tiny.md").read_text()
     assert "| 24 | train dfa |" in md and "favor speed-up" in md
