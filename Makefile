@@ -15,14 +15,14 @@ PY := $(abspath $(VENV))/bin/python
 endif
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test demo bench report clean
+.PHONY: setup build test demo bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton
+	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -31,11 +31,10 @@ test: build
 	OKADFA_REQUIRE_NATIVE=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q
 
 demo: build
-	$(PY) -m pip install -q matplotlib
 	$(PY) -m okadfa.demo --out docs/demo
 
 bench: build
-	$(PY) -m pip install -q pytest-benchmark matplotlib
+	$(PY) -m pip install -q pytest-benchmark
 	$(PY) -m pytest bench/bench_favor_attention.py bench/bench_dfa_head.py -q
 	$(PY) -m bench.report
 
