@@ -16,7 +16,7 @@ from torch import Tensor
 from .nn import FavorAttention
 from .ortho import ortho_weights, orthogonality_loss
 
-__all__ = ["gradient_alignment", "attention_similarity", "orthogonality_violation"]
+__all__ = ["gradient_alignment", "mean_alignment", "attention_similarity", "orthogonality_violation"]
 
 
 def _block_grads(model, input_ids, targets, training: str) -> dict[str, Tensor]:
@@ -71,6 +71,13 @@ def gradient_alignment(model, input_ids: Tensor, targets: Tensor) -> dict[str, d
         report[name] = {"cosine": F.cosine_similarity(a, b, dim=0).item(),
                         "rel_error": ((a - b).norm() / b.norm().clamp_min(1e-30)).item()}
     return report
+
+
+def mean_alignment(model, batches) -> dict[str, float]:
+    """The `gradient_alignment` cosine per block and for "blocks", averaged over
+    `batches` of (input_ids, targets): one batch is noisy, a few fixed ones are not."""
+    reports = [gradient_alignment(model, x, y) for x, y in batches]
+    return {k: sum(r[k]["cosine"] for r in reports) / len(reports) for k in reports[0]}
 
 
 @torch.no_grad()

@@ -39,7 +39,7 @@ import torch.distributed as dist
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import get_batch, load_corpus, val_batches
-from .diagnostics import gradient_alignment
+from .diagnostics import mean_alignment
 from .models import OKADFAConfig, OKADFAModel
 
 __all__ = ["main", "train", "parse_args", "learning_rate"]
@@ -326,7 +326,7 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
                                  f"bpb {last_val['bpb']:.3f}")
             if ddp.main and config.training == "dfa" and args.align_every and (
                     step % args.align_every == 0 or step == args.steps):
-                log({"kind": "align", "step": step, "cosine": _alignment(model, probes)})
+                log({"kind": "align", "step": step, "cosine": mean_alignment(model, probes)})
             if args.ckpt_every and step % args.ckpt_every == 0:
                 checkpoint()
             if ddp.any(stop.requested):
@@ -352,12 +352,6 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
     del wrapped
     ddp.close()
     return model, summary
-
-
-def _alignment(model, probes) -> dict:
-    """DFA/BP cosine per block and for all blocks, averaged over the probe batches."""
-    reports = [gradient_alignment(model, x, y) for x, y in probes]
-    return {k: sum(r[k]["cosine"] for r in reports) / len(reports) for k in reports[0]}
 
 
 def _sample(model, corpus, args, device) -> str:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from okadfa.checkpoint import load_checkpoint, save_checkpoint
-from okadfa.diagnostics import attention_similarity, gradient_alignment, orthogonality_violation
+from okadfa.diagnostics import attention_similarity, gradient_alignment, mean_alignment, orthogonality_violation
 from okadfa.models import OKADFAConfig, OKADFAModel
 from okadfa.ortho import model_orthogonality_loss
 
@@ -214,7 +214,7 @@ def test_gradient_alignment_becomes_positive_on_a_short_run():
     probes = [next(_text_batches(16, 64, seed=1000 + i)) for i in range(4)]
 
     def alignment():
-        return sum(gradient_alignment(model, x, y)["blocks"]["cosine"] for x, y in probes) / len(probes)
+        return mean_alignment(model, probes)["blocks"]
 
     before = alignment()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
