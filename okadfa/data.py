@@ -16,6 +16,7 @@ settings, and memory-mapped read-only afterwards.
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import json
 import os
@@ -42,24 +43,26 @@ _WIKI_DIRS = {"wikitext-2": ("wikitext-2-raw", "wikitext-2-raw-v1", "wikitext-2"
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenisers
 
-class Tokenizer:
+class Tokenizer(abc.ABC):
     """Interface: `name`, `vocab_size`, `encode(str | bytes) -> list[int]`, `decode(ids) -> str`."""
     name: str
     vocab_size: int
 
+    @abc.abstractmethod
     def encode(self, text: str | bytes) -> list[int]:
-        raise NotImplementedError
+        """Token ids of `text`."""
 
+    @abc.abstractmethod
     def decode(self, ids) -> str:
-        raise NotImplementedError
+        """Text of token `ids` (invalid UTF-8 replaced)."""
 
     def _encode_chunk(self, data: bytes) -> np.ndarray:
         """Token ids of a chunk of UTF-8 bytes (chunks are cut where this equals whole-text tokenisation)."""
         return np.asarray(self.encode(data), dtype=np.int64)
 
+    @abc.abstractmethod
     def _token_lengths(self) -> np.ndarray:
         """Number of UTF-8 bytes each token id stands for (to count the bytes behind a token array)."""
-        raise NotImplementedError
 
 
 class ByteTokenizer(Tokenizer):
