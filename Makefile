@@ -2,6 +2,7 @@
 # make demo  - set up, then the showcase: tiny model trained with DFA and with backprop on the
 #              embedded corpus (table + plots in docs/demo), then the quick microbenchmark
 # make bench - microbenchmarks: pytest-benchmark, then the report script
+# make wheel - dist/okadfa-*.whl (platform wheel with okadfa._C) built against the installed torch
 # The active virtualenv is used if there is one; otherwise .venv is created.
 # torch is installed (pinned) only when missing; an installed torch is kept.
 
@@ -15,14 +16,14 @@ PY := $(abspath $(VENV))/bin/python
 endif
 export MAX_JOBS ?= 2
 
-.PHONY: setup build test demo bench clean
+.PHONY: setup build test demo bench wheel clean
 
 $(PY):
 	python3 -m venv $(VENV)
 
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken
+	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken transformers
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -37,6 +38,9 @@ bench: build
 	$(PY) -m pip install -q pytest-benchmark
 	$(PY) -m pytest bench/bench_favor_attention.py bench/bench_dfa_head.py -q
 	$(PY) -m bench.report
+
+wheel: setup
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
 clean:
 	rm -rf build *.egg-info okadfa/_C*.so .pytest_cache

@@ -5,11 +5,12 @@ function; see `okadfa.backends()` for what runs here and DESIGN.md for the math.
 """
 from . import reference
 from .backends import backends
-from .ops import dfa_feedback, dfa_head, favor_attention, linear_attention
+from .decoding import FavorState, KVCache
+from .ops import dfa_feedback, dfa_head, favor_attention, favor_sdpa, linear_attention
 from .reference import FeedbackSpec, OrthoSchedule, favor_features, materialize_feedback, orthogonality_loss, \
     random_features
 
 __version__ = "0.1.0"
 
-__all__ = ["FeedbackSpec", "OrthoSchedule", "backends", "dfa_feedback", "dfa_head", "favor_attention", "favor_features",
-           "linear_attention", "materialize_feedback", "orthogonality_loss", "random_features", "reference"]
+__all__ = ["FavorState", "FeedbackSpec", "KVCache", "OrthoSchedule", "backends", "dfa_feedback", "dfa_head", "favor_attention", "favor_features",
+           "favor_sdpa", "linear_attention", "materialize_feedback", "orthogonality_loss", "random_features", "reference"]

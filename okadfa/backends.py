@@ -3,9 +3,11 @@
 Backends: "triton" (okadfa.kernels), "cuda" and "cpu" (the native extension
 okadfa._C), "reference" (plain PyTorch, okadfa.reference). `backend="auto"`
 picks, for CUDA tensors, triton > cuda > reference and, for CPU tensors,
-cpu > reference (warning once when the native extension is missing). The
-environment variable OKADFA_BACKEND=<name> replaces "auto" for a whole run.
-An explicit choice that cannot run raises instead of falling back.
+cpu > reference. The environment variable OKADFA_BACKEND=<name> replaces "auto"
+for a whole run. An explicit choice that cannot run raises instead of falling back.
+
+When okadfa._C cannot be loaded, importing okadfa warns once (RuntimeWarning) with
+the error, the fallback and how to build it; backends() reports the same reason.
 """
 from __future__ import annotations
 
@@ -21,12 +23,45 @@ BACKENDS = ("triton", "cuda", "cpu", "reference")
 try:
     from . import _C  # noqa: F401  (registers torch.ops.okadfa.*)
     _NATIVE_ERROR = None
-except ImportError as exc:  # pragma: no cover - exercised only without a build
-    _NATIVE_ERROR = str(exc)
+    _NATIVE_NOT_BUILT = False
+except (ImportError, OSError) as exc:  # not built, or built against another torch (ABI)
+    _NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
+    _NATIVE_NOT_BUILT = isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C"
 
 NATIVE_AVAILABLE = _NATIVE_ERROR is None
 
-_BUILD_HINT = "build it with `pip install --no-build-isolation -e .` (or `make build`)"
+_BUILD_HINT = ("build it against the installed torch: `pip install --no-build-isolation -e .` in a source "
+               "checkout (or `make build`), or a wheel from `make wheel` installed next to the same torch version")
+
+
+def _abi_note() -> str:
+    """Why _C may not load: the torch it was built against (okadfa/_build_info.py, written
+    by setup.py next to it) differs from the installed one. Empty if equal, unknown or if
+    there is no _C at all (a leftover _build_info.py then says nothing about it)."""
+    if _NATIVE_NOT_BUILT:
+        return ""
+    try:
+        from . import _build_info
+    except ImportError:
+        return ""
+    built = getattr(_build_info, "TORCH_VERSION", None)
+    if not built or built == torch.__version__:
+        return ""
+    return (f"okadfa._C was built against torch {built} but torch {torch.__version__} is installed: "
+            f"the C++ ABI differs between torch versions (ABI mismatch); rebuild okadfa against the "
+            f"installed torch, or install torch=={built}. ")
+
+
+def _missing_native_message() -> str:
+    return (f"okadfa: the native extension okadfa._C could not be loaded ({_NATIVE_ERROR}). "
+            f"{_abi_note()}Ops fall back to the slower reference path (plain PyTorch) on CPU tensors; on "
+            f"CUDA tensors they use the Triton kernels if available, else the reference path. "
+            f"To get the native kernels, {_BUILD_HINT}.")
+
+
+if _NATIVE_ERROR is not None:
+    # Once, at import (stacklevel 3: the `import okadfa` line when imported through the package).
+    warnings.warn(_missing_native_message(), RuntimeWarning, stacklevel=3)
 
 
 def _has_kernel(op: str, key: str) -> bool:
@@ -60,7 +95,7 @@ def _discover() -> dict[str, dict[str, object]]:
     ok, why = _triton_status()
     report["triton"] = {"available": ok, "reason": why}
     if _NATIVE_ERROR is not None:
-        why = f"okadfa._C failed to import ({_NATIVE_ERROR}); {_BUILD_HINT}"
+        why = f"okadfa._C failed to import ({_NATIVE_ERROR}); {_abi_note()}{_BUILD_HINT}"
         report["cuda"] = {"available": False, "reason": why}
         report["cpu"] = {"available": False, "reason": why}
     else:
@@ -91,17 +126,6 @@ def backends() -> dict[str, dict[str, object]]:
     return {name: dict(status) for name, status in _STATUS.items()}
 
 
-_warned_missing_native = False
-
-
-def _warn_missing_native() -> None:
-    global _warned_missing_native
-    if not _warned_missing_native:
-        _warned_missing_native = True
-        warnings.warn(f"okadfa: the native extension is missing, using the slower reference path; {_BUILD_HINT}",
-                      RuntimeWarning, stacklevel=3)
-
-
 def select_backend(backend: str, device: torch.device) -> str:
     """Resolve `backend` ("auto" or a name) for tensors on `device`; raise if it cannot run."""
     if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
@@ -118,9 +142,7 @@ def select_backend(backend: str, device: torch.device) -> str:
             return "reference"
         if device.type == "cpu" and _NATIVE_ERROR is None:
             return "cpu"
-        if device.type == "cpu":
-            _warn_missing_native()
-        return "reference"
+        return "reference"   # without okadfa._C: warned once at import
     if backend == "reference":
         return backend
     if backend == "triton":

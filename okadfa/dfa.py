@@ -80,9 +80,6 @@ class DFA(nn.Module):
         index = self.points.index(p) if isinstance(p, str) else p
         return seeded_feedback_matrix(self.spec, index) if self.feedback is None else self.feedback[index]
 
-    # The head runs eagerly under torch.compile (its input checks read the targets);
-    # the trunk around it compiles.
-    @torch.compiler.disable
     def loss(self, h: Tensor, w_dec: Tensor, targets: Tensor, point_outputs: list[Tensor], *,
              ignore_index: int = -100) -> Tensor:
         """The mean cross-entropy of h w_decᵀ against targets, whose backward gives h

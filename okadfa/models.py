@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .dfa import DFA
 from .nn import KOABlock
+from .ops.dfa_head import checked_targets
 from .ortho import OrthoSchedule, model_orthogonality_loss
 
 __all__ = ["OKADFAConfig", "OKADFAModel", "ModelOutput"]
@@ -138,14 +139,6 @@ class OKADFAModel(nn.Module):
                 segs.append((f"block{i}", block))
         return segs
 
-    def embed(self, input_ids: Tensor) -> Tensor:
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        T = input_ids.shape[1]
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds max_seq_len {self.config.max_seq_len}")
-        return self.tok_emb(input_ids) + self.pos_emb(torch.arange(T, device=input_ids.device))
-
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100) -> ModelOutput:
         dfa = self.dfa is not None and self.training and targets is not None
         x = self.embed(input_ids)
@@ -166,28 +159,57 @@ class OKADFAModel(nn.Module):
         else:
             out.logits = self.lm_head(self.ln_f(x))
             if targets is not None:
+                if torch.compiler.is_compiling():    # an out-of-range target would abort the compiled kernel
+                    targets = checked_targets(targets, self.config.vocab_size, ignore_index)
                 out.ce_loss = F.cross_entropy(out.logits.flatten(0, 1), targets.flatten(), ignore_index=ignore_index)
         if out.ce_loss is not None:
             out.loss = out.ce_loss
-            lam = self.ortho_schedule(int(self.step))
             if self.config.ortho_lambda > 0:
                 out.ortho_loss = model_orthogonality_loss(self, per_head=self.config.ortho_per_head)
-                out.loss = out.loss + lam * out.ortho_loss
+                out.loss = out.loss + self.ortho_schedule(self.step) * out.ortho_loss
             if self.training:
-                self.step += 1
+                self.step = self.step + 1     # out of place: a compiled backward may still read the old value
         return out
+
+    def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
+        """Token + position embeddings of input_ids (B, T) at positions start … start+T−1."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
+        end = start + input_ids.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}")
+        return self.tok_emb(input_ids) + self.pos_emb(torch.arange(start, end, device=input_ids.device))
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> Tensor:
+                 generator: torch.Generator | None = None, use_cache: bool = True) -> Tensor:
         """Sample max_new_tokens tokens after input_ids (B, T0); returns (B, T0 + max_new_tokens).
-        temperature=0 is greedy. The context is cropped to max_seq_len."""
+
+        temperature=0 is greedy. With use_cache (default) the prompt is encoded once and
+        each new token costs one position per block: O(1) with FAVOR+ (`FavorState`),
+        O(t) with softmax (`KVCache`). use_cache=False re-encodes the window for every
+        token (the same tokens, to rounding). The window holds at most max_seq_len
+        positions: when it is full it restarts from the last max_seq_len // 2 tokens
+        (re-encoded at once), so the cached cost stays O(1) per token on average.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         was_training = self.training
         self.eval()
+        limit = self.config.max_seq_len
         try:
-            ids = input_ids
+            ids, start, caches = input_ids, max(0, input_ids.shape[1] - limit), None
             for _ in range(max_new_tokens):
-                logits = self(ids[:, -self.config.max_seq_len:]).logits[:, -1].float()
+                if ids.shape[1] - start > limit:
+                    start, caches = ids.shape[1] - limit // 2, None
+                if not use_cache:
+                    h = self._trunk(self.embed(ids[:, start:]))
+                elif caches is None:
+                    caches = [block.attn.new_cache() for block in self.blocks]
+                    h = self._trunk(self.embed(ids[:, start:]), caches)
+                else:
+                    h = self._trunk(self.embed(ids[:, -1:], ids.shape[1] - 1 - start), caches)
+                logits = self.lm_head(self.ln_f(h[:, -1])).float()
                 if temperature == 0:
                     nxt = logits.argmax(-1, keepdim=True)
                 else:
@@ -200,6 +222,11 @@ class OKADFAModel(nn.Module):
             return ids
         finally:
             self.train(was_training)
+
+    def _trunk(self, x: Tensor, caches: list | None = None) -> Tensor:
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return x
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

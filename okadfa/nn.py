@@ -8,19 +8,42 @@ either attention and a GELU MLP.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decoding import FavorState, KVCache
 from .ops import favor_attention
 from .reference import random_features
 
-__all__ = ["FavorAttention", "SoftmaxAttention", "KOABlock"]
+__all__ = ["FavorAttention", "SoftmaxAttention", "KOABlock", "replace_attention"]
+
+
+def _check_causal_mask(mask: Tensor, is_causal: bool, who: str) -> bool:
+    """True if `mask` is the causal mask (or is_causal says so: a hint, not read); else raise."""
+    if is_causal:
+        return True
+    if mask.dim() == 2 and mask.shape[0] == mask.shape[1]:
+        upper = torch.ones(mask.shape, dtype=torch.bool, device=mask.device).triu(1)
+        if mask.dtype == torch.bool and torch.equal(mask, upper):
+            return True
+        if mask.is_floating_point() and bool((mask[upper] == -math.inf).all() and (mask[~upper] == 0).all()):
+            return True
+    raise ValueError(f"{who} supports no attn_mask other than the causal one (FAVOR+ never forms the weights "
+                     "a mask would act on); pass is_causal=True")
 
 
 class _ProjectedAttention(nn.Module):
     """Q/K/V/O projections around an attention kernel, with MultiheadAttention's
     constructor and call conventions. Subclasses implement `_attend`."""
+
+    # Read by nn.TransformerEncoderLayer to decide on its fused fast path, which needs
+    # MultiheadAttention's packed in-projection: there is none here, so it is never taken.
+    in_proj_weight = None
+    in_proj_bias = None
+    _qkv_same_embed_dim = False
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
                  add_bias_kv: bool = False, add_zero_attn: bool = False, kdim: int | None = None,
@@ -57,15 +80,21 @@ class _ProjectedAttention(nn.Module):
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Tensor | None = None,
                 need_weights: bool = True, attn_mask: Tensor | None = None, average_attn_weights: bool = True,
-                is_causal: bool = False):
+                is_causal: bool = False, *, cache=None):
         """Same call as MultiheadAttention; returns (output, None): no weights are formed.
 
         query: (L, N, E), or (N, L, E) with batch_first (unbatched (L, E) too); key/value
-        likewise with the same length L. `is_causal=True` alone selects causal attention.
+        likewise with the same length L. `is_causal=True` alone selects causal attention;
+        an attn_mask is accepted only if it is the (L, L) causal mask (bool, True above
+        the diagonal, or float, −inf above it), as `nn.Transformer` layers pass it; with
+        is_causal=True it is taken as a hint, as MultiheadAttention does, and not read.
+        cache: a state from `new_cache()` for incremental decoding (causal): the L
+        positions are appended to it and attend to every earlier one it holds.
         """
-        if key_padding_mask is not None or attn_mask is not None:
-            raise ValueError(f"{type(self).__name__} supports no key_padding_mask or attn_mask; "
-                             "use is_causal=True for causal attention")
+        if key_padding_mask is not None:
+            raise ValueError(f"{type(self).__name__} supports no key_padding_mask: batch sequences of equal length")
+        if attn_mask is not None:
+            is_causal = _check_causal_mask(attn_mask, is_causal, type(self).__name__)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (x.unsqueeze(1 if not self.batch_first else 0) for x in (query, key, value))
@@ -77,7 +106,10 @@ class _ProjectedAttention(nn.Module):
             raise ValueError(f"{type(self).__name__} needs query, key and value of the same length, got "
                              f"{query.shape[1]}, {key.shape[1]} and {value.shape[1]}")
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        out = self._attend(q, k, v, bool(is_causal)).transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
+        if cache is not None and not is_causal:
+            raise ValueError("a decoding cache needs is_causal=True")
+        out = self._attend(q, k, v, bool(is_causal)) if cache is None else cache.extend(q, k, v)
+        out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         out = self.out_proj(out)
         if not self.batch_first:
             out = out.transpose(0, 1)
@@ -126,6 +158,10 @@ class FavorAttention(_ProjectedAttention):
         index = int(self.steps) // self.redraw_interval if self.redraw_interval else 0
         self.projection.copy_(self._draw(index, dtype=self.projection.dtype))
 
+    def new_cache(self) -> FavorState:
+        """An empty `FavorState` on the current projection, for `forward(..., cache=...)`."""
+        return FavorState(self.projection)
+
     def _attend(self, q, k, v, causal):
         if self.training and self.redraw_interval is not None:
             if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
@@ -144,6 +180,10 @@ class SoftmaxAttention(_ProjectedAttention):
                  orthogonal_init: bool = True):
         super().__init__(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim, batch_first,
                          device, dtype, orthogonal_init=orthogonal_init)
+
+    def new_cache(self) -> KVCache:
+        """An empty `KVCache`, for `forward(..., cache=...)`."""
+        return KVCache()
 
     def _attend(self, q, k, v, causal):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
@@ -174,18 +214,62 @@ class KOABlock(nn.Module):
         d_ff = d_ff or 4 * d_model
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
-    def attention_step(self, x: Tensor) -> Tensor:
+    def attention_step(self, x: Tensor, cache=None) -> Tensor:
         h = self.ln1(x)
-        return x + self.attn(h, h, h, need_weights=False, is_causal=True)[0]
+        return x + self.attn(h, h, h, need_weights=False, is_causal=True, cache=cache)[0]
 
     def mlp_step(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.ln2(x))
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.mlp_step(self.attention_step(x))
+    def forward(self, x: Tensor, cache=None) -> Tensor:
+        """x (B, T, d); cache: the attention's decoding state (`attn.new_cache()`) or None."""
+        return self.mlp_step(self.attention_step(x, cache))
 
     def ortho_weights(self) -> dict[str, Tensor]:
         """Attention and MLP weight matrices for the orthogonality penalty."""
         weights = dict(self.attn.projection_weights())
         weights["mlp_in"], weights["mlp_out"] = self.mlp[0].weight, self.mlp[2].weight
         return weights
+
+
+def replace_attention(model: nn.Module, *, ignore_dropout: bool = False, **favor_kwargs) -> nn.Module:
+    """Swap every `nn.MultiheadAttention` inside `model` for a `FavorAttention` with the
+    same weights (the packed in-projection split into q/k/v), batch_first, device and
+    dtype; returns `model`, changed in place. `favor_kwargs` go to FavorAttention
+    (nb_features, redraw_interval, feature_seed, backend). FAVOR+ has no attention
+    dropout: a module with dropout > 0 raises unless ignore_dropout=True (then it is
+    dropped). add_bias_kv / add_zero_attn raise.
+
+    Example:
+        >>> layer = nn.TransformerEncoderLayer(256, 8, batch_first=True, dropout=0.0)
+        >>> okadfa.nn.replace_attention(layer, nb_features=128)
+        >>> y = layer(x, src_mask=nn.Transformer.generate_square_subsequent_mask(T), is_causal=True)
+    """
+    if type(model) is nn.MultiheadAttention:
+        raise ValueError("model is itself a MultiheadAttention: construct a FavorAttention instead")
+    swaps = [(name, m) for name, m in model.named_modules() if type(m) is nn.MultiheadAttention]
+    for name, mha in swaps:
+        if mha.dropout and not ignore_dropout:
+            raise ValueError(f"{name or 'model'} has attention dropout {mha.dropout}, which FAVOR+ cannot apply; "
+                             "pass ignore_dropout=True to drop it")
+        if mha.bias_k is not None or mha.add_zero_attn:
+            raise ValueError(f"{name or 'model'} uses add_bias_kv or add_zero_attn, which FavorAttention lacks")
+        ref = mha.out_proj.weight
+        new = FavorAttention(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
+                             vdim=mha.vdim, batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype,
+                             orthogonal_init=False, **favor_kwargs)
+        E = mha.embed_dim
+        with torch.no_grad():
+            weights = (mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E], mha.in_proj_weight[2 * E:]) \
+                if mha._qkv_same_embed_dim else (mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight)
+            for i, (lin, w) in enumerate(zip((new.q_proj, new.k_proj, new.v_proj), weights)):
+                lin.weight.copy_(w)
+                if lin.bias is not None:
+                    lin.bias.copy_(mha.in_proj_bias[i * E:(i + 1) * E])
+            new.out_proj.weight.copy_(mha.out_proj.weight)
+            if new.out_proj.bias is not None:
+                new.out_proj.bias.copy_(mha.out_proj.bias)
+        new.train(mha.training)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+    return model

@@ -238,17 +238,42 @@ def test_generate_and_eval_logits():
 
 
 @pytest.mark.parametrize("training", ["bp", "dfa"])
-def test_torch_compile_training_step(training):
-    model = _model(training=training).float()
-    ref = _model(training=training).float()
+def test_torch_compile_fullgraph_training_steps(training):
+    """The whole forward (DFA head included) in one graph, its backward compiled too; three
+    steps, so the orthogonality warm-up reads a step counter that the forward advances."""
+    model = _model(training=training, ortho_lambda=0.01, ortho_warmup=4).float()
+    ref = _model(training=training, ortho_lambda=0.01, ortho_warmup=4).float()
     ref.load_state_dict(model.state_dict())
     x, y = _batch()
     torch._dynamo.reset()
-    compiled = torch.compile(model)
-    compiled(x, y).loss.backward()
-    ref(x, y).loss.backward()
+    compiled = torch.compile(model, fullgraph=True)
+    for _ in range(3):
+        loss = compiled(x, y).loss
+        loss.backward()
+        expected = ref(x, y).loss
+        expected.backward()
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    assert int(model.step) == int(ref.step) == 3
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+    bad = y.clone()
+    bad[1, 5] = 256
+    with pytest.raises(ValueError, match=r"targets must be in \[0, 256\)"):
+        compiled(x, bad)
+
+
+@pytest.mark.parametrize("training", ["bp", "dfa"])
+def test_autocast_cpu_bfloat16(training):
+    model = _model(training=training).float()
+    x, y = _batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, y)
+    assert out.loss.dtype == torch.float32                   # cross-entropy runs in float32 under autocast
+    out.loss.backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).logits.dtype == torch.bfloat16
 
 
 def test_config_validation_and_presets():

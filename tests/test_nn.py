@@ -1,9 +1,10 @@
 """FavorAttention / SoftmaxAttention as MultiheadAttention drop-ins, and the KOA block."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import okadfa
-from okadfa.nn import FavorAttention, KOABlock, SoftmaxAttention
+from okadfa.nn import FavorAttention, KOABlock, SoftmaxAttention, replace_attention
 
 
 def _copy_weights(src: torch.nn.MultiheadAttention, dst):
@@ -80,7 +81,8 @@ def test_redraw_interval_is_deterministic():
 @pytest.mark.parametrize("kwargs,call,match", [
     (dict(dropout=0.1), None, "no attention dropout"),
     (dict(add_bias_kv=True), None, "add_bias_kv"),
-    (dict(), dict(attn_mask=torch.zeros(4, 4)), "attn_mask"),
+    (dict(), dict(attn_mask=torch.zeros(4, 4)), "attn_mask other than the causal one"),
+    (dict(), dict(attn_mask=torch.ones(4, 4, dtype=torch.bool).tril()), "attn_mask other than the causal one"),
     (dict(), dict(key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "key_padding_mask"),
 ])
 def test_unsupported_arguments(kwargs, call, match):
@@ -98,3 +100,96 @@ def test_block_forward_is_causal():
     y[:, 7:] += 3.0
     torch.testing.assert_close(block(x)[:, :7], block(y)[:, :7], rtol=1e-5, atol=1e-6)
     assert set(block.ortho_weights()) == {"q", "k", "v", "out", "mlp_in", "mlp_out"}
+
+
+def test_the_causal_mask_is_accepted_as_multihead_attention_passes_it():
+    torch.manual_seed(3)
+    attn = FavorAttention(16, 2, batch_first=True, nb_features=8)
+    x = torch.randn(2, 7, 16)
+    causal, _ = attn(x, x, x, is_causal=True)
+    bool_mask = torch.ones(7, 7, dtype=torch.bool).triu(1)
+    for mask in (bool_mask, torch.nn.Transformer.generate_square_subsequent_mask(7)):
+        torch.testing.assert_close(attn(x, x, x, attn_mask=mask)[0], causal, rtol=0, atol=0)
+        torch.testing.assert_close(attn(x, x, x, attn_mask=mask, is_causal=True)[0], causal, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("separate_kv_dims", [False, True])
+def test_replace_attention_keeps_the_weights_of_multihead_attention(separate_kv_dims):
+    torch.manual_seed(4)
+    kw = dict(kdim=12, vdim=20) if separate_kv_dims else {}
+    model = torch.nn.Sequential(torch.nn.MultiheadAttention(16, 4, batch_first=True, **kw).double())
+    mha = model[0]
+    x, kx, vx = torch.randn(2, 9, 16).double(), torch.randn(2, 9, kw.get("kdim", 16)).double(), \
+        torch.randn(2, 9, kw.get("vdim", 16)).double()
+    if separate_kv_dims:
+        wq, wk, wv = mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight
+    else:
+        wq, wk, wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    replace_attention(model, nb_features=32, feature_seed=5)
+    new = model[0]
+    assert isinstance(new, FavorAttention) and new.batch_first and new.projection.dtype == torch.float64
+
+    def heads(t):
+        return t.view(2, 9, 4, 4).transpose(1, 2)
+
+    q, k, v = heads(F.linear(x, wq, bq)), heads(F.linear(kx, wk, bk)), heads(F.linear(vx, wv, bv))
+    expected = okadfa.favor_attention(q, k, v, new.projection, causal=True).transpose(1, 2).reshape(2, 9, 16)
+    expected = F.linear(expected, mha.out_proj.weight, mha.out_proj.bias)
+    torch.testing.assert_close(new(x, kx, vx, is_causal=True)[0], expected, rtol=1e-12, atol=1e-12)
+
+
+def test_replace_attention_in_a_transformer_encoder():
+    torch.manual_seed(5)
+    layer = torch.nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    with pytest.raises(ValueError, match="ignore_dropout=True"):
+        replace_attention(encoder)
+    replace_attention(encoder, ignore_dropout=True, nb_features=16)
+    assert all(isinstance(l.self_attn, FavorAttention) for l in encoder.layers)
+    x = torch.randn(2, 10, 32)
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(10)
+    encoder.eval()
+    out = encoder(x, mask=mask, is_causal=True)
+    with torch.no_grad():                                      # eval + no_grad: the fused fast path is skipped
+        torch.testing.assert_close(encoder(x, mask=mask), out)
+    y = x.clone()
+    y[:, 6:] += 1.0
+    torch.testing.assert_close(encoder(y, mask=mask, is_causal=True)[:, :6], out[:, :6])
+    with pytest.raises(ValueError, match="construct a FavorAttention"):
+        replace_attention(torch.nn.MultiheadAttention(8, 2))
+
+
+def test_favor_attention_compiles_fullgraph_forward_and_backward():
+    torch.manual_seed(6)
+    attn = FavorAttention(32, 4, batch_first=True, nb_features=16)
+    x = torch.randn(2, 20, 32)
+
+    def step(module, x):
+        out, _ = module(x, x, x, is_causal=True)
+        return out
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attn, fullgraph=True)
+    out = compiled(x, x, x, is_causal=True)[0]
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in attn.parameters()]
+    attn.zero_grad()
+    expected = step(attn, x)
+    expected.square().sum().backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    for g, p in zip(grads, attn.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_cpu_bfloat16_dtypes():
+    torch.manual_seed(7)
+    block = KOABlock(32, 4, attention="favor", nb_features=16)
+    x = torch.randn(2, 12, 32)
+    full = block(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = block.attn(x, x, x, is_causal=True)
+        assert out.dtype == torch.bfloat16                    # the projections run in bfloat16
+        y = block(x)
+    assert y.dtype == torch.float32                            # the residual stream stays float32
+    assert ((y - full).norm() / full.norm()).item() < 2e-2

@@ -89,6 +89,16 @@ def check_causal(causal) -> bool:
     return bool(causal)
 
 
+def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Under torch.autocast for the tensors' device, cast them to the autocast dtype as
+    autocast does for SDPA (float64 is left alone); otherwise return them unchanged."""
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
+
+
 def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
     """Broadcast the (B, H) dims (repeating grouped kv heads), cast to the kernel's
     dtype and make contiguous, all differentiably."""

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import NATIVE_AVAILABLE, select_backend
-from ..reference.dfa import check_head_inputs
+from ..reference.dfa import check_head_inputs, check_target_range
 from .dfa_feedback import native_feedback_args, register_fake_if_missing
 
 # Rows per chunk when chunk_size is None: the chunk's logits hold about this many
@@ -36,6 +36,19 @@ def _fake(h, w_dec, targets, feedback, points, dim, seed, dist, shared, ignore_i
 if NATIVE_AVAILABLE:
     register_fake_if_missing("dfa_head", _fake)
 register_fake_if_missing("triton_dfa_head", _fake)
+
+
+@torch.library.custom_op("okadfa::checked_targets", mutates_args=())
+def checked_targets(targets: Tensor, vocab_size: int, ignore_index: int) -> Tensor:
+    """A copy of targets once their range is checked on the real data: the range check
+    of dfa_head inside a compiled graph, where the traced Python sees no data."""
+    check_target_range(targets, vocab_size, ignore_index)
+    return targets.clone()
+
+
+@checked_targets.register_fake
+def _(targets, vocab_size, ignore_index):
+    return torch.empty_like(targets)
 
 
 def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_index: int = -100,
@@ -78,6 +91,8 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         torch.Size([12, 2048, 768])
     """
     check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error)
+    if torch.compiler.is_compiling():
+        targets = checked_targets(targets, w_dec.shape[0], ignore_index)
     name = select_backend(backend, h.device)
     if name == "reference":
         return reference.dfa_head(h, w_dec, targets, feedback, ignore_index=ignore_index, chunk_size=chunk_size,

@@ -107,6 +107,35 @@ def _normalise(num: Tensor, den: Tensor, stabilised: bool) -> Tensor:
     return torch.where(small[..., None], torch.zeros((), dtype=num.dtype), out)
 
 
+def causal_chunk(q_c: Tensor, k_c: Tensor, v_c: Tensor, c_c: Tensor, carried: tuple | None,
+                 stabilised: bool = True) -> tuple[Tensor, tuple]:
+    """One chunk of the causal prefix-sum form: its outputs and the state it passes on.
+
+    q_c, k_c: (..., n, M) features of the chunk's queries and keys, key s scaled by
+    exp(−c_s); c_c: (..., n) the keys' running shifts c_s (non-decreasing); v_c: (..., n, Dv).
+    carried: None before the first chunk, else (S, z, P) with S = Σ exp(c_s − P) k_s v_sᵀ,
+    z = Σ exp(c_s − P) k_s over the earlier keys and P the shift of the last of them.
+    """
+    n = v_c.shape[-2]
+    # Within the chunk key s reaches query t ≥ s with factor exp(c_s − c_t) ≤ 1.
+    # (−inf above the diagonal: those entries are exactly 0, their gradient too).
+    mask = torch.ones(n, n, dtype=torch.bool, device=v_c.device).tril()
+    decay = torch.exp((c_c[..., None, :] - c_c[..., :, None]).masked_fill(~mask, -math.inf))
+    weights = ((q_c @ k_c.transpose(-1, -2)) * decay).masked_fill(~mask, 0.0)
+    num, den = weights @ v_c, weights.sum(-1)
+    new_ref = c_c[..., -1]
+    key_w = k_c * torch.exp(c_c - new_ref[..., None])[..., None]    # relative to the new reference
+    state, zsum = key_w.transpose(-1, -2) @ v_c, key_w.sum(-2)
+    if carried is not None:
+        old_state, old_zsum, ref = carried
+        carry = torch.exp(ref[..., None] - c_c)                        # exp(P − c_t) ≤ 1
+        num = num + carry[..., None] * (q_c @ old_state)
+        den = den + carry * (q_c @ old_zsum[..., None])[..., 0]
+        state = state + old_state * torch.exp(ref - new_ref)[..., None, None]
+        zsum = zsum + old_zsum * torch.exp(ref - new_ref)[..., None]
+    return _normalise(num, den, stabilised), (state, zsum, new_ref)
+
+
 def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: bool, chunk: int,
             stabilised: bool = True) -> Tensor:
     """Normalised attention from stabilised features.
@@ -121,34 +150,23 @@ def _attend(fq: Tensor, fk: Tensor, lk_shift: Tensor | None, v: Tensor, causal: 
         return _normalise(fq @ state, (fq @ fk.sum(-2)[..., None])[..., 0], stabilised)
     T = v.shape[-2]
     c = torch.zeros(fq.shape[:-1], dtype=fq.dtype, device=fq.device) if lk_shift is None else lk_shift
-    state = fq.new_zeros(fq.shape[:-2] + (fq.shape[-1], v.shape[-1]))   # Σ exp(c_s − P) fk_s v_sᵀ
-    zsum = fq.new_zeros(fq.shape[:-2] + (fq.shape[-1],))                # Σ exp(c_s − P) fk_s
-    ref = None                                                          # P, the state's reference
-    outs = []
+    carried, outs = None, []
     for t0 in range(0, T, chunk):
         sl = slice(t0, min(T, t0 + chunk))
-        q_c, k_c, v_c, c_c = fq[..., sl, :], fk[..., sl, :], v[..., sl, :], c[..., sl]
-        n = v_c.shape[-2]
-        # Within the chunk key s reaches query t ≥ s with factor exp(c_s − c_t) ≤ 1.
-        # (−inf above the diagonal: those entries are exactly 0, their gradient too).
-        mask = torch.ones(n, n, dtype=torch.bool, device=v.device).tril()
-        decay = torch.exp((c_c[..., None, :] - c_c[..., :, None]).masked_fill(~mask, -math.inf))
-        weights = ((q_c @ k_c.transpose(-1, -2)) * decay).masked_fill(~mask, 0.0)
-        num, den = weights @ v_c, weights.sum(-1)
-        if ref is not None:
-            carry = torch.exp(ref[..., None] - c_c)                        # exp(P − c_t) ≤ 1
-            num = num + carry[..., None] * (q_c @ state)
-            den = den + carry * (q_c @ zsum[..., None])[..., 0]
-        outs.append(_normalise(num, den, stabilised))
-        new_ref = c_c[..., -1]
-        key_w = k_c * torch.exp(c_c - new_ref[..., None])[..., None]    # relative to the new reference
-        if ref is not None:
-            state = state * torch.exp(ref - new_ref)[..., None, None]
-            zsum = zsum * torch.exp(ref - new_ref)[..., None]
-        state = state + key_w.transpose(-1, -2) @ v_c
-        zsum = zsum + key_w.sum(-2)
-        ref = new_ref
+        out, carried = causal_chunk(fq[..., sl, :], fk[..., sl, :], v[..., sl, :], c[..., sl], carried, stabilised)
+        outs.append(out)
     return torch.cat(outs, dim=-2)
+
+
+def query_features(q: Tensor, projection: Tensor, scale: float) -> Tensor:
+    """φ(q̂) up to a per-row factor (which cancels): exp(w·q̂ − max_m w_m·q̂)."""
+    lq = (q * math.sqrt(scale)) @ projection.to(q.dtype).T   # the −‖q̂‖²/2 term is per row: it cancels
+    return torch.exp(lq - lq.amax(-1, keepdim=True).detach())
+
+
+def key_log_features(k: Tensor, projection: Tensor, scale: float) -> Tensor:
+    """log φ(k̂) + log √M: w·k̂ − ‖k̂‖²/2 (the constant log √M cancels)."""
+    return (k * math.sqrt(scale)) @ projection.to(k.dtype).T - (k * k).sum(-1, keepdim=True) * (scale / 2)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
@@ -166,11 +184,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         torch.Size([1, 2, 100, 16])
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    w = projection.to(q.dtype)
-    s = math.sqrt(scale)
-    lq = (q * s) @ w.T                                   # the −‖q̂‖²/2 term is per row: it cancels
-    fq = torch.exp(lq - lq.amax(-1, keepdim=True).detach())
-    lk = (k * s) @ w.T - (k * k).sum(-1, keepdim=True) * (scale / 2)
+    fq, lk = query_features(q, projection, scale), key_log_features(k, projection, scale)
     kmax = lk.amax(-1).detach()
     if causal:
         kmax = torch.cummax(kmax, dim=-1).values

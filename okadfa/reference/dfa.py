@@ -67,6 +67,14 @@ def dfa_feedback(error: Tensor, feedback) -> Tensor:
     return _project(error, b, acc).to(error.dtype)
 
 
+def check_target_range(targets: Tensor, V: int, ignore_index: int) -> None:
+    """Every target in [0, V) or equal to ignore_index (reads the data)."""
+    kept = targets[targets != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
+        bad = kept[(kept < 0) | (kept >= V)][0].item()
+        raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}, found {bad}")
+
+
 def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error) -> int:
     """Validate dfa_head's arguments (shared by every backend); return E, the error width."""
     check_matrix(h, "h", "(N, d)")
@@ -93,10 +101,8 @@ def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, err
     if error not in ("hidden", "logits"):
         raise ValueError(f"error must be 'hidden' or 'logits', got {error!r}")
     V = w_dec.shape[0]
-    kept = targets[targets != ignore_index]
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
-        bad = kept[(kept < 0) | (kept >= V)][0].item()
-        raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}, found {bad}")
+    if not torch.compiler.is_compiling():    # traced code has no data: okadfa.ops.dfa_head checks in the graph
+        check_target_range(targets, V, ignore_index)
     E = h.shape[1] if error == "hidden" else V
     check_feedback(feedback, E, h.device, f"error={error!r} needs E = {'d' if error == 'hidden' else 'V'} = {E}")
     return E

@@ -86,7 +86,13 @@ class OrthoSchedule:
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         self.lambda_max, self.warmup_steps = float(lambda_max), warmup_steps
 
-    def __call__(self, step: int) -> float:
+    def __call__(self, step):
+        """λ at `step`: an int gives a float; a 0-d tensor (a step counter buffer) gives a
+        tensor, computed without reading its value (so torch.compile needs no graph break)."""
+        if isinstance(step, torch.Tensor):
+            if self.warmup_steps == 0:
+                return torch.full_like(step, self.lambda_max, dtype=torch.float32)
+            return self.lambda_max * (step.float() / self.warmup_steps).clamp(0.0, 1.0)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if self.warmup_steps == 0 or step >= self.warmup_steps:

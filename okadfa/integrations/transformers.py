@@ -1,0 +1,315 @@
+"""FAVOR+ as a Hugging Face transformers attention implementation (extra `hf`).
+
+`register()` adds "okadfa_favor" to transformers' attention registry
+(`AttentionInterface`, plus a mask function in `AttentionMaskInterface`), so a causal LM
+built with `attn_implementation="okadfa_favor"` computes every self-attention with
+`okadfa.favor_sdpa` instead of softmax attention:
+
+    from okadfa.integrations.transformers import register
+    register()
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="okadfa_favor")
+
+Semantics. A layer gets query (B, Hq, L, E) and key/value (B, H, S, E) (H < Hq for
+grouped-query attention, passed on with enable_gqa=True, never repeated here). Query i
+sits at position S − L + i and attends to keys 0 … S − L + i (causal, aligned to the
+last key, as with HF's KV cache):
+
+    L = S          favor_sdpa(q, k, v, is_causal=True)          (training, prefill)
+    L = 1          favor_sdpa(q, k, v) over all S keys           (a decoding step)
+    1 < L < S      causal favor_sdpa over S positions with the queries left-padded by
+                   zeros, last L outputs kept (FAVOR+'s causal output t depends on q_t
+                   and keys ≤ t only, so the padding changes nothing)
+
+Each layer's `scaling` is favor_sdpa's `scale`. The random projection is favor_sdpa's
+cached one (num_features × head_dim, drawn from `seed`), shared by all layers.
+
+What FAVOR+ cannot do, and what this backend then does:
+    * masks other than causal: FAVOR+ never forms the L×S weights a mask acts on. A 2-D
+      attention_mask with zeros (padding, e.g. batched generation with left padding)
+      raises ValueError; so does any 4-D mask that is not a causal (or full) prefix pattern
+      (packed sequences, sliding windows that bite, custom masks). Batch sequences of
+      equal length, or generate one sequence at a time.
+    * attention dropout: ValueError when the module is training with dropout > 0 (set
+      e.g. GPT-2's attn_pdrop / Llama's attention_dropout to 0). In eval mode it is 0.
+    * attention weights: never formed, returned as None. output_attentions=True raises
+      ValueError where the model passes the flag down to the attention (Llama); models
+      that collect weights by hooks (GPT-2 in transformers 5) return none, as with "sdpa".
+
+Cost of generation: HF's cache keeps all past keys and values, so each generated token
+costs O(S) here (features of all S cached keys are recomputed), not O(1). okadfa's own
+models decode with `okadfa.FavorState`, a constant-size running state; this backend
+does not use it.
+
+Tested with transformers 5.23, 4.53.3 and 4.48.3 (torch 2.13). The mask registry exists
+since 4.53; before it, models hand over a 4-D mask, which is checked here (causal and
+padding-free is accepted, anything else raises).
+"""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+
+try:
+    import transformers as _transformers
+except ImportError as exc:    # pragma: no cover - exercised only without the extra
+    raise ImportError("okadfa.integrations.transformers needs Hugging Face transformers>=4.48: "
+                      "pip install 'okadfa[hf]'") from exc
+
+from ..ops.favor_sdpa import favor_sdpa
+
+__all__ = ["DEFAULT_NAME", "favor_attention_forward", "favor_attention_mask", "register"]
+
+DEFAULT_NAME = "okadfa_favor"
+_MIN_VERSION = (4, 48)
+
+
+def _version(text: str) -> tuple[int, int]:
+    parts = []
+    for piece in text.split(".")[:2]:
+        digits = "".join(c for c in piece if c.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts + [0] * (2 - len(parts)))
+
+
+if _version(_transformers.__version__) < _MIN_VERSION:    # pragma: no cover
+    raise ImportError(f"okadfa.integrations.transformers needs transformers>=4.48, found "
+                      f"{_transformers.__version__}: pip install -U 'okadfa[hf]'")
+
+try:    # transformers >= 4.53: masks are made through a registry of mask functions
+    from transformers import masking_utils as _masking
+except ImportError:    # pragma: no cover
+    _masking = None
+
+_SETTINGS: dict[str, dict] = {}    # registered name -> favor_sdpa keywords
+
+_PADDING_MESSAGE = ("the okadfa_favor attention (FAVOR+) supports no padding: its attention weights are never "
+                    "formed, so an attention_mask with zeros cannot be applied. Batch sequences of equal length "
+                    "(no pad tokens, attention_mask all ones or None), or generate one sequence at a time")
+
+
+# ----------------------------------------------------------------------------- masks
+
+def favor_attention_mask(batch_size: int, q_length: int | None = None, kv_length: int | None = None, q_offset=0,
+                         kv_offset=0, mask_function=None, attention_mask: Tensor | None = None, cache_position=None,
+                         **kwargs) -> Tensor | None:
+    """Mask function registered in `AttentionMaskInterface` next to the attention.
+
+    Raises ValueError when the 2-D padding mask has a zero. Returns None (no mask: the
+    attention applies causality itself) for the plain causal pattern whose queries end at
+    the last key, `q_offset + q_length == kv_offset + kv_length` — every training step,
+    prefill and decoding step with a dynamic cache. Anything else (static cache, sliding
+    window, packed sequences, custom overlays) is materialised as SDPA would and checked by
+    the attention, which accepts only causal and full prefix patterns. (transformers < 5
+    passes `cache_position` instead of q_length/q_offset; both are understood.)
+    """
+    if attention_mask is not None and attention_mask.dim() == 2 and not _fast_all(attention_mask):
+        raise ValueError(_PADDING_MESSAGE)
+    if mask_function is None:
+        mask_function = _masking.causal_mask_function
+    if mask_function is _masking.causal_mask_function and kwargs.get("local_size") is None:
+        try:
+            if cache_position is not None:
+                q_length, q_offset = cache_position.shape[0], int(cache_position[0])
+            if int(q_offset) + q_length == int(kv_offset) + kv_length:
+                return None
+        except Exception:    # symbolic sizes while tracing: fall through to a real mask
+            pass
+    call = dict(kwargs, batch_size=batch_size, kv_length=kv_length, kv_offset=kv_offset, mask_function=mask_function,
+                attention_mask=attention_mask, allow_is_causal_skip=False)
+    call.pop("allow_is_bidirectional_skip", None)
+    if cache_position is not None:
+        call["cache_position"] = cache_position
+    else:
+        call.update(q_length=q_length, q_offset=q_offset)
+    return _masking.sdpa_mask(**call)
+
+
+def _fast_all(mask: Tensor) -> bool:
+    mask = mask if mask.dtype == torch.bool else mask != 0
+    return bool(mask.sum() == mask.numel())
+
+
+_LAST_MASK: list = [None, None]    # [weakref to the last 4-D mask checked, its (keys, causal)]
+
+
+def _mask_pattern(mask: Tensor, q_length: int) -> tuple[int, bool | None]:
+    """(keys, causal) of a 4-D mask (B|1, H|1, L|1, S): query i may see keys 0 … n_i − 1.
+
+    Accepted: n_i = n − L + 1 + i (causal, queries aligned to key n − 1) or n_i = S for all
+    i (full attention); the same for every batch row and head. A mask broadcast over the
+    queries (L = 1 < q_length, a padding mask) is accepted when it masks nothing: causal is
+    then None (the module decides). ValueError otherwise. The result is memoised for the
+    last mask seen: all layers of a forward share one mask.
+    """
+    version = _tensor_version(mask)
+    ref, result = _LAST_MASK
+    if version is not None and ref is not None and ref() is mask and result[2] == version:
+        return result[:2]
+    if mask.dim() != 4 or mask.shape[-2] not in (1, q_length):
+        raise ValueError(f"okadfa_favor expects a 4-D attention mask (batch, heads, {q_length}, keys), got shape "
+                         f"{tuple(mask.shape)}")
+    if mask.dtype.is_floating_point:    # additive: 0 attends, the dtype's minimum (or -inf) masks
+        if not bool(((mask == 0) | (mask <= torch.finfo(mask.dtype).min / 2)).all()):
+            raise ValueError("okadfa_favor cannot add an attention bias: a float attention mask must hold only 0 "
+                             "(attend) and large negative values (masked)")
+        allowed = mask == 0
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask != 0
+    s = allowed.shape[-1]
+    if allowed.shape[-2] != q_length:    # a padding mask broadcast over the queries
+        if not _fast_all(allowed):
+            raise ValueError(_PADDING_MESSAGE)
+        return s, None
+    counts = allowed.sum(-1).reshape(-1, q_length)
+    n = counts[0]
+    prefix = torch.arange(s, device=allowed.device) < n[:, None]
+    if not bool((counts == n).all()):
+        raise ValueError(_PADDING_MESSAGE + " (the attention mask differs between batch rows)")
+    if not bool((allowed == prefix).all()):
+        raise ValueError("okadfa_favor supports only causal attention: the attention mask is not a causal prefix "
+                         "pattern (padding, packed sequences, a sliding window or a custom mask). FAVOR+ never forms "
+                         "the attention weights a mask would act on")
+    n_list = n.tolist()
+    if q_length > 1 and all(x == s for x in n_list):
+        result = (s, False)
+    elif n_list[0] >= 1 and all(b - a == 1 for a, b in zip(n_list, n_list[1:])):
+        result = (n_list[-1], True)
+    else:
+        raise ValueError(f"okadfa_favor supports only causal attention; the attention mask lets the queries see "
+                         f"{n_list} keys")
+    if version is not None:
+        _LAST_MASK[:] = [weakref.ref(mask), (*result, version)]
+    return result
+
+
+def _tensor_version(x: Tensor) -> int | None:
+    try:
+        return x._version
+    except RuntimeError:    # inference tensors keep no version counter: no memo then
+        return None
+
+
+# ----------------------------------------------------------------------------- attention
+
+def _causal_favor(query: Tensor, key: Tensor, value: Tensor, scale, gqa: bool, options: dict) -> Tensor:
+    """Causal FAVOR+ with query i at position S − L + i (lower-right alignment)."""
+    q_length, kv_length = query.shape[2], key.shape[2]
+    if q_length == kv_length:
+        return favor_sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa, **options)
+    if q_length == 1:    # a decoding step sees every cached key
+        return favor_sdpa(query, key, value, scale=scale, enable_gqa=gqa, **options)
+    if q_length > kv_length:
+        raise ValueError(f"okadfa_favor: {q_length} queries but only {kv_length} keys; causal attention aligned to "
+                         "the last key needs at least as many keys as queries")
+    padded = torch.cat([query.new_zeros(*query.shape[:2], kv_length - q_length, query.shape[3]), query], dim=2)
+    return favor_sdpa(padded, key, value, is_causal=True, scale=scale, enable_gqa=gqa, **options)[:, :, -q_length:]
+
+
+def favor_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                            is_causal: bool | None = None, *, favor_options: dict | None = None,
+                            **kwargs) -> tuple[Tensor, None]:
+    """HF attention function: `sdpa_attention_forward`'s convention, FAVOR+ inside.
+
+    query (B, Hq, L, E), key/value (B, H, S, E/Ev) → ((B, L, Hq, Ev) contiguous, None).
+    Causal unless `is_causal` (or else `module.is_causal`) is False; see the module
+    docstring for the L < S alignment, masks and dropout.
+    """
+    options = dict(favor_options or {})
+    if dropout and dropout > 0 and getattr(module, "training", False):
+        raise ValueError(f"okadfa_favor has no attention dropout (the module is training with dropout={dropout}): "
+                         "FAVOR+ never forms the attention weights. Set the model's attention dropout to 0 (GPT-2: "
+                         "attn_pdrop=0.0; Llama and most others: attention_dropout=0.0) or use dropout elsewhere")
+    if kwargs.get("output_attentions"):
+        raise ValueError("okadfa_favor cannot return attention weights (output_attentions=True): FAVOR+ never forms "
+                         "them. Use attn_implementation='eager' to inspect attention weights")
+    for unsupported in ("softcap", "position_bias", "s_aux", "sinks"):
+        if kwargs.get(unsupported) is not None:
+            raise ValueError(f"okadfa_favor does not support `{unsupported}` (FAVOR+ cannot modify the attention "
+                             "logits)")
+    if kwargs.get("cache") is not None:
+        raise ValueError("okadfa_favor does not support continuous batching (paged attention cache)")
+    if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+        raise ValueError(f"okadfa_favor expects 4-D query/key/value (batch, heads, length, dim), got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    q_length = query.shape[2]
+    if attention_mask is not None:
+        if not isinstance(attention_mask, Tensor):
+            raise ValueError(f"okadfa_favor got an attention mask of type {type(attention_mask).__name__}; it "
+                             "supports only causal attention without a mask")
+        keys, mask_causal = _mask_pattern(attention_mask, q_length)
+        if mask_causal is None:    # a padding mask masking nothing: the module's own nature decides (callers
+            # such as GPT-2 in transformers 4.4x pass is_causal=False whenever a mask is given)
+            mask_causal = getattr(module, "is_causal", causal) and not getattr(module, "is_cross_attention", False)
+        causal = mask_causal
+        if keys < key.shape[2]:    # e.g. the unfilled tail of a static cache
+            key, value = key[:, :, :keys], value[:, :, :keys]
+    gqa = key.shape[1] != query.shape[1]
+    if causal:
+        out = _causal_favor(query, key, value, scaling, gqa, options)
+    else:
+        out = favor_sdpa(query, key, value, scale=scaling, enable_gqa=gqa, **options)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- registration
+
+def register(name: str = DEFAULT_NAME, *, num_features: int = 256, seed: int = 0, backend: str = "auto") -> str:
+    """Register FAVOR+ with transformers under `name` and return the name.
+
+    Adds the attention function to `transformers.AttentionInterface` and, where
+    transformers has one (>= 4.53), a mask function to `AttentionMaskInterface` that
+    rejects padding and hands over no mask in the plain causal case. Idempotent; a second
+    call with other settings replaces them (models built earlier use the new ones too).
+
+    Args:
+        num_features: M, the random features per head (error ~ 1/√M).
+        seed: seed of the projection (the same for every layer).
+        backend: as in `okadfa.favor_attention` ("auto", "cpu", "cuda", "triton", "reference").
+
+    Example:
+        >>> from okadfa.integrations.transformers import register
+        >>> register()
+        'okadfa_favor'
+        >>> model = AutoModelForCausalLM.from_config(cfg, attn_implementation="okadfa_favor")
+    """
+    if not isinstance(name, str) or not name or name == "eager" or (name in _attention_registry()
+                                                                    and name not in _SETTINGS):
+        raise ValueError(f"name must be a new attention implementation name (not one transformers or another "
+                         f"library registered), got {name!r}")
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    if backend not in ("auto", "cpu", "cuda", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
+    settings = _SETTINGS.setdefault(name, {})
+    settings.clear()
+    settings.update(num_features=num_features, seed=seed, backend=backend)
+
+    def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+        return favor_attention_forward(module, query, key, value, attention_mask, dropout, scaling, is_causal,
+                                       favor_options=settings, **kwargs)
+
+    attention.__name__ = attention.__qualname__ = f"{name}_attention_forward"
+    attention.__doc__ = favor_attention_forward.__doc__
+    interface = getattr(_transformers, "AttentionInterface", None)
+    if interface is not None:
+        interface.register(name, attention)
+    else:    # transformers 4.48 kept a plain dict
+        _attention_registry()[name] = attention
+    if _masking is not None and hasattr(_masking, "AttentionMaskInterface"):
+        _masking.AttentionMaskInterface.register(name, favor_attention_mask)
+    return name
+
+
+def _attention_registry() -> dict:
+    interface = getattr(_transformers, "AttentionInterface", None)
+    if interface is not None:
+        return interface._global_mapping
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS    # transformers 4.48
+    return ALL_ATTENTION_FUNCTIONS

@@ -1,0 +1,109 @@
+"""Incremental decoding: FavorState / KVCache against the full causal ops, and OKADFAModel.generate."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import okadfa
+from okadfa.models import OKADFAConfig, OKADFAModel
+
+from conftest import CPU_BACKENDS, assert_rms_close, make_inputs
+
+
+def _decode(state, q, k, v, prompt):
+    """Outputs of `state` fed the first `prompt` positions at once, then one by one."""
+    outs = [state.extend(q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt])] if prompt else []
+    for t in range(prompt, q.shape[2]):
+        outs.append(state.step(q[:, :, t], k[:, :, t], v[:, :, t])[:, :, None])
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("prompt", [0, 1, 63, 64, 65, 130])
+def test_favor_state_matches_the_causal_op_float64(backend, prompt):
+    q, k, v, w = make_inputs(2, 3, 131, 12, 7, 19, seed=prompt)
+    full = okadfa.favor_attention(q, k, v, w, causal=True, backend=backend)
+    state = okadfa.FavorState(w)
+    got = _decode(state, q, k, v, prompt)
+    assert state.length == 131
+    torch.testing.assert_close(got, full, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 3.0])
+def test_favor_state_float32_to_rounding_with_a_growing_stabiliser(magnitude):
+    # magnitude 3: key log-features of order ±30, so later keys raise the running maximum
+    # far above the earlier ones and the carried state is rescaled many times.
+    q, k, v, w = make_inputs(1, 2, 90, 16, 16, 32, seed=1, magnitude=magnitude)
+    exact = okadfa.favor_attention(q, k, v, w, causal=True, backend="reference")
+    q32, k32, v32, w32 = (x.float() for x in (q, k, v, w))
+    got = _decode(okadfa.FavorState(w32), q32, k32, v32, prompt=20)
+    assert got.dtype == torch.float32
+    assert_rms_close(got, exact, torch.float32, what="FavorState float32")
+    assert_rms_close(okadfa.favor_attention(q32, k32, v32, w32, causal=True), exact, torch.float32, what="op")
+
+
+def test_favor_state_grouped_heads_broadcast_and_bfloat16():
+    q, k, v, w = make_inputs(2, 4, 40, 8, 8, 16, dtype=torch.float32, seed=2)
+    k, v = k[:, :2], v[:, :2]                                       # 2 kv heads serve 4 query heads
+    full = okadfa.favor_attention(q, k, v, w, causal=True)
+    torch.testing.assert_close(_decode(okadfa.FavorState(w), q, k, v, 10), full, rtol=1e-5, atol=1e-6)
+    bq, bk, bv = (x.bfloat16() for x in (q, k, v))
+    got = _decode(okadfa.FavorState(w), bq, bk, bv, 10)
+    assert got.dtype == torch.bfloat16
+    assert_rms_close(got, full, torch.bfloat16, what="FavorState bfloat16")
+
+
+def test_favor_state_rejects_bad_input():
+    q, k, v, w = make_inputs(1, 2, 5, 8, 8, 16, dtype=torch.float32)
+    state = okadfa.FavorState(w)
+    with pytest.raises(ValueError, match=r"q_t must have 3 dimensions"):
+        state.step(q, k, v)
+    with pytest.raises(ValueError, match="head dim"):
+        state.extend(q[..., :4], k[..., :4], v)
+    with pytest.raises(TypeError, match="dtype"):
+        state.extend(q, k.double(), v)
+    state.extend(q, k, v)
+    with pytest.raises(ValueError, match="holds batch and heads"):
+        state.extend(q.expand(3, 2, 5, 8), k, v)
+    with pytest.raises(ValueError, match="projection must have 2 dimensions"):
+        okadfa.FavorState(w[0])
+
+
+def test_kv_cache_matches_causal_sdpa():
+    q, k, v, _ = make_inputs(2, 3, 30, 8, 5, 4, dtype=torch.float32, seed=3)
+    got = _decode(okadfa.KVCache(), q, k, v, prompt=11)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-6)
+
+
+def _tiny(attention, max_seq_len=48):
+    torch.manual_seed(0)
+    return OKADFAModel(OKADFAConfig.preset("tiny", attention=attention, max_seq_len=max_seq_len,
+                                           d_model=32, n_layers=2, n_heads=2, nb_features=16)).double()
+
+
+@pytest.mark.parametrize("attention", ["favor", "softmax"])
+def test_generate_with_cache_equals_recomputing_across_window_restarts(attention):
+    model = _tiny(attention)
+    prompt = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(4))
+    cached = model.generate(prompt, 100, temperature=0)              # 109 > 48: the window restarts
+    assert torch.equal(cached, model.generate(prompt, 100, temperature=0, use_cache=False))
+    g1, g2 = (torch.Generator().manual_seed(5) for _ in range(2))
+    sampled = model.generate(prompt, 30, temperature=1.0, top_k=20, generator=g1)
+    assert torch.equal(sampled, model.generate(prompt, 30, temperature=1.0, top_k=20, generator=g2, use_cache=False))
+    long_prompt = torch.randint(0, 256, (1, 60))                     # longer than the window
+    assert torch.equal(model.generate(long_prompt, 5, temperature=0),
+                       model.generate(long_prompt, 5, temperature=0, use_cache=False))
+
+
+def test_generate_encodes_each_new_token_once(monkeypatch):
+    model = _tiny("favor", max_seq_len=256)
+    seen = []
+    extend = okadfa.FavorState.extend
+
+    def spy(self, q, k, v):
+        seen.append(q.shape[2])
+        return extend(self, q, k, v)
+
+    monkeypatch.setattr(okadfa.FavorState, "extend", spy)
+    model.generate(torch.randint(0, 256, (1, 17)), 12, temperature=0)
+    # per block: the prompt once, then one position for each token after the first
+    assert seen == [17, 17] + [1, 1] * 11

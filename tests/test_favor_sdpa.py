@@ -1,0 +1,172 @@
+"""okadfa.favor_sdpa: the SDPA-compatible front end (shapes, GQA, errors, accuracy, compile, autocast)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import okadfa
+from okadfa.ops.favor_sdpa import cached_projection
+
+from conftest import CPU_BACKENDS, brute_force_favor
+
+
+def _qkv(shape_q, shape_kv, dtype=torch.float64, seed=0, magnitude=0.5, dv=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(*shape_q, generator=g, dtype=torch.float64) * magnitude
+    k = torch.randn(*shape_kv, generator=g, dtype=torch.float64) * magnitude
+    v = torch.randn(*shape_kv[:-1], dv or shape_kv[-1], generator=g, dtype=torch.float64)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_favor_attention_with_the_cached_projection(backend, causal):
+    q, k, v = _qkv((2, 3, 37, 12), (2, 3, 37, 12), dv=5)
+    out = okadfa.favor_sdpa(q, k, v, is_causal=causal, num_features=24, seed=3, backend=backend)
+    w = cached_projection(12, 24, 3, "cpu", torch.float64)
+    expected = brute_force_favor(q, k, v, w, causal)
+    assert out.shape == (2, 3, 37, 5) and out.dtype == torch.float64
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    g = torch.Generator().manual_seed(3)
+    torch.testing.assert_close(w, okadfa.random_features(24, 12, generator=g, dtype=torch.float64), rtol=0, atol=0)
+
+
+def test_projection_cache_is_keyed_by_dim_features_seed_device_dtype():
+    a = cached_projection(16, 32, 0, "cpu", torch.float32)
+    assert cached_projection(16, 32, 0, torch.device("cpu"), torch.float32) is a
+    assert not torch.equal(cached_projection(16, 32, 1, "cpu", torch.float32), a)
+    assert cached_projection(16, 32, 0, "cpu", torch.float64).dtype == torch.float64
+    assert cached_projection(16, 48, 0, "cpu", torch.float32).shape == (48, 16)
+    q, k, v = _qkv((1, 2, 9, 16), (1, 2, 9, 16), dtype=torch.float32)
+    explicit = okadfa.favor_sdpa(q, k, v, projection=a)
+    torch.testing.assert_close(okadfa.favor_sdpa(q, k, v, num_features=32), explicit, rtol=0, atol=0)
+
+
+def test_3d_and_5d_inputs_and_broadcast_batch_dims():
+    q, k, v = _qkv((4, 11, 8), (4, 11, 8))
+    out3 = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=16)
+    ref3 = okadfa.favor_sdpa(q[:, None], k[:, None], v[:, None], is_causal=True, num_features=16)[:, 0]
+    assert out3.shape == (4, 11, 8)
+    torch.testing.assert_close(out3, ref3, rtol=0, atol=0)
+    q, k, v = _qkv((2, 3, 4, 10, 8), (1, 3, 4, 10, 8))       # key/value broadcast over dim 0
+    out5 = okadfa.favor_sdpa(q, k, v, num_features=16)
+    assert out5.shape == (2, 3, 4, 10, 8)
+    for i in range(2):
+        for j in range(3):
+            torch.testing.assert_close(out5[i, j], okadfa.favor_sdpa(q[i, j][None], k[0, j][None], v[0, j][None],
+                                                                     num_features=16)[0])
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_query_attention(causal):
+    q, k, v = _qkv((2, 6, 13, 8), (2, 2, 13, 8))
+    out = okadfa.favor_sdpa(q, k, v, is_causal=causal, enable_gqa=True, num_features=16)
+    rep = okadfa.favor_sdpa(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=causal,
+                            num_features=16)
+    torch.testing.assert_close(out, rep, rtol=1e-12, atol=1e-12)
+    # one key head broadcasts without enable_gqa, as in SDPA
+    one = okadfa.favor_sdpa(q, k[:, :1], v[:, :1], is_causal=causal, num_features=16)
+    torch.testing.assert_close(one, okadfa.favor_sdpa(q, k[:, :1].expand(2, 6, 13, 8), v[:, :1].expand(2, 6, 13, 8),
+                                                      is_causal=causal, num_features=16))
+    with pytest.raises(ValueError, match="enable_gqa=True"):
+        okadfa.favor_sdpa(q, k, v, is_causal=causal)
+    with pytest.raises(ValueError, match="multiple"):
+        okadfa.favor_sdpa(q, k[:, :1].expand(2, 4, 13, 8), v[:, :1].expand(2, 4, 13, 8), enable_gqa=True)
+
+
+def test_non_contiguous_inputs_in_the_hugging_face_layout():
+    q, k, v = _qkv((2, 19, 3, 8), (2, 19, 3, 8))          # (B, L, H, E), then transposed
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    assert not q.is_contiguous()
+    out = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=16)
+    torch.testing.assert_close(out, okadfa.favor_sdpa(*(x.contiguous() for x in (q, k, v)), is_causal=True,
+                                                      num_features=16), rtol=0, atol=0)
+
+
+def test_cross_attention_of_different_lengths():
+    q, _, _ = _qkv((2, 3, 7, 8), (2, 3, 7, 8))
+    _, k, v = _qkv((2, 3, 7, 8), (2, 3, 20, 8), seed=1, dv=6)
+    out = okadfa.favor_sdpa(q, k, v, num_features=32)
+    expected = brute_force_favor(q, k, v, cached_projection(8, 32, 0, "cpu", torch.float64), False)
+    assert out.shape == (2, 3, 7, 6)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_error_against_softmax_attention_falls_with_the_number_of_features():
+    """The approximation error, measured: random q, k of entries N(0, 0.25²) (so scale·q·k has
+    standard deviation 1/16, Dk = 64), T = 256, causal and not, 3 seeds per M."""
+    q, k, v = _qkv((2, 4, 256, 64), (2, 4, 256, 64), dtype=torch.float32, magnitude=0.25)
+    errors = {}
+    for causal in (False, True):
+        exact = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        for m in (64, 256, 4096):
+            outs = [okadfa.favor_sdpa(q, k, v, is_causal=causal, num_features=m, seed=s) for s in range(3)]
+            errors[causal, m] = sum(((o - exact).norm() / exact.norm()).item() for o in outs) / 3
+    for causal in (False, True):
+        assert errors[causal, 4096] < 0.03, errors
+        assert errors[causal, 4096] < errors[causal, 256] / 3 < errors[causal, 64] / 3, errors
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(attn_mask=torch.ones(9, 9, dtype=torch.bool)), "no attn_mask"),
+    (dict(dropout_p=0.1), "no attention dropout"),
+    (dict(is_causal=1), "causal must be a bool"),
+    (dict(num_features=0), "num_features"),
+])
+def test_unsupported_arguments_raise(bad, match):
+    q, k, v = _qkv((1, 2, 9, 8), (1, 2, 9, 8))
+    with pytest.raises((ValueError, TypeError), match=match):
+        okadfa.favor_sdpa(q, k, v, **bad)
+
+
+def test_bad_shapes_and_dtypes_raise():
+    q, k, v = _qkv((1, 2, 9, 8), (1, 2, 9, 8))
+    with pytest.raises(ValueError, match="same length"):
+        okadfa.favor_sdpa(q, k[:, :, :5], v[:, :, :5], is_causal=True)
+    with pytest.raises(ValueError, match="key and value must have the same length"):
+        okadfa.favor_sdpa(q, k, v[:, :, :5])
+    with pytest.raises(ValueError, match="embedding size"):
+        okadfa.favor_sdpa(q, k[..., :4], v)
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        okadfa.favor_sdpa(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match="same number of dimensions"):
+        okadfa.favor_sdpa(q, k[0], v[0])
+    with pytest.raises(TypeError, match="dtype"):
+        okadfa.favor_sdpa(q, k.float(), v)
+    with pytest.raises(ValueError, match="do not broadcast"):
+        okadfa.favor_sdpa(q.expand(3, 2, 9, 8), k.expand(2, 2, 9, 8), v.expand(2, 2, 9, 8))
+
+
+def test_gradcheck():
+    q, k, v = (x.requires_grad_() for x in _qkv((1, 2, 6, 4), (1, 2, 6, 4), dv=3))
+    assert torch.autograd.gradcheck(lambda q, k, v: okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=5),
+                                    (q, k, v))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v = _qkv((2, 4, 40, 16), (2, 2, 40, 16), dtype=torch.float32)
+
+    def step(q, k, v):
+        out = okadfa.favor_sdpa(q, k, v, is_causal=True, enable_gqa=True, num_features=32)
+        return out, out.square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True)
+    results = []
+    for fn in (step, compiled):
+        args = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, loss = fn(*args)
+        loss.backward()
+        results.append([out.detach()] + [x.grad for x in args])
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_autocast_cpu_bfloat16_gives_bfloat16_like_sdpa():
+    q, k, v = _qkv((2, 2, 33, 16), (2, 2, 33, 16), dtype=torch.float32)
+    full = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=64)
+        assert F.scaled_dot_product_attention(q, k, v, is_causal=True).dtype == out.dtype == torch.bfloat16
+        as_double = okadfa.favor_sdpa(q.double(), k.double(), v.double(), is_causal=True, num_features=64)
+    assert as_double.dtype == torch.float64                   # autocast leaves float64 alone, as for SDPA
+    assert ((out.float() - full).norm() / full.norm()).item() < 2e-2

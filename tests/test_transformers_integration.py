@@ -1,0 +1,256 @@
+"""okadfa.integrations.transformers: FAVOR+ as a Hugging Face attention implementation.
+
+Tiny randomly initialised GPT-2 and Llama (grouped-query) models, nothing downloaded.
+"""
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+
+import okadfa  # noqa: E402
+from okadfa.integrations import transformers as hf  # noqa: E402
+
+NAME = "okadfa_favor"
+
+
+def gpt2_config(**overrides):
+    return transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=100, n_positions=64, **overrides)
+
+
+def llama_config(**overrides):
+    return transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=64, **overrides)
+
+
+CONFIGS = {"gpt2": gpt2_config, "llama": llama_config}
+
+
+def make_model(arch, attn=NAME, seed=0, **overrides):
+    hf.register()
+    cfg = CONFIGS[arch](**overrides)
+    cfg.pad_token_id = cfg.eos_token_id = 0    # keeps generate() quiet; no input here contains token 0
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=attn).eval()
+
+
+def input_ids(batch=2, length=12, seed=1):
+    return torch.randint(1, 100, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def exact_attention(monkeypatch):
+    """Replace favor_sdpa inside the backend by exact softmax SDPA (same arguments), recording the calls:
+    the backend must then reproduce the "sdpa" model to float precision, whatever the cache state."""
+    calls = []
+
+    def exact(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False, **options):
+        assert attn_mask is None and dropout_p == 0.0
+        assert not is_causal or q.shape[-2] == k.shape[-2], "causal favor_sdpa needs L == S"
+        calls.append(dict(q=q.shape, k=k.shape, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, **options))
+        return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+
+    monkeypatch.setattr(hf, "favor_sdpa", exact)
+    return calls
+
+
+# ----------------------------------------------------------------------------- registration
+
+def test_register_is_idempotent_and_returns_the_name():
+    assert hf.register() == NAME
+    assert hf.register() == NAME
+    assert NAME in hf._attention_registry()
+    if hasattr(transformers, "masking_utils"):    # transformers >= 4.53
+        assert transformers.masking_utils.AttentionMaskInterface._global_mapping[NAME] is hf.favor_attention_mask
+    model = make_model("llama")
+    assert model.config._attn_implementation == NAME
+    with pytest.raises(ValueError, match="num_features"):
+        hf.register(num_features=0)
+    for taken in ("sdpa", "eager", "flash_attention_2"):
+        with pytest.raises(ValueError, match="name"):
+            hf.register(taken)
+
+
+def test_register_settings_reach_favor_sdpa(exact_attention):
+    try:
+        assert hf.register("okadfa_favor_test", num_features=64, seed=5, backend="reference") == "okadfa_favor_test"
+        make_model("gpt2", attn="okadfa_favor_test")(input_ids())
+        assert exact_attention and all(c["num_features"] == 64 and c["seed"] == 5 and c["backend"] == "reference"
+                                       for c in exact_attention)
+    finally:
+        hf.register("okadfa_favor_test")
+
+
+def test_importing_okadfa_does_not_import_transformers():
+    code = "import sys, okadfa, okadfa.integrations; assert 'transformers' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------- forward / backward
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_forward_and_backward(arch):
+    model = make_model(arch, **({"attn_pdrop": 0.0} if arch == "gpt2" else {})).train()
+    ids = input_ids()
+    logits = model(ids).logits
+    assert logits.shape == (2, 12, 100) and torch.isfinite(logits).all()
+    F.cross_entropy(logits[:, :-1].reshape(-1, 100), ids[:, 1:].reshape(-1)).backward()
+    names = [n for n, p in model.named_parameters() if ".attn." in n or ".self_attn." in n]
+    assert len(names) >= 8
+    for n, p in model.named_parameters():
+        if n in names:
+            assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_every_layer_calls_favor_sdpa_with_the_module_scaling_and_gqa(arch, exact_attention):
+    model = make_model(arch)
+    model(input_ids())
+    assert len(exact_attention) == 2    # one per layer
+    heads_kv = 2 if arch == "llama" else 4
+    for call in exact_attention:
+        assert call["q"] == (2, 4, 12, 8) and call["k"] == (2, heads_kv, 12, 8)    # kv heads not repeated
+        assert call["is_causal"] and call["enable_gqa"] == (arch == "llama")
+        assert call["scale"] in (None, pytest.approx(8 ** -0.5))    # None (the default) in transformers 4.x GPT-2
+        assert call["num_features"] == 256 and call["seed"] == 0
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_plumbing_reproduces_sdpa_when_favor_is_replaced_by_exact_attention(arch, exact_attention):
+    """Layouts, scaling, GQA and causal alignment: with exact softmax in favor_sdpa's place the
+    backend must equal attn_implementation="sdpa" — prefill, chunked prefill and decoding."""
+    model, ref = make_model(arch), make_model(arch, attn="sdpa")
+    ids = input_ids()
+    with torch.no_grad():
+        expected = ref(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        parts, cache = [], None
+        for a, b in ((0, 5), (5, 9), (9, 10), (10, 12)):    # L = S, 1 < L < S, L = 1, 1 < L < S
+            out = model(ids[:, a:b], past_key_values=cache, use_cache=True)
+            parts.append(out.logits)
+            cache = out.past_key_values
+    torch.testing.assert_close(torch.cat(parts, 1), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_gpt2_layer_output_is_favor_sdpa_of_its_projections():
+    """Independent of the backend's code: recompute layer 0's attention from its weights."""
+    model = make_model("gpt2")
+    attn, seen = model.transformer.h[0].attn, {}
+    attn.register_forward_pre_hook(lambda m, args, kw: seen.update(x=(args or (kw["hidden_states"],))[0]),
+                                   with_kwargs=True)
+    attn.register_forward_hook(lambda m, args, out: seen.update(out=out[0]))
+    with torch.no_grad():
+        model(input_ids())
+        x = seen["x"]
+        q, k, v = (t.view(2, 12, 4, 8).transpose(1, 2) for t in attn.c_attn(x).split(32, dim=2))
+        out = okadfa.favor_sdpa(q, k, v, is_causal=True, scale=8 ** -0.5, num_features=256, seed=0)
+        expected = attn.c_proj(out.transpose(1, 2).reshape(2, 12, 32))
+        exact = attn.c_proj(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(2, 12, 32))
+    torch.testing.assert_close(seen["out"], expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(seen["out"], exact, rtol=1e-5, atol=1e-6)    # it is not softmax attention
+
+
+def test_many_features_approach_softmax_attention():
+    """With M = 8192 features the Llama hidden states approach the sdpa model's, much closer
+    than two wrong answers: uniform causal attention (q = 0) and non-causal softmax."""
+    def scaled(attn, q_mult):    # q/k weights ×3: attention clearly away from uniform
+        model = make_model("llama", attn=attn)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(q_mult)
+                layer.self_attn.k_proj.weight.mul_(3)
+        return model
+
+    ids = input_ids()
+    try:
+        hf.register("okadfa_favor_wide", num_features=8192)
+        with torch.no_grad():
+            favor = scaled("okadfa_favor_wide", 3).model(ids).last_hidden_state
+            ref = scaled("sdpa", 3)
+            exact = ref.model(ids).last_hidden_state
+            uniform = scaled("sdpa", 0).model(ids).last_hidden_state
+            full_mask = torch.ones(2, 1, 12, 12, dtype=torch.bool)    # 4-D masks reach the attention as they are
+            noncausal = ref.model(ids, attention_mask=full_mask).last_hidden_state
+    finally:
+        hf.register("okadfa_favor_wide")
+
+    def err(x):
+        return ((x - exact).norm() / exact.norm()).item()
+
+    assert err(favor) < 0.005 and err(favor) < 0.2 * err(uniform) and err(favor) < 0.05 * err(noncausal), \
+        (err(favor), err(uniform), err(noncausal))
+
+
+# ----------------------------------------------------------------------------- generation
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_generate_with_cache_matches_full_recomputation(arch):
+    model, ids = make_model(arch), input_ids(batch=1, length=6)
+    kw = dict(max_new_tokens=5, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    cached = model.generate(ids, use_cache=True, **kw)
+    full = model.generate(ids, use_cache=False, **kw)
+    assert cached.sequences.shape == (1, 11)
+    torch.testing.assert_close(torch.stack(cached.logits), torch.stack(full.logits), rtol=1e-4, atol=1e-5)
+    assert torch.equal(cached.sequences, full.sequences)
+
+
+def test_generate_with_a_static_cache_and_a_batch_of_equal_lengths():
+    model, ids = make_model("llama"), input_ids(batch=2, length=6)
+    kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    static = model.generate(ids, cache_implementation="static", **kw)
+    full = model.generate(ids, use_cache=False, **kw)
+    torch.testing.assert_close(torch.stack(static.logits), torch.stack(full.logits), rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- what is refused
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padding_mask_raises_a_clear_error(arch):
+    model, ids = make_model(arch), input_ids()
+    model(ids, attention_mask=torch.ones_like(ids))    # all ones: fine
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with pytest.raises(ValueError, match="supports no padding"):
+        model(ids, attention_mask=mask)
+    with pytest.raises(ValueError, match="supports no padding"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+
+
+def test_4d_masks_causal_accepted_others_refused():
+    model, ids = make_model("llama"), input_ids()
+    causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, attention_mask=causal).logits, model(ids).logits)
+    window = causal & ~torch.ones(12, 12, dtype=torch.bool).tril(-4)    # a sliding window of 4
+    with pytest.raises(ValueError, match="only causal"):
+        model(ids, attention_mask=window)
+
+
+def test_packed_sequences_and_sliding_windows_are_refused():
+    model, ids = make_model("llama"), input_ids()
+    if hasattr(transformers, "masking_utils"):    # transformers >= 4.53 detects packed sequences
+        packed = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)    # two documents per row
+        with pytest.raises(ValueError, match="only causal"):
+            model(ids, position_ids=packed, use_cache=False)    # HF detects packing only without a cache
+    cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=100, sliding_window=4)
+    mistral = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
+    mistral(ids[:, :4])    # a window that does not bite is plain causal attention
+    with pytest.raises(ValueError, match="only causal"):
+        mistral(ids)
+
+
+def test_attention_dropout_in_training_raises():
+    model, ids = make_model("gpt2"), input_ids()    # GPT-2's default attn_pdrop is 0.1
+    model(ids)    # eval: dropout is 0
+    with pytest.raises(ValueError, match="attn_pdrop"):
+        model.train()(ids)
+
+
+def test_output_attentions_is_refused():
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="output_attentions"):
+        model(input_ids(), output_attentions=True)
