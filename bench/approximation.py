@@ -44,7 +44,7 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
     rows = [dict(sigma=s, causal=c, errors=errors(s, c)) for s in SIGMAS for c in (False, True)]
-    head = "| σ (std of scale·q·k) | causal | " + " | ".join(f"M={m}" for m in FEATURES) + " |"
+    head = "| σ of q, k entries (std of scale·q·k) | causal | " + " | ".join(f"M={m}" for m in FEATURES) + " |"
     lines = [f"torch {torch.__version__}, float32, {datetime.date.today()}; relative error of "
              f"`favor_sdpa` against SDPA, mean of {SEEDS} seeds (`python -m bench.approximation`).", "",
              head, "|---|---|" + "---|" * len(FEATURES)]

@@ -145,14 +145,14 @@ def test_gradcheck():
 def test_torch_compile_fullgraph_forward_and_backward():
     q, k, v = _qkv((2, 4, 40, 16), (2, 2, 40, 16), dtype=torch.float32)
 
-    def step(q, k, v):
-        out = okadfa.favor_sdpa(q, k, v, is_causal=True, enable_gqa=True, num_features=32)
+    def step(q, k, v):     # a seed no other test uses: the projection is drawn while tracing
+        out = okadfa.favor_sdpa(q, k, v, is_causal=True, enable_gqa=True, num_features=32, seed=1234)
         return out, out.square().sum()
 
     torch._dynamo.reset()
     compiled = torch.compile(step, fullgraph=True)
     results = []
-    for fn in (step, compiled):
+    for fn in (compiled, step):
         args = [x.clone().requires_grad_() for x in (q, k, v)]
         out, loss = fn(*args)
         loss.backward()

@@ -19,6 +19,8 @@ from .favor_attention import favor_attention
 _PROJECTIONS: dict[tuple, Tensor] = {}
 
 
+# torch.compile runs it at trace time and keeps the tensor as a constant of the graph
+@torch.compiler.assume_constant_result
 def cached_projection(head_dim: int, num_features: int, seed: int, device, dtype: torch.dtype) -> Tensor:
     """The projection favor_sdpa uses when none is given: `random_features(num_features,
     head_dim)` drawn from `seed`, made once per (head_dim, num_features, seed, device,
