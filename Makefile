@@ -43,4 +43,4 @@ wheel: setup
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
 
 clean:
-	rm -rf build *.egg-info okadfa/_C*.so .pytest_cache
+	rm -rf build dist *.egg-info okadfa/_C*.so okadfa/_build_info.py .pytest_cache

@@ -11,6 +11,7 @@ the error, the fallback and how to build it; backends() reports the same reason.
 """
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 
@@ -25,8 +26,11 @@ try:
     _NATIVE_ERROR = None
     _NATIVE_NOT_BUILT = False
 except (ImportError, OSError) as exc:  # not built, or built against another torch (ABI)
-    _NATIVE_ERROR = f"{type(exc).__name__}: {exc}"
-    _NATIVE_NOT_BUILT = isinstance(exc, ModuleNotFoundError) and exc.name == f"{__package__}._C"
+    # No _C file next to this one: not built (the interpreter's message then only talks of a
+    # "partially initialized module"); otherwise the loader's own error says why.
+    _NATIVE_NOT_BUILT = isinstance(exc, ModuleNotFoundError) or not glob.glob(
+        os.path.join(os.path.dirname(os.path.abspath(__file__)), "_C.*"))
+    _NATIVE_ERROR = "it is not built" if _NATIVE_NOT_BUILT else f"{type(exc).__name__}: {exc}"
 
 NATIVE_AVAILABLE = _NATIVE_ERROR is None
 

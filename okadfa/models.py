@@ -166,9 +166,12 @@ class OKADFAModel(nn.Module):
             out.loss = out.ce_loss
             if self.config.ortho_lambda > 0:
                 out.ortho_loss = model_orthogonality_loss(self, per_head=self.config.ortho_per_head)
-                out.loss = out.loss + self.ortho_schedule(self.step) * out.ortho_loss
+                out.loss = out.loss + self.ortho_schedule(self.step).to(out.ortho_loss.dtype) * out.ortho_loss
             if self.training:
-                self.step = self.step + 1     # out of place: a compiled backward may still read the old value
+                if torch.compiler.is_compiling():    # out of place: the compiled backward reads the old value
+                    self.step = self.step + 1
+                else:
+                    self.step += 1
         return out
 
     def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
@@ -189,7 +192,7 @@ class OKADFAModel(nn.Module):
         each new token costs one position per block: O(1) with FAVOR+ (`FavorState`),
         O(t) with softmax (`KVCache`). use_cache=False re-encodes the window for every
         token (the same tokens, to rounding). The window holds at most max_seq_len
-        positions: when it is full it restarts from the last max_seq_len // 2 tokens
+        positions: when it is full it restarts from the last ¾·max_seq_len tokens
         (re-encoded at once), so the cached cost stays O(1) per token on average.
         """
         if max_new_tokens < 0:
@@ -197,11 +200,12 @@ class OKADFAModel(nn.Module):
         was_training = self.training
         self.eval()
         limit = self.config.max_seq_len
+        keep = max(1, limit - limit // 4)             # tokens kept when the window restarts
         try:
             ids, start, caches = input_ids, max(0, input_ids.shape[1] - limit), None
             for _ in range(max_new_tokens):
                 if ids.shape[1] - start > limit:
-                    start, caches = ids.shape[1] - limit // 2, None
+                    start, caches = ids.shape[1] - keep, None
                 if not use_cache:
                     h = self._trunk(self.embed(ids[:, start:]))
                 elif caches is None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .decoding import FavorState, KVCache
-from .ops import favor_attention
+from .ops import favor_sdpa
 from .reference import random_features
 
 __all__ = ["FavorAttention", "SoftmaxAttention", "KOABlock", "replace_attention"]
@@ -84,7 +84,8 @@ class _ProjectedAttention(nn.Module):
         """Same call as MultiheadAttention; returns (output, None): no weights are formed.
 
         query: (L, N, E), or (N, L, E) with batch_first (unbatched (L, E) too); key/value
-        likewise with the same length L. `is_causal=True` alone selects causal attention;
+        likewise (key and value of one length S; S ≠ L only without causality, e.g. a
+        decoder's cross-attention). `is_causal=True` alone selects causal attention;
         an attn_mask is accepted only if it is the (L, L) causal mask (bool, True above
         the diagonal, or float, −inf above it), as `nn.Transformer` layers pass it; with
         is_causal=True it is taken as a hint, as MultiheadAttention does, and not read.
@@ -93,8 +94,6 @@ class _ProjectedAttention(nn.Module):
         """
         if key_padding_mask is not None:
             raise ValueError(f"{type(self).__name__} supports no key_padding_mask: batch sequences of equal length")
-        if attn_mask is not None:
-            is_causal = _check_causal_mask(attn_mask, is_causal, type(self).__name__)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (x.unsqueeze(1 if not self.batch_first else 0) for x in (query, key, value))
@@ -102,9 +101,14 @@ class _ProjectedAttention(nn.Module):
             raise ValueError(f"query must have 2 or 3 dimensions, got shape {tuple(query.shape)}")
         if not self.batch_first:
             query, key, value = (x.transpose(0, 1) for x in (query, key, value))
-        if key.shape[1] != query.shape[1] or value.shape[1] != key.shape[1]:
-            raise ValueError(f"{type(self).__name__} needs query, key and value of the same length, got "
-                             f"{query.shape[1]}, {key.shape[1]} and {value.shape[1]}")
+        if value.shape[1] != key.shape[1]:
+            raise ValueError(f"{type(self).__name__} needs key and value of the same length, got {key.shape[1]} "
+                             f"and {value.shape[1]}")
+        if attn_mask is not None and tuple(attn_mask.shape) != (query.shape[1], key.shape[1]):
+            raise ValueError(f"attn_mask must have shape ({query.shape[1]}, {key.shape[1]}), got "
+                             f"{tuple(attn_mask.shape)}")
+        if attn_mask is not None:
+            is_causal = _check_causal_mask(attn_mask, is_causal, type(self).__name__)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         if cache is not None and not is_causal:
             raise ValueError("a decoding cache needs is_causal=True")
@@ -167,7 +171,7 @@ class FavorAttention(_ProjectedAttention):
             if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
                 self.redraw()
             self.steps += 1
-        return favor_attention(q, k, v, self.projection, causal=causal, backend=self.backend)
+        return favor_sdpa(q, k, v, is_causal=causal, projection=self.projection, backend=self.backend)
 
 
 class SoftmaxAttention(_ProjectedAttention):
@@ -238,7 +242,9 @@ def replace_attention(model: nn.Module, *, ignore_dropout: bool = False, **favor
     dtype; returns `model`, changed in place. `favor_kwargs` go to FavorAttention
     (nb_features, redraw_interval, feature_seed, backend). FAVOR+ has no attention
     dropout: a module with dropout > 0 raises unless ignore_dropout=True (then it is
-    dropped). add_bias_kv / add_zero_attn raise.
+    dropped). add_bias_kv / add_zero_attn raise. The i-th module replaced draws its
+    projection from feature_seed + i (feature_seed from favor_kwargs, default 0). The new
+    modules have new parameters: build the optimizer after the swap.
 
     Example:
         >>> layer = nn.TransformerEncoderLayer(256, 8, batch_first=True, dropout=0.0)
@@ -248,7 +254,8 @@ def replace_attention(model: nn.Module, *, ignore_dropout: bool = False, **favor
     if type(model) is nn.MultiheadAttention:
         raise ValueError("model is itself a MultiheadAttention: construct a FavorAttention instead")
     swaps = [(name, m) for name, m in model.named_modules() if type(m) is nn.MultiheadAttention]
-    for name, mha in swaps:
+    seed = favor_kwargs.pop("feature_seed", 0)
+    for index, (name, mha) in enumerate(swaps):
         if mha.dropout and not ignore_dropout:
             raise ValueError(f"{name or 'model'} has attention dropout {mha.dropout}, which FAVOR+ cannot apply; "
                              "pass ignore_dropout=True to drop it")
@@ -257,7 +264,7 @@ def replace_attention(model: nn.Module, *, ignore_dropout: bool = False, **favor
         ref = mha.out_proj.weight
         new = FavorAttention(mha.embed_dim, mha.num_heads, bias=mha.in_proj_bias is not None, kdim=mha.kdim,
                              vdim=mha.vdim, batch_first=mha.batch_first, device=ref.device, dtype=ref.dtype,
-                             orthogonal_init=False, **favor_kwargs)
+                             orthogonal_init=False, feature_seed=seed + index, **favor_kwargs)
         E = mha.embed_dim
         with torch.no_grad():
             weights = (mha.in_proj_weight[:E], mha.in_proj_weight[E:2 * E], mha.in_proj_weight[2 * E:]) \

@@ -4,6 +4,7 @@ through the reference path, and backends() says why cpu is unavailable.
 Each case runs in a subprocess, where the extension is hidden before `import okadfa`."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,9 +62,9 @@ sys.modules["okadfa._build_info"] = info
 '''
 
 
-def _run(prelude, tmp_path):
+def _run(prelude, tmp_path, root=_OKADFA_ROOT):
     env = {k: v for k, v in os.environ.items() if k not in ("OKADFA_BACKEND", "PYTHONWARNINGS")}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (_OKADFA_ROOT, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     result = subprocess.run([sys.executable, "-c", prelude + _RUN], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
@@ -95,8 +96,8 @@ def _check_common(report):
 def test_import_warns_once_and_ops_fall_back_when_extension_missing(tmp_path):
     report = _run(_NOT_BUILT, tmp_path)
     message = _check_common(report)
-    assert "ModuleNotFoundError: import of okadfa._C halted; None in sys.modules" in message
-    assert "None in sys.modules" in report["backends"]["cpu"]["reason"]
+    assert "could not be loaded (it is not built)" in message
+    assert "(it is not built)" in report["backends"]["cpu"]["reason"]
     assert "ABI" not in message      # nothing was built: no torch version to compare
 
 
@@ -109,3 +110,22 @@ def test_import_warning_names_torch_abi_mismatch(tmp_path):
     assert "install torch==1.0.0+fake" in message
     reason = report["backends"]["cpu"]["reason"]
     assert "undefined symbol" in reason and "built against torch 1.0.0+fake" in reason
+
+
+def test_a_package_without_the_extension_file_says_it_is_not_built(tmp_path):
+    """The real case: okadfa/ with no _C*.so (the interpreter's own error then speaks of a
+    "partially initialized module"), and a stale _build_info.py naming another torch, which
+    must not be taken for an ABI mismatch."""
+    root = tmp_path / "site"
+    shutil.copytree(Path(okadfa.__file__).parent, root / "okadfa",
+                    ignore=shutil.ignore_patterns("_C*", "__pycache__", "_build_info.py"))
+    (root / "okadfa" / "_build_info.py").write_text('TORCH_VERSION = "1.0.0+stale"\n')
+    # an editable install's finder would still map okadfa._C to the source tree's build
+    hide_editable = ('import sys\nsys.meta_path[:] = [f for f in sys.meta_path '
+                     'if "__editable__" not in (getattr(f, "__module__", "") or "")]\n')
+    report = _run(hide_editable, tmp_path, root=str(root))
+    assert len(report["warnings"]) == 1, report["warnings"]
+    message = report["warnings"][0][1]
+    assert "could not be loaded (it is not built)" in message, message
+    assert "ABI" not in message and "circular" not in message, message
+    assert report["favor_err"] < 1e-6 and report["backends"]["cpu"]["available"] is False

@@ -107,3 +107,12 @@ def test_generate_encodes_each_new_token_once(monkeypatch):
     model.generate(torch.randint(0, 256, (1, 17)), 12, temperature=0)
     # per block: the prompt once, then one position for each token after the first
     assert seen == [17, 17] + [1, 1] * 11
+
+
+@pytest.mark.parametrize("max_seq_len", [1, 2, 5])
+def test_generate_with_a_tiny_window(max_seq_len):
+    model = _tiny("favor", max_seq_len=max_seq_len)
+    prompt = torch.randint(0, 256, (1, 3))
+    ids = model.generate(prompt, 8, temperature=0)
+    assert ids.shape == (1, 11)
+    assert torch.equal(ids, model.generate(prompt, 8, temperature=0, use_cache=False))

@@ -170,3 +170,28 @@ def test_autocast_cpu_bfloat16_gives_bfloat16_like_sdpa():
         as_double = okadfa.favor_sdpa(q.double(), k.double(), v.double(), is_causal=True, num_features=64)
     assert as_double.dtype == torch.float64                   # autocast leaves float64 alone, as for SDPA
     assert ((out.float() - full).norm() / full.norm()).item() < 2e-2
+
+
+def test_one_query_head_broadcasts_over_key_heads_as_in_sdpa():
+    q, k, v = _qkv((2, 1, 10, 8), (2, 3, 10, 8))
+    out = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=16)
+    assert out.shape == F.scaled_dot_product_attention(q, k, v, is_causal=True).shape == (2, 3, 10, 8)
+    torch.testing.assert_close(out, okadfa.favor_sdpa(q.expand(2, 3, 10, 8), k, v, is_causal=True,
+                                                      num_features=16), rtol=0, atol=0)
+
+
+def test_empty_sequences_and_bad_backend_raise_clearly():
+    q, k, v = _qkv((1, 2, 9, 8), (1, 2, 9, 8))
+    with pytest.raises(ValueError, match="at least one query and one key"):
+        okadfa.favor_sdpa(q[:, :, :0], k, v)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        okadfa.favor_sdpa(q[:, :, :4], k, v, backend="bogus")          # the L != S path too
+
+
+def test_cross_attention_computes_half_types_in_float32():
+    q, _, _ = _qkv((2, 2, 5, 16), (2, 2, 5, 16), dtype=torch.float32)
+    _, k, v = _qkv((2, 2, 5, 16), (2, 2, 30, 16), dtype=torch.float32, seed=2)
+    full = okadfa.favor_sdpa(q, k, v, num_features=64)
+    half = okadfa.favor_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), num_features=64)
+    assert half.dtype == torch.bfloat16
+    assert ((half.float() - full).norm() / full.norm()).item() < 1e-2

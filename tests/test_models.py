@@ -254,6 +254,10 @@ def test_torch_compile_fullgraph_training_steps(training):
         expected.backward()
         torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
     assert int(model.step) == int(ref.step) == 3
+    counter = ref.step
+    ref(x, y)
+    assert ref.step is counter and int(counter) == 4             # eager: advanced in place
+    assert "step" in dict(model.named_buffers())                  # compiled: reassigned, still a buffer
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
     bad = y.clone()

@@ -193,3 +193,23 @@ def test_autocast_cpu_bfloat16_dtypes():
         y = block(x)
     assert y.dtype == torch.float32                            # the residual stream stays float32
     assert ((y - full).norm() / full.norm()).item() < 2e-2
+
+
+def test_cross_attention_and_a_converted_decoder_layer():
+    torch.manual_seed(8)
+    attn = FavorAttention(16, 2, batch_first=True, nb_features=8).double()
+    x, memory = torch.randn(2, 7, 16).double(), torch.randn(2, 11, 16).double()
+    out, _ = attn(x, memory, memory)
+    q = attn._heads(attn.q_proj(x))
+    k, v = attn._heads(attn.k_proj(memory)), attn._heads(attn.v_proj(memory))
+    expected = okadfa.favor_sdpa(q, k, v, projection=attn.projection).transpose(1, 2).reshape(2, 7, 16)
+    torch.testing.assert_close(out, attn.out_proj(expected), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="same length"):
+        attn(x, memory, memory, is_causal=True)
+    layer = torch.nn.TransformerDecoderLayer(16, 2, dim_feedforward=32, batch_first=True, dropout=0.0)
+    replace_attention(layer, nb_features=8, feature_seed=3)
+    assert not torch.equal(layer.self_attn.projection, layer.multihead_attn.projection)   # seeds 3 and 4
+    mask = torch.nn.Transformer.generate_square_subsequent_mask(7)
+    assert layer(x.float(), memory.float(), tgt_mask=mask, tgt_is_causal=True).shape == (2, 7, 16)
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(7, 7\)"):
+        layer.self_attn(x.float(), x.float(), x.float(), attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(9))

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
+from ..backends import select_backend
 from . import _validation as val
 from .favor_attention import favor_attention
 
@@ -53,6 +54,9 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
     if is_causal and query.shape[-2] != key.shape[-2]:
         raise ValueError(f"is_causal=True needs query and key of the same length, got L={query.shape[-2]} and "
                          f"S={key.shape[-2]}; for token-by-token decoding use okadfa.FavorState")
+    if query.shape[-2] < 1 or key.shape[-2] < 1:
+        raise ValueError(f"favor_sdpa needs at least one query and one key, got L={query.shape[-2]} and "
+                         f"S={key.shape[-2]}")
     if key.shape[-2] != value.shape[-2]:
         raise ValueError(f"key and value must have the same length (dim -2), got {key.shape[-2]} and "
                          f"{value.shape[-2]}")
@@ -61,10 +65,10 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
                          f"{key.shape[-1]}")
     if query.dim() > 3:
         hq, hkv = query.shape[-3], key.shape[-3]
-        if hq != hkv and hkv != 1 and not enable_gqa:
+        if hq != hkv and 1 not in (hq, hkv) and not enable_gqa:
             raise ValueError(f"query has {hq} heads and key {hkv}: set enable_gqa=True for grouped-query "
                              "attention, as with scaled_dot_product_attention")
-        if hq != hkv and hkv != 1 and hq % hkv:
+        if hq != hkv and 1 not in (hq, hkv) and hq % hkv:
             raise ValueError(f"grouped-query attention needs query's heads ({hq}) to be a multiple of key's "
                              f"({hkv})")
     if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
@@ -108,7 +112,8 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         scale: default E^-1/2.
         num_features: M, used when projection is None.
         projection: (M, E) from `okadfa.random_features`; None uses a cached projection
-            drawn from `seed`, one per (E, M, seed, device, dtype).
+            drawn from `seed`, one per (E, M, seed, device, dtype). torch.compile takes it as
+            a constant; with dynamic=True (symbolic E) pass a projection instead.
         backend: as in `okadfa.favor_attention`. Non-causal attention with L ≠ S runs the
             reference path (plain PyTorch; also linear in L and S).
     Returns:
@@ -137,10 +142,13 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         val.check_tensor(projection, "projection", 2, "(M, E)")
         if projection.shape[1] != q.shape[3]:
             raise ValueError(f"projection must have shape (M, {q.shape[3]}), got {tuple(projection.shape)}")
+        select_backend(backend, q.device)    # validated, though this path is the reference's
         b = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])
         heads = torch.Size((b[0], max(q.shape[1], k.shape[1])))
-        q, k, v = (val.prepare(x, heads, x.dtype) for x in (q, k, v))
-        out = reference.favor_attention(q, k, v, projection, scale=val.check_scale(scale, q.shape[3], q.dtype))
+        out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)     # half types in float32, as the kernels
+        q, k, v = (val.prepare(x, heads, dtype) for x in (q, k, v))
+        scale = val.check_scale(scale, q.shape[3], q.dtype)
+        out = reference.favor_attention(q, k, v, projection.to(dtype), scale=scale).to(out_dtype)
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*batch, *out.shape[-3:])
