@@ -12,14 +12,12 @@ approximation.{json,md} under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
 
 import torch
 import torch.nn.functional as F
 
 import okadfa
+from bench.common import cpu_meta, write_results
 
 SIGMAS = (0.25, 0.5, 0.75)
 FEATURES = (64, 256, 1024, 4096)
@@ -45,19 +43,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     rows = [dict(sigma=s, causal=c, errors=errors(s, c)) for s in SIGMAS for c in (False, True)]
     head = "| σ of q, k entries (std of scale·q·k) | causal | " + " | ".join(f"M={m}" for m in FEATURES) + " |"
-    lines = [f"torch {torch.__version__}, float32, {datetime.date.today()}; relative error of "
-             f"`favor_sdpa` against SDPA, mean of {SEEDS} seeds (`python -m bench.approximation`).", "",
+    meta = cpu_meta(shape=[2, 4, 512, 64], seeds=SEEDS)
+    lines = [f"torch {meta['torch']}, float32, {meta['date'][:10]}; relative error of `favor_sdpa` against SDPA, "
+             f"mean of {SEEDS} seeds (`python -m bench.approximation`).", "",
              head, "|---|---|" + "---|" * len(FEATURES)]
     for r in rows:
         lines.append(f"| {r['sigma']} ({r['sigma'] ** 2:.3g}) | {'yes' if r['causal'] else 'no'} | "
                      + " | ".join(f"{r['errors'][m]:.3f}" for m in FEATURES) + " |")
     md = "\n".join(lines) + "\n"
     print(md)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "approximation.json"), "w") as f:
-        json.dump(dict(torch=torch.__version__, date=str(datetime.date.today()), rows=rows), f, indent=1)
-    with open(os.path.join(args.out, "approximation.md"), "w") as f:
-        f.write(md)
+    write_results(args.out, "approximation", meta, rows, md)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ bench/report.py: one callable per (backend, pass) on CPU tensors, a median timer
 peak-memory measurement, and the FLOP count of the chunked algorithm."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import platform
 import statistics
 import tempfile
 import time
@@ -211,3 +213,22 @@ def dfa_head_flops(N=2048, d=768, V=50257, P=12):
     """Matrix-product FLOPs of one head step: logits, grad_h, grad_w_dec (2·N·V·d each)
     and the projection of the hidden error (2·N·d·d per point)."""
     return 3 * 2 * N * V * d + P * 2 * N * d * d
+
+
+def cpu_meta(**extra) -> dict:
+    """What every result file records about the run: date, CPU, threads, versions."""
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
+                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
+                torch=torch.__version__, okadfa=okadfa.__version__, **extra)
+
+
+def write_results(out_dir: str, stem: str, meta: dict, rows: list, md: str) -> str:
+    """Write <out_dir>/<stem>.json ({meta, rows}) and <stem>.md (md); return the path stem."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem)
+    with open(path + ".json", "w") as f:
+        json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    with open(path + ".md", "w") as f:
+        f.write(md)
+    print(f"wrote {path}.json and {path}.md")
+    return path

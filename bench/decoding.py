@@ -16,16 +16,13 @@ Writes decoding_<preset>.{json,md} under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 
 import torch
 
 import okadfa
+from bench.common import cpu_meta, write_results
 from okadfa.models import OKADFAConfig, OKADFAModel
 
 
@@ -79,9 +76,7 @@ def main(argv=None):
     p.add_argument("--recompute-max", type=int, default=2048)
     p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
-                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, okadfa=okadfa.__version__, preset=args.preset, tokens=args.tokens)
+    meta = cpu_meta(preset=args.preset, tokens=args.tokens)
     rows = []
     for T in (int(t) for t in args.contexts.split(",")):
         for attention in ("favor", "softmax"):
@@ -94,13 +89,7 @@ def main(argv=None):
               f"prefill (`python -m bench.decoding`).")
     md = header + "\n\n" + table(rows) + "\n"
     print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"decoding_{args.preset}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out, f"decoding_{args.preset}", meta, rows, md)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,10 @@ model_<preset>.{json,md} under --out.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
 
 import torch
 
-import okadfa
-from bench.common import median_time, peak_memory
+from bench.common import cpu_meta, median_time, peak_memory, write_results
 from okadfa.models import OKADFAConfig, OKADFAModel
 
 MODES = ("forward", "train dfa", "train bp")
@@ -100,10 +95,8 @@ def main(argv=None):
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     config = OKADFAConfig.preset(args.preset)
     n_params = OKADFAModel(config).num_parameters()
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
-                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, okadfa=okadfa.__version__, preset=args.preset, batch=args.batch,
-                config=config.to_dict(), parameters=n_params, parameter_mb=4 * n_params / 2**20)
+    meta = cpu_meta(preset=args.preset, batch=args.batch, config=config.to_dict(), parameters=n_params,
+                    parameter_mb=4 * n_params / 2**20)
     print(f"{args.preset}: {n_params / 1e6:.1f}M parameters, batch {args.batch}, {meta['threads']} threads", flush=True)
     rows = run(args.preset, seq_lens, args.batch)
     header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; {meta['date']}. "
@@ -112,13 +105,7 @@ def main(argv=None):
               f"allocator beyond the model and its gradients (activations, workspaces, logits, temporaries).")
     md = header + "\n\n" + table(rows) + "\n"
     print("\n" + md)
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"model_{args.preset}")
-    with open(stem + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(stem + ".md", "w") as f:
-        f.write(md)
-    print(f"wrote {stem}.json and {stem}.md")
+    write_results(args.out, f"model_{args.preset}", meta, rows, md)
 
 
 if __name__ == "__main__":

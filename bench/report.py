@@ -35,11 +35,8 @@ not absolute times across runs.
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
-import json
 import os
-import platform
 import statistics
 import time
 
@@ -47,8 +44,8 @@ import torch
 
 import okadfa
 from bench import plots
-from bench.common import B, D, DFA_HEAD_ROWS, DFA_HEAD_SHAPE, H, M, chunked_flops, dfa_head_flops, make_dfa_head_step, \
-    make_step, median_time, peak_memory, peers
+from bench.common import B, D, DFA_HEAD_ROWS, DFA_HEAD_SHAPE, H, M, chunked_flops, cpu_meta, dfa_head_flops, \
+    make_dfa_head_step, make_step, median_time, peak_memory, peers, write_results
 
 
 def matmul_gflops(n=2048):
@@ -148,13 +145,7 @@ def _write(out_dir, stem, meta, rows, md, plot=True):
               f"{meta['date']}; fp32 matmul {meta['matmul_gflops']:.0f}/{meta['matmul_gflops_after']:.0f} "
               f"GFLOP/s (before/after)")
     print("\n" + header + "\n" + md)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, stem)
-    with open(path + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(path + ".md", "w") as f:
-        f.write(header + "\n" + md + "\n")
-    print(f"\nwrote {path}.json and {path}.md")
+    path = write_results(out_dir, stem, meta, rows, header + "\n" + md + "\n")
     if plot:
         _plot(path + ".json")
 
@@ -166,9 +157,7 @@ def _plot(json_path):
 
 def run_cpu(args):
     suffix = "_quick" if args.quick else ""
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
-                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, okadfa=okadfa.__version__, dtype="float32")
+    meta = cpu_meta(dtype="float32")
     meta["matmul_gflops"] = matmul_gflops()
     print(f"machine: {meta['threads']} threads, fp32 matmul {meta['matmul_gflops']:.0f} GFLOP/s", flush=True)
     if args.only in (None, "favor_attention"):

@@ -13,6 +13,8 @@ O(t) per token), so `OKADFAModel.generate` has one code path for both attentions
 """
 from __future__ import annotations
 
+import abc
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -34,11 +36,12 @@ def _check_step_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
         raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got shape {tuple(k.shape)}")
 
 
-class _Cache:
+class _Cache(abc.ABC):
     """What both caches share: `step` is `extend` with one position."""
 
+    @abc.abstractmethod
     def extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Append n positions: q, k (B, H, n, Dk), v (B, H, n, Dv) → outputs (B, H, n, Dv)."""
 
     def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> Tensor:
         """Append one position: q_t, k_t (B, H, Dk), v_t (B, H, Dv) → output (B, H, Dv)."""

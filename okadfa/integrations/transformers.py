@@ -57,6 +57,7 @@ except ImportError as exc:    # pragma: no cover - exercised only without the ex
     raise ImportError("okadfa.integrations.transformers needs Hugging Face transformers>=4.48: "
                       "pip install 'okadfa[hf]'") from exc
 
+from ..ops._validation import check_feature_settings
 from ..ops.favor_sdpa import favor_sdpa
 
 __all__ = ["DEFAULT_NAME", "favor_attention_forward", "favor_attention_mask", "register"]
@@ -281,10 +282,7 @@ def register(name: str = DEFAULT_NAME, *, num_features: int = 256, seed: int = 0
                                                                     and name not in _SETTINGS):
         raise ValueError(f"name must be a new attention implementation name (not one transformers or another "
                          f"library registered), got {name!r}")
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    check_feature_settings(num_features, seed)
     if backend not in ("auto", "cpu", "cuda", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'cpu', 'cuda', 'triton' or 'reference', got {backend!r}")
     settings = _SETTINGS.setdefault(name, {})

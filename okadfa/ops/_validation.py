@@ -72,6 +72,14 @@ def check_scale(scale, head_dim: int, dtype: torch.dtype) -> float:
     return float(scale)
 
 
+def check_feature_settings(num_features, seed) -> None:
+    """favor_sdpa's (and the Hugging Face backend's) num_features and seed."""
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+
 def check_chunk(chunk_size, default: int) -> int:
     if chunk_size is None:
         return default

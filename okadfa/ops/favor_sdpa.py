@@ -71,10 +71,7 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
         if hq != hkv and 1 not in (hq, hkv) and hq % hkv:
             raise ValueError(f"grouped-query attention needs query's heads ({hq}) to be a multiple of key's "
                              f"({hkv})")
-    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-        raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+    val.check_feature_settings(num_features, seed)
 
 
 def _to_4d(x: Tensor, batch: torch.Size) -> Tensor:
