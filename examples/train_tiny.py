@@ -4,9 +4,9 @@
 
 Data: bytes of the Python standard library's own source files (okadfa.data's
 "stdlib" corpus, no download). Prints the training loss and, for DFA, the
-alignment between the DFA update and the true gradient
-(okadfa.diagnostics.mean_alignment) per block and for all blocks together,
-averaged over 4 fixed validation batches.
+alignment between the DFA update and the true gradient of the weights that write
+the residual stream (okadfa.diagnostics.mean_alignment, "writers") per block and
+for all blocks together, averaged over 4 fixed validation batches.
 """
 import argparse
 import time
@@ -20,7 +20,8 @@ from okadfa.models import OKADFAConfig, OKADFAModel
 
 def train(training, corpus, args):
     torch.manual_seed(args.seed)
-    model = OKADFAModel(OKADFAConfig.preset("tiny", training=training, max_seq_len=args.seq_len))
+    # the same (post-LN) architecture for both rules, so they compare like for like
+    model = OKADFAModel(OKADFAConfig.preset("tiny", training=training, norm="post", max_seq_len=args.seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     probes = list(val_batches(corpus.val, args.batch_size, args.seq_len, 4))
     start, recent = time.time(), []
@@ -34,7 +35,8 @@ def train(training, corpus, args):
         if step == 1 or step % args.log_every == 0:
             line = f"{training} step {step:4d} loss {sum(recent) / len(recent):.3f} ({time.time() - start:.0f}s)"
             if training == "dfa":
-                line += "  alignment " + " ".join(f"{k}:{c:+.2f}" for k, c in mean_alignment(model, probes).items())
+                writers = mean_alignment(model, probes)["writers"]
+                line += "  writer alignment " + " ".join(f"{k}:{c:+.2f}" for k, c in writers.items())
             print(line, flush=True)
     return sum(recent) / len(recent)
 

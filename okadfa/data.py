@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-__all__ = ["Tokenizer", "ByteTokenizer", "GPT2Tokenizer", "get_tokenizer", "Corpus", "load_corpus", "get_batch",
+__all__ = ["ngram_levels", "Tokenizer", "ByteTokenizer", "GPT2Tokenizer", "get_tokenizer", "Corpus", "load_corpus", "get_batch",
            "val_batches"]
 
 FORMAT = 1                      # bump when the cache layout or tokenisation changes
@@ -496,3 +496,29 @@ def val_batches(tokens: np.ndarray, batch_size: int, seq_len: int,
             span = np.asarray(tokens[first * seq_len:(first + k) * seq_len + 1])
             yield _to_xy(np.stack([span[j * seq_len:(j + 1) * seq_len + 1] for j in range(k)]))
     return batches()
+
+
+def ngram_levels(train: np.ndarray, val: np.ndarray, seq_len: int, windows: int, *, mu: float = 1.0) -> dict:
+    """Reference levels for a language model's validation loss: the cross-entropy (nats/token) of a
+    unigram and of a bigram model, estimated on `train`, on exactly the targets that `val_batches`
+    yields for `windows` windows of `seq_len` (what `okadfa train` evaluates).
+
+    Unigram: add-one counts. Bigram: p(b | a) = (c(a, b) + mu·p_unigram(b)) / (c(a) + mu). A model
+    above the unigram level has learned no more than token frequencies; below the bigram level it
+    uses more than the previous token.
+    """
+    n = min(windows, (len(val) - 1) // seq_len) * seq_len
+    if n < 1:
+        raise ValueError(f"val has {len(val)} tokens: no window of {seq_len + 1}")
+    train = np.asarray(train, dtype=np.int64)
+    prev, nxt = np.asarray(val[:n], dtype=np.int64), np.asarray(val[1:n + 1], dtype=np.int64)
+    vocab = int(max(train.max(), prev.max(), nxt.max())) + 1
+    uni_counts = np.bincount(train, minlength=vocab).astype(np.float64)
+    p_uni = (uni_counts + 1) / (uni_counts.sum() + vocab)
+    pairs, counts = np.unique(train[:-1] * vocab + train[1:], return_counts=True)
+    wanted = prev * vocab + nxt
+    at = np.clip(np.searchsorted(pairs, wanted), 0, len(pairs) - 1)
+    c_ab = np.where(pairs[at] == wanted, counts[at], 0)
+    c_a = np.bincount(train[:-1], minlength=vocab)[prev]
+    p_bi = (c_ab + mu * p_uni[nxt]) / (c_a + mu)
+    return {"unigram": float(-np.log(p_uni[nxt]).mean()), "bigram": float(-np.log(p_bi).mean()), "tokens": int(n)}

@@ -3,11 +3,15 @@ with no GPU and no download.
 
 1. Trains the `tiny` preset (byte-level, 4 blocks of width 128, FAVOR+ attention
    with 64 features) on the embedded corpus (the Python standard library's own
-   sources, `okadfa.data`) two ways, DFA and backprop, with the same data, steps,
-   batches and seed: `okadfa compare --variants favor+dfa,favor+bp`. It prints the
-   comparison table and writes OUT/report.md, report.json, val_loss.png and
-   alignment.png (cosine between the DFA update and the backprop gradient, per
-   block, over training).
+   sources, `okadfa.data`) two ways, DFA and backprop, on the same (post-LN)
+   architecture with the same data, steps, batches and seed, each rule with its
+   own optimizer defaults: `okadfa compare --variants favor+dfa,favor+bp`. It
+   prints the comparison table (with the DFA/BP loss ratio and the unigram and
+   bigram levels of the validation bytes) and writes OUT/report.md, report.json,
+   val_loss.png (with those levels drawn), alignment.png (cosine between the DFA
+   update and the backprop gradient per block over training: the weights that
+   write the residual stream, LayerNorm and bias parameters, all parameters) and
+   norms.png (block-output norms).
 2. Runs the quick microbenchmark (`python -m bench.report --quick --out OUT`:
    FAVOR+ attention against SDPA and the peers, the fused DFA head against the
    unfused one, with plots) when run from a source checkout, where `bench/` is.

@@ -18,82 +18,150 @@ import torch
 from torch import Tensor, nn
 
 from .ops.dfa_head import dfa_head
-from .ops.dfa_feedback import seeded_feedback_matrix
+from .ops.dfa_feedback import dfa_feedback, seeded_feedback_matrix
 from .reference.feedback import FeedbackSpec, materialize_feedback
 
 __all__ = ["DFA"]
 
 
 class _DFAHeadLoss(torch.autograd.Function):
-    """loss = CE(h w_decᵀ, targets); backward: true gradients for h and w_dec and
-    the projected error for each feedback point (inputs after the fixed ones)."""
+    """loss = CE(h w_decᵀ, targets); backward: true gradients for h and w_dec and the
+    projected error for each feedback point (the inputs after the fixed ones).
+
+    `groups` is a tuple of (feedback, point indices): the first group's signals come
+    from the fused head, every other group's from `dfa_feedback` on the head's error
+    (error="hidden": e = grad_h), since one projection has one output width. With
+    error="stream" every group projects e = ∂loss/∂x_L, computed from grad_h through
+    the final norm (stream = (x_L, norm))."""
 
     @staticmethod
-    def forward(ctx, h, w_dec, targets, feedback, error, ignore_index, *points):
+    def forward(ctx, h, w_dec, targets, groups, error, ignore_index, stream, *points):
         n, d = h.shape[0] * h.shape[1], h.shape[-1]
-        loss, grad_h, grad_w, signals = dfa_head(h.reshape(n, d), w_dec, targets.reshape(n), feedback,
-                                                 ignore_index=ignore_index, error=error)
-        ctx.save_for_backward(grad_h, grad_w, signals)
+        fused = error != "stream"             # the first group's signals come from the fused head
+        head_feedback = groups[0][0] if fused else FeedbackSpec(1, d, d)   # "stream": the head gives e only
+        loss, grad_h, grad_w, signals = dfa_head(h.reshape(n, d), w_dec, targets.reshape(n), head_feedback,
+                                                 ignore_index=ignore_index, error="hidden" if not fused else error)
+        e = grad_h if fused else _stream_error(stream, grad_h)
+        point_signals = [None] * len(points)
+        if fused:
+            for i, index in enumerate(groups[0][1]):
+                point_signals[index] = signals[i]
+        for feedback, indices in groups[1 if fused else 0:]:
+            for i, s in zip(indices, dfa_feedback(e, feedback)):
+                point_signals[i] = s
+        ctx.save_for_backward(grad_h, grad_w, *point_signals)
         ctx.shapes = [p.shape for p in points]
         ctx.h_shape = h.shape
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        grad_h, grad_w, signals = ctx.saved_tensors
-        point_grads = [(signals[i] * grad_loss).reshape(shape).to(signals.dtype) for i, shape in enumerate(ctx.shapes)]
-        return (grad_h.reshape(ctx.h_shape) * grad_loss, grad_w * grad_loss, None, None, None, None, *point_grads)
+        grad_h, grad_w, *signals = ctx.saved_tensors
+        point_grads = [(s * grad_loss).reshape(shape).to(s.dtype) for s, shape in zip(signals, ctx.shapes)]
+        return (grad_h.reshape(ctx.h_shape) * grad_loss, grad_w * grad_loss, None, None, None, None, None,
+                *point_grads)
+
+
+def _stream_error(stream, grad_h: Tensor) -> Tensor:
+    """e = ∂loss/∂x_L (N, d): grad_h taken back through the final norm, stream = (x_L, norm)."""
+    x, norm = stream
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        (e,) = torch.autograd.grad(norm(x), x, grad_h.view_as(x))
+    return e.reshape(grad_h.shape)
 
 
 class DFA(nn.Module):
-    """Feedback matrices and the DFA loss for `points` feedback points.
+    """Feedback matrices and the DFA loss for named feedback points.
 
     Args:
         points: names of the feedback points, in order (e.g. ["block0", ...]).
-        dim: width of each point's activations (d_model).
+        dim: width of the points' activations: one int for all (d_model), or one per point
+            (points="micro" adds the MLP hidden activations, of width d_ff).
         error_dim: E, the width of the error (d for error="hidden", V for "logits").
-        error: "hidden" (e = ∂loss/∂h, before the unembedding) or "logits" (e = ∂loss/∂y).
+        error: "hidden" (e = ∂loss/∂h, before the unembedding), "logits" (e = ∂loss/∂y)
+            or "stream" (e = ∂loss/∂x_L, before the final norm; `loss(..., stream=)`).
         seed, dist, shared, storage: as in `okadfa.FeedbackSpec`. storage="stored"
-            keeps the matrices as a buffer (in the state_dict); "seeded" regenerates
-            them from the seed and stores nothing but the seed.
+            keeps the matrices as buffers (in the state_dict); "seeded" regenerates
+            them from the seed and stores nothing but the seed. dist="spd" (okadfa's
+            own variant, stored only, E = dim): B_p = G_p G_pᵀ with G_p the spec's
+            "normal" matrix, symmetric positive semi-definite with E[B_p] = I, so each
+            signal has a positive inner product with e: a random feedback that keeps
+            the direction of the residual path, along which a pre-LN block's true
+            gradient contains e itself.
+
+    Points of one width form a group with one `FeedbackSpec` (`specs[g]`, the points
+    in order); group g (widths in order of first appearance) uses seed ⊕ g·2⁴⁸, so the
+    groups' matrices are independent; `shared=True` shares one matrix within a group.
+    The first group's signals come from the fused head; widths other than the first
+    need error="hidden".
     """
 
-    def __init__(self, points: list[str], dim: int, error_dim: int, *, error: str = "hidden", seed: int = 0,
+    def __init__(self, points: list[str], dim, error_dim: int, *, error: str = "hidden", seed: int = 0,
                  dist: str = "normal", shared: bool = False, storage: str = "seeded"):
         super().__init__()
-        if error not in ("hidden", "logits"):
-            raise ValueError(f"error must be 'hidden' or 'logits', got {error!r}")
+        if error not in ("hidden", "logits", "stream"):
+            raise ValueError(f"error must be 'hidden', 'logits' or 'stream', got {error!r}")
+        if dist == "spd" and (storage != "stored" or error == "logits"):
+            raise ValueError("dist='spd' needs storage='stored' and a d-wide error ('hidden' or 'stream')")
         if not points:
             raise ValueError("DFA needs at least one feedback point")
         self.points = list(points)
+        dims = [dim] * len(self.points) if isinstance(dim, int) else list(dim)
+        if len(dims) != len(self.points):
+            raise ValueError(f"dim lists {len(dims)} widths for {len(self.points)} points")
+        widths = list(dict.fromkeys(dims))
+        if len(widths) > 1 and error == "logits":
+            raise ValueError("feedback points of different widths (points='micro') need a d-wide error, not 'logits'")
         self.error = error
-        self.spec = FeedbackSpec(len(self.points), dim, error_dim, seed=seed, dist=dist, shared=shared,
-                                 storage=storage)
-        if storage == "stored":
-            self.register_buffer("feedback", materialize_feedback(self.spec))
-        else:
-            self.feedback = None
+        self.groups = [[i for i, w in enumerate(dims) if w == width] for width in widths]
+        if dist == "spd" and any(width != error_dim for width in widths):
+            raise ValueError(f"dist='spd' needs every point as wide as the error ({error_dim}), got widths {widths}")
+        self.dist = dist
+        self.specs = [FeedbackSpec(len(members), width, error_dim, seed=seed ^ (g << 48),
+                                   dist="normal" if dist == "spd" else dist, shared=shared, storage=storage)
+                      for g, (width, members) in enumerate(zip(widths, self.groups))]
+        self.spec = self.specs[0]
+        self._feedback_names = []
+        for g, spec in enumerate(self.specs):
+            name = "feedback" if g == 0 else f"feedback_{g}"
+            matrices = materialize_feedback(spec) if storage == "stored" else None
+            if dist == "spd":                 # G Gᵀ: (P, dim, E) @ (P, E, dim) -> (P, dim, dim); E = dim
+                matrices = matrices @ matrices.transpose(1, 2)
+            self.register_buffer(name, matrices)
+            self._feedback_names.append(name)
+
+    def _feedback(self, g: int):
+        stored = getattr(self, self._feedback_names[g])
+        return self.specs[g] if stored is None else stored
 
     def feedback_matrix(self, p: int | str) -> Tensor:
-        """B_p (dim × error_dim): point p receives e B_pᵀ. Seeded matrices are generated
+        """B_p (dim_p × error_dim): point p receives e B_pᵀ. Seeded matrices are generated
         on demand (float32, on the CPU, as the cpu kernels generate them), for diagnostics."""
         index = self.points.index(p) if isinstance(p, str) else p
-        return seeded_feedback_matrix(self.spec, index) if self.feedback is None else self.feedback[index]
+        g = next(g for g, members in enumerate(self.groups) if index in members)
+        k = self.groups[g].index(index)
+        stored = getattr(self, self._feedback_names[g])
+        return seeded_feedback_matrix(self.specs[g], k) if stored is None else stored[k]
 
     def loss(self, h: Tensor, w_dec: Tensor, targets: Tensor, point_outputs: list[Tensor], *,
-             ignore_index: int = -100) -> Tensor:
+             ignore_index: int = -100, stream: tuple | None = None) -> Tensor:
         """The mean cross-entropy of h w_decᵀ against targets, whose backward gives h
         and w_dec their true gradients and point_outputs[p] the signal e B_pᵀ.
 
         h: (B, T, d) final hidden states; w_dec: (V, d); targets: (B, T);
-        point_outputs: the activations at the feedback points, each (B, T, dim).
+        point_outputs: the activations at the feedback points, each (B, T, dim_p).
+        stream: (x_L, norm) with h = norm(x_L), needed for error="stream".
         """
+        if self.error == "stream" and stream is None:
+            raise ValueError("error='stream' needs stream=(x_L, final norm)")
         if len(point_outputs) != len(self.points):
             raise ValueError(f"expected {len(self.points)} feedback point outputs, got {len(point_outputs)}")
-        feedback = self.spec if self.feedback is None else self.feedback
-        return _DFAHeadLoss.apply(h, w_dec, targets, feedback, self.error, ignore_index, *point_outputs)
+        groups = tuple((self._feedback(g), tuple(members)) for g, members in enumerate(self.groups))
+        return _DFAHeadLoss.apply(h, w_dec, targets, groups, self.error, ignore_index, stream, *point_outputs)
 
     def extra_repr(self) -> str:
         s = self.spec
-        return (f"points={len(self.points)}, dim={s.dim}, error={self.error} (E={s.error_dim}), dist={s.dist}, "
-                f"shared={s.shared}, storage={s.storage}, seed={s.seed}")
+        widths = "/".join(str(spec.dim) for spec in self.specs)
+        return (f"points={len(self.points)}, dim={widths}, error={self.error} (E={s.error_dim}), "
+                f"dist={self.dist}, shared={s.shared}, storage={s.storage}, seed={s.seed}")

@@ -22,7 +22,7 @@ from .nn import KOABlock
 from .ops.dfa_head import checked_targets
 from .ortho import OrthoSchedule, model_orthogonality_loss
 
-__all__ = ["OKADFAConfig", "OKADFAModel", "ModelOutput"]
+__all__ = ["OKADFAConfig", "OKADFAModel", "ModelOutput", "feedback_points", "RULE_DEFAULTS"]
 
 _PRESETS = {
     "tiny": dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=256, nb_features=64),
@@ -31,15 +31,42 @@ _PRESETS = {
                         nb_features=256),
 }
 
-_CHOICES = dict(attention=("favor", "softmax"), training=("dfa", "bp"), error=("hidden", "logits"),
-                points=("block", "sublayer"), feedback_dist=("normal", "uniform"),
+# Feedback point kinds per `points` setting: "attn" after the attention sub-layer, "hidden" the
+# MLP's hidden activation, "mlp" the block output (after the MLP sub-layer).
+_POINT_KINDS = {"block": ("mlp",), "sublayer": ("attn", "mlp"), "micro": ("attn", "hidden", "mlp")}
+
+# Architecture defaults that depend on the training rule (fields left None), measured:
+# bench/results/dfa_sweep_one.md. `okadfa compare` gives every variant the "dfa" ones.
+RULE_DEFAULTS = {"dfa": dict(norm="post", tie_weights=False), "bp": dict(norm="pre", tie_weights=True)}
+
+_CHOICES = dict(attention=("favor", "softmax"), training=("dfa", "bp"), error=("hidden", "logits", "stream"),
+                points=("block", "sublayer", "micro"), norm=("pre", "post"), feedback_dist=("normal", "uniform", "spd"),
                 feedback_storage=("seeded", "stored"))
 
 
 @dataclass
 class OKADFAConfig:
     """Model and training-rule settings. `OKADFAConfig.preset(name, **overrides)`
-    gives "tiny" (byte-level CPU demo), "gpt2-small" (124M) or "gpt2-medium" (350M)."""
+    gives "tiny" (byte-level CPU demo), "gpt2-small" (124M) or "gpt2-medium" (350M).
+
+    DFA defaults, chosen by measurement (tiny preset, stdlib bytes, 400 steps of 16×128,
+    3 seeds; bench/results/dfa_sweep_one.md and dfa_sweep_combine.md, `python -m
+    bench.dfa_sweep`):
+    - norm: "post" when training="dfa" (val loss 2.646 against 3.308 pre-LN, worse than
+      a unigram model, and 2.687 pre-LN with point_norm). A feedback point must be a
+      normalised activation: on the raw pre-LN residual stream, which only LayerNorms
+      read, the blocks follow the signal without limit (norms ~10⁴) and learn nothing.
+      "pre" when training="bp" (GPT-2's placement).
+    - feedback_shared=True (2.540 against 2.646) and tie_weights=False when training="dfa"
+      (2.595); together 2.497.
+    - feedback_dist="spd" (okadfa's own variant, B = G Gᵀ, see okadfa.dfa.DFA: 2.496 alone,
+      2.455 ± 0.006 with the two above) where it applies; "normal" for error="logits" or
+      points="micro". feedback_storage follows: "stored" for spd, else "seeded".
+    - points="block" (sublayer 2.808, micro 2.959), dfa_embed=False (2.742),
+      error="hidden".
+    Left None, norm / tie_weights (RULE_DEFAULTS), feedback_dist and feedback_storage
+    are resolved at construction; `to_dict()` holds the resolved values.
+    """
     vocab_size: int = 256
     d_model: int = 128
     n_layers: int = 4
@@ -50,21 +77,30 @@ class OKADFAConfig:
     nb_features: int = 64                   # FAVOR+ random features per head
     redraw_interval: int | None = None      # redraw FAVOR+ features every N training steps
     training: str = "dfa"                   # "dfa" | "bp"
-    error: str = "hidden"                   # DFA error: "hidden" (before unembedding) | "logits"
-    points: str = "block"                   # DFA feedback points: "block" | "sublayer"
+    norm: str | None = None                 # "pre" | "post" LayerNorm placement; None: by training (below)
+    point_norm: bool = False                # pre-LN DFA: feedback at a parameter-free LayerNorm of each point
+    error: str = "hidden"                   # DFA error: "hidden" (before unembedding) | "logits" | "stream"
+    points: str = "block"                   # DFA feedback points: "block" | "sublayer" | "micro"
     dfa_embed: bool = False                 # embedding from its own feedback point (else backprop via block 1)
-    feedback_dist: str = "normal"
-    feedback_shared: bool = False
-    feedback_storage: str = "seeded"        # "seeded" | "stored"
+    feedback_dist: str | None = None        # "normal" | "uniform" | "spd" (B = G Gᵀ, stored); None: see below
+    feedback_shared: bool = True            # one feedback matrix for every point
+    feedback_storage: str | None = None     # "seeded" | "stored"; None: "stored" for spd, else "seeded"
     feedback_seed: int = 0
     feature_seed: int = 0
     ortho_lambda: float = 0.0
     ortho_warmup: int = 0
     ortho_per_head: bool = False
-    tie_weights: bool = True
+    tie_weights: bool | None = None         # unembedding = token embedding; None: by training (below)
     backend: str = "auto"
 
     def __post_init__(self):
+        for name, value in RULE_DEFAULTS.get(self.training, {}).items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        if self.feedback_dist is None:          # spd needs every point d wide and a d-wide error
+            self.feedback_dist = "normal" if self.error == "logits" or self.points == "micro" else "spd"
+        if self.feedback_storage is None:
+            self.feedback_storage = "stored" if self.feedback_dist == "spd" else "seeded"
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"OKADFAConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -73,6 +109,15 @@ class OKADFAConfig:
                 raise ValueError(f"OKADFAConfig.{name} must be positive, got {getattr(self, name)}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        if self.point_norm and self.norm != "pre":
+            raise ValueError("OKADFAConfig.point_norm applies to norm='pre' (post-LN points are normalised already)")
+        if self.points == "micro" and self.error == "logits":
+            raise ValueError("OKADFAConfig.points='micro' needs error='hidden' or 'stream' (its MLP hidden points "
+                             "are d_ff wide)")
+        if self.feedback_dist == "spd" and (self.feedback_storage != "stored" or self.error == "logits"
+                                            or self.points == "micro"):
+            raise ValueError("OKADFAConfig.feedback_dist='spd' needs feedback_storage='stored', error='hidden' or "
+                             "'stream', and points of width d_model (not 'micro')")
         if self.ortho_lambda < 0 or self.ortho_warmup < 0:
             raise ValueError("ortho_lambda and ortho_warmup must be >= 0")
 
@@ -84,6 +129,18 @@ class OKADFAConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def feedback_points(c: OKADFAConfig) -> tuple[list[str], list[int]]:
+    """(names, widths) of the DFA feedback points of config c, in the order the trunk meets them:
+    "embed" (dfa_embed), then per block i "block<i>" (points="block") or "block<i>.attn",
+    ("block<i>.hidden", d_ff wide, for "micro"), "block<i>.mlp"."""
+    names, widths = (["embed"], [c.d_model]) if c.dfa_embed else ([], [])
+    for i in range(c.n_layers):
+        for kind in _POINT_KINDS[c.points]:
+            names.append(f"block{i}" if c.points == "block" else f"block{i}.{kind}")
+            widths.append((c.d_ff or 4 * c.d_model) if kind == "hidden" else c.d_model)
+    return names, widths
 
 
 @dataclass
@@ -110,9 +167,10 @@ class OKADFAModel(nn.Module):
         self.pos_emb = nn.Embedding(c.max_seq_len, c.d_model)
         self.blocks = nn.ModuleList(
             KOABlock(c.d_model, c.n_heads, c.d_ff, attention=c.attention, nb_features=c.nb_features,
-                     redraw_interval=c.redraw_interval, feature_seed=c.feature_seed * 1009 + i, backend=c.backend)
+                     redraw_interval=c.redraw_interval, feature_seed=c.feature_seed * 1009 + i, backend=c.backend,
+                     norm=c.norm)
             for i in range(c.n_layers))
-        self.ln_f = nn.LayerNorm(c.d_model)
+        self.ln_f = nn.LayerNorm(c.d_model) if c.norm == "pre" else nn.Identity()   # post-LN ends normalised
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         nn.init.normal_(self.tok_emb.weight, std=0.02)
         nn.init.normal_(self.pos_emb.weight, std=0.02)
@@ -120,42 +178,25 @@ class OKADFAModel(nn.Module):
             self.lm_head.weight = self.tok_emb.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=0.02)
-        names = (["embed"] if c.dfa_embed else []) + [
-            f"block{i}" + (f".{part}" if c.points == "sublayer" else "")
-            for i in range(c.n_layers) for part in (("attn", "mlp") if c.points == "sublayer" else ("",))]
-        self.dfa = DFA(names, c.d_model, c.d_model if c.error == "hidden" else c.vocab_size, error=c.error,
+        names, widths = feedback_points(c)
+        self.dfa = DFA(names, widths, c.vocab_size if c.error == "logits" else c.d_model, error=c.error,
                        seed=c.feedback_seed, dist=c.feedback_dist, shared=c.feedback_shared,
                        storage=c.feedback_storage) if c.training == "dfa" else None
         self.ortho_schedule = OrthoSchedule(c.ortho_lambda, c.ortho_warmup)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def _segments(self):
-        """The trunk as a list of (point name, function) between feedback points."""
-        segs = []
-        for i, block in enumerate(self.blocks):
-            if self.config.points == "sublayer":
-                segs += [(f"block{i}.attn", block.attention_step), (f"block{i}.mlp", block.mlp_step)]
-            else:
-                segs.append((f"block{i}", block))
-        return segs
-
     def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100) -> ModelOutput:
         dfa = self.dfa is not None and self.training and targets is not None
         x = self.embed(input_ids)
-        points = []
-        if dfa and self.config.dfa_embed:
-            points.append(x)
-        for i, (_, seg) in enumerate(self._segments()):
-            # DFA: no gradient crosses between segments (block 1 may still backprop into the embedding).
-            if dfa and (i > 0 or self.config.dfa_embed):
-                x = x.detach()
-            x = seg(x)
-            if dfa:
-                points.append(x)
+        if dfa:
+            x, points = self.trunk_points(x)
+        else:
+            x = self._trunk(x)
         out = ModelOutput()
         if dfa:
             h = self.ln_f(x.detach())
-            out.ce_loss = self.dfa.loss(h, self.lm_head.weight, targets, points, ignore_index=ignore_index)
+            out.ce_loss = self.dfa.loss(h, self.lm_head.weight, targets, points, ignore_index=ignore_index,
+                                        stream=(x.detach(), self.ln_f))
         else:
             out.logits = self.lm_head(self.ln_f(x))
             if targets is not None:
@@ -226,6 +267,26 @@ class OKADFAModel(nn.Module):
             return ids
         finally:
             self.train(was_training)
+
+    def trunk_points(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The trunk on embeddings x (B, T, d) with DFA's feedback points: returns (output,
+        the activation at each point of `self.dfa.points`, in order). At every point the
+        stream is detached, so no gradient crosses it; with point_norm a residual-stream
+        point is the parameter-free LayerNorm of the activation (the signal enters there)."""
+        kinds = _POINT_KINDS[self.config.points]
+        points = []
+
+        def tap(kind, t):
+            if kind not in kinds:
+                return t
+            points.append(F.layer_norm(t, t.shape[-1:]) if self.config.point_norm and kind != "hidden" else t)
+            return t.detach()
+
+        if self.config.dfa_embed:
+            x = tap("mlp", x)                 # else block 1 backpropagates into the embedding
+        for block in self.blocks:
+            x = tap("mlp", block(x, tap=tap))
+        return x, points
 
     def _trunk(self, x: Tensor, caches: list | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):

@@ -3,8 +3,8 @@
 `FavorAttention` is a drop-in for `torch.nn.MultiheadAttention` that computes
 FAVOR+ attention (`okadfa.favor_attention`); `SoftmaxAttention` is the same
 module with exact softmax attention (SDPA), for like-for-like comparisons.
-`KOABlock` is a pre-LN transformer block (Kernelized Orthogonal Attention) with
-either attention and a GELU MLP.
+`KOABlock` is a pre-LN or post-LN transformer block (Kernelized Orthogonal Attention)
+with either attention and a GELU MLP.
 """
 from __future__ import annotations
 
@@ -194,20 +194,26 @@ class SoftmaxAttention(_ProjectedAttention):
 
 
 class KOABlock(nn.Module):
-    """Pre-LN transformer block: x + attn(ln1(x)), then + mlp(ln2(x)), causal.
+    """Transformer block, causal: FAVOR+ or softmax attention, then a GELU MLP.
 
-    attention: "favor" (FavorAttention) or "softmax" (SoftmaxAttention); the MLP
-    is Linear(d, d_ff) → GELU → Linear(d_ff, d). The two residual steps are
-    exposed separately (`attention_step`, `mlp_step`) so DFA can place a feedback
-    point after each sub-layer.
+    norm="pre" (GPT-2):  h = x + attn(ln1(x));  out = h + mlp(ln2(h))   (the model adds a final LayerNorm)
+    norm="post" (the original Transformer, BERT):  h = ln1(x + attn(x));  out = ln2(h + mlp(h))
+
+    attention: "favor" (FavorAttention) or "softmax" (SoftmaxAttention); the MLP is
+    Linear(d, d_ff) → GELU → Linear(d_ff, d). `forward(x, tap=...)` lets DFA (okadfa.models)
+    place feedback points inside the block: after the attention sub-layer ("attn") and at
+    the MLP's hidden activation ("hidden"); what `tap` returns is used in their place.
     """
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int | None = None, *, attention: str = "favor",
                  nb_features: int = 256, redraw_interval: int | None = None, feature_seed: int = 0,
-                 backend: str = "auto"):
+                 backend: str = "auto", norm: str = "pre"):
         super().__init__()
         if attention not in ("favor", "softmax"):
             raise ValueError(f"attention must be 'favor' or 'softmax', got {attention!r}")
+        if norm not in ("pre", "post"):
+            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
+        self.norm = norm
         self.ln1 = nn.LayerNorm(d_model)
         if attention == "favor":
             self.attn = FavorAttention(d_model, n_heads, batch_first=True, nb_features=nb_features,
@@ -219,15 +225,32 @@ class KOABlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
     def attention_step(self, x: Tensor, cache=None) -> Tensor:
-        h = self.ln1(x)
-        return x + self.attn(h, h, h, need_weights=False, is_causal=True, cache=cache)[0]
+        """The attention sub-layer with its residual and norm: (B, T, d) -> (B, T, d)."""
+        if self.norm == "pre":
+            h = self.ln1(x)
+            return x + self.attn(h, h, h, need_weights=False, is_causal=True, cache=cache)[0]
+        return self.ln1(x + self.attn(x, x, x, need_weights=False, is_causal=True, cache=cache)[0])
 
-    def mlp_step(self, x: Tensor) -> Tensor:
-        return x + self.mlp(self.ln2(x))
+    def mlp_hidden(self, x: Tensor) -> Tensor:
+        """The MLP's hidden activation GELU(W_in ·): (B, T, d) -> (B, T, d_ff)."""
+        return self.mlp[1](self.mlp[0](self.ln2(x) if self.norm == "pre" else x))
 
-    def forward(self, x: Tensor, cache=None) -> Tensor:
-        """x (B, T, d); cache: the attention's decoding state (`attn.new_cache()`) or None."""
-        return self.mlp_step(self.attention_step(x, cache))
+    def mlp_output(self, x: Tensor, hidden: Tensor) -> Tensor:
+        """The MLP sub-layer's output from its input x and hidden activation."""
+        if self.norm == "pre":
+            return x + self.mlp[2](hidden)
+        return self.ln2(x + self.mlp[2](hidden))
+
+    def forward(self, x: Tensor, cache=None, tap=None) -> Tensor:
+        """x (B, T, d); cache: the attention's decoding state (`attn.new_cache()`) or None;
+        tap(kind, t) -> t: called with kind "attn" and "hidden" (None: identity)."""
+        x = self.attention_step(x, cache)
+        if tap is not None:
+            x = tap("attn", x)
+        hidden = self.mlp_hidden(x)
+        if tap is not None:
+            hidden = tap("hidden", hidden)
+        return self.mlp_output(x, hidden)
 
     def ortho_weights(self) -> dict[str, Tensor]:
         """Attention and MLP weight matrices for the orthogonality penalty."""

@@ -15,8 +15,11 @@ updates (to fp32 rounding) on any number of ranks, and resumes on a different on
 FAVOR+ feature redraws and DFA feedback are seeded from the config (and the step),
 so replicas never diverge.
 
-Writes to --out: metrics.jsonl (one JSON object per line: "config", "train",
-"val", "align", "summary" records), checkpoint.pt (every --ckpt-every steps, at
+Writes to --out: metrics.jsonl (one JSON object per line: "config", "baselines"
+(unigram and bigram levels of the evaluated tokens), "train", "val", "norms"
+(activation norms per feedback point and block, at every evaluation), "align"
+(DFA/BP cosine per block: all parameters, residual writers, matrices, LayerNorm and
+biases), "summary" records), checkpoint.pt (every --ckpt-every steps, at
 the end and on Ctrl-C / SIGTERM: the first signal stops after the current step),
 sample.txt (generated text). Validation reports loss, perplexity and bits per
 byte (exact for byte data; for BPE from the split's bytes per token).
@@ -38,11 +41,19 @@ import torch
 import torch.distributed as dist
 
 from .checkpoint import load_checkpoint, save_checkpoint
-from .data import get_batch, load_corpus, val_batches
-from .diagnostics import mean_alignment
+from .data import get_batch, load_corpus, ngram_levels, val_batches
+from .diagnostics import activation_norms, mean_alignment
 from .models import OKADFAConfig, OKADFAModel
 
-__all__ = ["main", "train", "parse_args", "learning_rate"]
+__all__ = ["main", "train", "parse_args", "learning_rate", "OPTIMIZER_DEFAULTS"]
+
+
+# AdamW settings per training rule (betas (0.9, adam_beta2)), measured on the tiny preset (1000 steps):
+# bench/results/dfa_sweep_bundle.md (learning rates) and dfa_sweep_one.md (the rest).
+OPTIMIZER_DEFAULTS = {
+    "dfa": dict(lr=4e-3, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
+    "bp": dict(lr=2e-3, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -51,7 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", help="tiny | gpt2-small | gpt2-medium (default tiny)")
     p.add_argument("--attention", choices=("favor", "softmax"), default="favor")
     p.add_argument("--training", choices=("dfa", "bp"), default="dfa")
-    p.add_argument("--error", choices=("hidden", "logits"), default="hidden", help="DFA error signal")
+    p.add_argument("--error", choices=("hidden", "logits", "stream"), default="hidden",
+                   help="DFA error: at the final hidden state, the logits, or before the final norm")
     p.add_argument("--ortho-lambda", type=float, default=0.0, help="orthogonality penalty weight")
     p.add_argument("--ortho-warmup", type=int, default=0, help="steps of linear warm-up of the penalty")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -64,10 +76,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="stop with a checkpoint after N steps of this run (the LR schedule still spans --steps)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, all ranks)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW; default by --training, below)")
     p.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default steps/20)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of matrices")
+    p.add_argument("--adam-beta2", type=float, default=None, help="AdamW's second-moment decay β2")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
@@ -83,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens of text generated at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args = p.parse_args(argv)
+    for name, value in OPTIMIZER_DEFAULTS[args.training].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -242,7 +258,7 @@ def _optimizer(model, args):
     decay = [p for p in model.parameters() if p.dim() >= 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                              {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+                              {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, args.adam_beta2))
 
 
 def main(argv=None) -> dict:
@@ -288,6 +304,9 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
     log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args), "world_size": ddp.world,
          "device": str(device), "parameters": model.num_parameters(), "corpus": corpus.name,
          "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "torch": torch.__version__})
+    if ddp.main and step == 0:
+        log({"kind": "baselines", "step": 0,
+             **ngram_levels(corpus.train, corpus.val, args.seq_len, args.batch_size * args.eval_batches)})
     probes = [tuple(t.to(device) for t in b) for b in val_batches(corpus.val, max(1, args.batch_size // 2),
                                                                    args.seq_len, 4)]
     progress = _Progress(args.steps, args.log_every, ddp.main, bar=sys.stderr.isatty() and not args.no_progress)
@@ -322,11 +341,15 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
             if ddp.main and (step % args.eval_every == 0 or step == args.steps):
                 last_val = evaluate(model, corpus, args, device)
                 log({"kind": "val", "step": step, "train_s": train_s, "tokens": tokens, **last_val})
+                norms = activation_norms(model, probes[0][0])
+                log({"kind": "norms", "step": step, **norms})
                 progress.message(f"step {step}: val loss {last_val['loss']:.4f}  ppl {last_val['ppl']:.2f}  "
-                                 f"bpb {last_val['bpb']:.3f}")
+                                 f"bpb {last_val['bpb']:.3f}  largest block-output norm "
+                                 f"{max(norms['stream'].values()):.3g}")
             if ddp.main and config.training == "dfa" and args.align_every and (
                     step % args.align_every == 0 or step == args.steps):
-                log({"kind": "align", "step": step, "cosine": mean_alignment(model, probes)})
+                cosines = mean_alignment(model, probes)
+                log({"kind": "align", "step": step, "cosine": cosines.pop("all"), **cosines})
             if args.ckpt_every and step % args.ckpt_every == 0:
                 checkpoint()
             if ddp.any(stop.requested):

@@ -187,3 +187,32 @@ def test_model_bench_tiny(tmp_path):
     assert all(train[k] > fwd[k] for k in train)      # a training step keeps activations for backward
     md = (tmp_path / "model_tiny.md").read_text()
     assert "| 24 | train dfa |" in md and "favor speed-up" in md
+
+
+def test_dfa_sweep_runs_merges_and_reuses(tmp_path):
+    """A 2-step stage: every variant with the same seeds and steps, the table with the n-gram levels,
+    finished runs reused on a second call, an interrupted run (summary before --steps) redone."""
+    from bench import dfa_sweep
+
+    argv = ["--stage", "bundle", "--only", "dfa (defaults)", "--only", "bp (same architecture)", "--steps", "2",
+            "--seeds", "1", "--jobs", "2", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
+    first = dfa_sweep.main(argv)
+    rows = {r["name"]: r for r in first["rows"]}
+    assert set(rows) == {"dfa (defaults)", "bp (same architecture)"}
+    dfa, bp = rows["dfa (defaults)"], rows["bp (same architecture)"]
+    assert dfa["config"]["training"] == "dfa" and bp["config"]["training"] == "bp"
+    assert bp["config"]["norm"] == dfa["config"]["norm"] == "post"          # same architecture
+    from okadfa.train import OPTIMIZER_DEFAULTS
+    assert dfa["optimizer"]["lr"] == OPTIMIZER_DEFAULTS["dfa"]["lr"] != bp["optimizer"]["lr"]
+    md = (tmp_path / "dfa_sweep_bundle.md").read_text()
+    assert "unigram" in md and "| dfa (defaults) |" in md and "DFA/BP validation-loss ratio" in md
+    metrics = tmp_path / "work" / "bundle" / "dfa_(defaults)" / "seed0" / "metrics.jsonl"
+    stamp = metrics.stat().st_mtime_ns
+    bp_metrics = tmp_path / "work" / "bundle" / "bp_(same_architecture)" / "seed0" / "metrics.jsonl"
+    lines = bp_metrics.read_text().splitlines()
+    summary = json.loads(lines[-1])
+    bp_metrics.write_text("\n".join(lines[:-1] + [json.dumps({**summary, "step": 1})]) + "\n")
+    second = dfa_sweep.main(argv)
+    assert metrics.stat().st_mtime_ns == stamp                              # reused
+    assert json.loads(bp_metrics.read_text().splitlines()[-1])["step"] == 2  # redone
+    assert second["rows"][0]["runs"]["0"]["val_loss"] == dfa["runs"]["0"]["val_loss"]
