@@ -94,7 +94,7 @@ class DFA(nn.Module):
     in order); group g (widths in order of first appearance) uses seed ⊕ g·2⁴⁸, so the
     groups' matrices are independent; `shared=True` shares one matrix within a group.
     The first group's signals come from the fused head; widths other than the first
-    need error="hidden".
+    need a d-wide error ("hidden" or "stream").
     """
 
     def __init__(self, points: list[str], dim, error_dim: int, *, error: str = "hidden", seed: int = 0,
@@ -140,9 +140,8 @@ class DFA(nn.Module):
         on demand (float32, on the CPU, as the cpu kernels generate them), for diagnostics."""
         index = self.points.index(p) if isinstance(p, str) else p
         g = next(g for g, members in enumerate(self.groups) if index in members)
-        k = self.groups[g].index(index)
-        stored = getattr(self, self._feedback_names[g])
-        return seeded_feedback_matrix(self.specs[g], k) if stored is None else stored[k]
+        k, feedback = self.groups[g].index(index), self._feedback(g)
+        return seeded_feedback_matrix(feedback, k) if isinstance(feedback, FeedbackSpec) else feedback[k]
 
     def loss(self, h: Tensor, w_dec: Tensor, targets: Tensor, point_outputs: list[Tensor], *,
              ignore_index: int = -100, stream: tuple | None = None) -> Tensor:
