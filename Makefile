@@ -32,7 +32,8 @@ test: build
 	OKADFA_REQUIRE_NATIVE=1 TRITON_INTERPRET=1 $(PY) -m pytest tests -q
 
 demo: build
-	$(PY) -m okadfa.demo --out docs/demo
+	$(PY) -m okadfa.training.demo --out docs/demo
+	$(PY) -m bench.report --quick --out docs/demo
 
 bench: build
 	$(PY) -m pip install -q pytest-benchmark

@@ -29,7 +29,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from okadfa.compare import read_metrics
+from okadfa.training.compare import read_metrics
 from okadfa.models import RULE_DEFAULTS
 
 from .common import cpu_meta, write_results
@@ -101,6 +101,19 @@ BUNDLE = {
     "dfa, lr 3e-3": ("okadfa train --training dfa --lr 3e-3", {"defaults": "dfa", "lr": 3e-3}),
     "dfa, lr 6e-3": ("okadfa train --training dfa --lr 6e-3", {"defaults": "dfa", "lr": 6e-3}),
     "dfa, lr 8e-3": ("okadfa train --training dfa --lr 8e-3", {"defaults": "dfa", "lr": 8e-3}),
+    "dfa, lr 5e-3": ("okadfa train --training dfa --lr 5e-3", {"defaults": "dfa", "lr": 5e-3}),
+    "dfa, warmup 200": ("okadfa train --training dfa --warmup 200", {"defaults": "dfa", "warmup": 200}),
+    "dfa, lr 6e-3, warmup 200": ("okadfa train --training dfa --lr 6e-3 --warmup 200",
+                                 {"defaults": "dfa", "lr": 6e-3, "warmup": 200}),
+    "dfa, warmup 400": ("okadfa train --training dfa --warmup 400", {"defaults": "dfa", "warmup": 400}),
+    "bp (same architecture), lr 3e-3, warmup 200": ("the same, lr 3e-3, --warmup 200",
+                                                    {"defaults": "bp", "lr": 3e-3, "warmup": 200,
+                                                     "set": dict(RULE_DEFAULTS["dfa"])}),
+    "bp (same architecture), warmup 200": ("the backprop defaults on the DFA architecture, --warmup 200",
+                                           {"defaults": "bp", "warmup": 200, "set": dict(RULE_DEFAULTS["dfa"])}),
+    "dfa, clip 0.5": ("okadfa train --training dfa --grad-clip 0.5", {"defaults": "dfa", "grad_clip": 0.5}),
+    "dfa, wd 0": ("okadfa train --training dfa --weight-decay 0", {"defaults": "dfa", "weight_decay": 0.0}),
+    "dfa, β2 0.99": ("okadfa train --training dfa --adam-beta2 0.99", {"defaults": "dfa", "adam_beta2": 0.99}),
     "dfa (old defaults)": ("the defaults before the sweep: pre-LN, tied, per-point feedback",
                            {"defaults": "dfa", "lr": 1e-3, "weight_decay": 0.1, "adam_beta2": 0.95, "grad_clip": 1.0,
                             "set": {"norm": "pre", "tie_weights": True, "feedback_shared": False,
@@ -115,13 +128,13 @@ def _merge(base: dict, changes: dict) -> dict:
 
 
 def _command(settings: dict, steps: int, seed: int, out: str) -> list[str]:
-    cmd = [sys.executable, "-m", "okadfa.train", "--preset", "tiny", "--data", "stdlib", "--steps", str(steps),
+    cmd = [sys.executable, "-m", "okadfa.training.train", "--preset", "tiny", "--data", "stdlib", "--steps", str(steps),
            "--batch-size", "16", "--seq-len", "128", "--seed", str(seed), "--threads", "1",
            "--eval-every", str(steps), "--log-every", str(max(1, steps // 10)), "--sample-tokens", "0",
            "--no-progress", "--out", out]
     # "defaults": nothing but the training rule, the optimizer settings given and the "set" entries
     cmd += ["--training", settings.get("defaults") or settings["training"]]
-    for key in ("lr", "weight_decay", "adam_beta2", "grad_clip"):
+    for key in ("lr", "warmup", "weight_decay", "adam_beta2", "grad_clip"):
         if key in settings:
             cmd += ["--" + key.replace("_", "-"), str(settings[key])]
     for key, value in settings.get("set", {}).items():
@@ -181,7 +194,7 @@ def main(argv=None) -> dict:
         row["runs"][str(seed)] = {"val_loss": r["val_loss"], "train_loss": r["train_loss"], "train_s": r["train_s"],
                                   "command": " ".join(["python"] + cmd[1:])}
         row["config"] = r["config"]
-        row["optimizer"] = {k: r["args"][k] for k in ("lr", "weight_decay", "adam_beta2", "grad_clip")}
+        row["optimizer"] = {k: r["args"][k] for k in ("lr", "warmup", "weight_decay", "adam_beta2", "grad_clip")}
         baselines = r["baselines"]
     order = [n for n in table if n in variants]
     meta = {"stage": args.stage, "steps": args.steps, "batch": "16x128", "preset": "tiny", "data": "stdlib",

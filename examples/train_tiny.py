@@ -2,7 +2,7 @@
 
     python examples/train_tiny.py [--steps 300] [--batch-size 16] [--seq-len 128]
 
-Data: bytes of the Python standard library's own source files (okadfa.data's
+Data: bytes of the Python standard library's own source files (okadfa.training.data's
 "stdlib" corpus, no download). Prints the training loss and, for DFA, the
 alignment between the DFA update and the true gradient of the weights that write
 the residual stream (okadfa.diagnostics.mean_alignment, "writers") per block and
@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from okadfa.data import get_batch, load_corpus, val_batches
+from okadfa.training.data import get_batch, load_corpus, val_batches
 from okadfa.diagnostics import mean_alignment
 from okadfa.models import OKADFAConfig, OKADFAModel
 

@@ -7,8 +7,9 @@ from . import reference
 from .backends import backends
 from .decoding import FavorState, KVCache
 from .ops import dfa_feedback, dfa_head, favor_attention, favor_sdpa, linear_attention
-from .reference import FeedbackSpec, OrthoSchedule, favor_features, materialize_feedback, orthogonality_loss, \
-    random_features
+from .feedback import FeedbackSpec, materialize_feedback
+from .ortho import OrthoSchedule, orthogonality_loss
+from .reference import favor_features, random_features
 
 __version__ = "0.1.0"
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops import _validation as val
+from . import validation
 from .reference.attention import _normalise, causal_chunk, key_log_features, query_features
 
 __all__ = ["FavorState", "KVCache"]
@@ -28,10 +28,10 @@ CHUNK = 64      # positions per step of `extend` (the reference path's chunked f
 
 
 def _check_step_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
-    val.check_tensor(q, "q", 4, "(B, H, n, Dk)")
-    val.check_tensor(k, "k", 4, "(B, H, n, Dk)")
-    val.check_tensor(v, "v", 4, "(B, H, n, Dv)")
-    val.check_same({"q": q, "k": k, "v": v})
+    validation.check_tensor(q, "q", 4, "(B, H, n, Dk)")
+    validation.check_tensor(k, "k", 4, "(B, H, n, Dk)")
+    validation.check_tensor(v, "v", 4, "(B, H, n, Dv)")
+    validation.check_same({"q": q, "k": k, "v": v})
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got shape {tuple(k.shape)}")
 
@@ -46,7 +46,7 @@ class _Cache(abc.ABC):
     def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> Tensor:
         """Append one position: q_t, k_t (B, H, Dk), v_t (B, H, Dv) → output (B, H, Dv)."""
         for name, x in (("q_t", q_t), ("k_t", k_t), ("v_t", v_t)):
-            val.check_tensor(x, name, 3, "(B, H, D)")
+            validation.check_tensor(x, name, 3, "(B, H, D)")
         return self.extend(q_t[:, :, None], k_t[:, :, None], v_t[:, :, None])[:, :, 0]
 
 
@@ -71,9 +71,9 @@ class FavorState(_Cache):
     """
 
     def __init__(self, projection: Tensor, *, scale: float | None = None):
-        val.check_tensor(projection, "projection", 2, "(M, Dk)")
+        validation.check_tensor(projection, "projection", 2, "(M, Dk)")
         self.projection = projection.detach()
-        self.scale = val.check_scale(scale, projection.shape[1], projection.dtype)
+        self.scale = validation.check_scale(scale, projection.shape[1], projection.dtype)
         self.reset()
 
     def reset(self) -> None:
@@ -89,11 +89,11 @@ class FavorState(_Cache):
             raise ValueError(f"q has head dim {q.shape[3]} but the projection is {tuple(self.projection.shape)}")
         if self.projection.device != q.device:
             raise ValueError(f"the projection is on {self.projection.device} but q is on {q.device}")
-        batch = val.attention_batch_shape(q, k, v, "q", "k")
+        batch = validation.attention_batch_shape(q, k, v, "q", "k")
         if self._batch is not None and batch != self._batch:
             raise ValueError(f"this state holds batch and heads {tuple(self._batch)}, got inputs for {tuple(batch)}")
-        out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
-        q, k, v = (val.prepare(x, batch, dtype) for x in (q, k, v))
+        out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)
+        q, k, v = (validation.prepare(x, batch, dtype) for x in (q, k, v))
         w = self.projection.to(dtype)
         fq, lk = query_features(q, w, self.scale), key_log_features(k, w, self.scale)
         c = lk.amax(-1)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from .ops.dfa_head import dfa_head
 from .ops.dfa_feedback import dfa_feedback, seeded_feedback_matrix
-from .reference.feedback import FeedbackSpec, materialize_feedback
+from .feedback import FeedbackSpec, materialize_feedback
 
 __all__ = ["DFA"]
 

@@ -1,4 +1,4 @@
-"""Shared helpers: the float64 brute-force O(T²) attention and the tolerances."""
+"""Shared helpers: test inputs and the tolerances (the O(T²) definition is okadfa.reference.*_naive)."""
 import math
 
 import pytest
@@ -28,20 +28,6 @@ def assert_rms_close(actual, expected, dtype, grad=False, what=""):
     tol = (GRAD_RMS_TOL if grad else RMS_TOL)[dtype]
     err = rms_error(actual, expected)
     assert err <= tol, f"{what}: relative RMS error {err:.3g} > {tol:.1g} ({dtype})"
-
-
-def brute_force_attention(q_feat, k_feat, v, causal):
-    """out = (A v) / (A 1) with A = q_feat k_featᵀ (lower-triangular if causal): O(T²)."""
-    a = q_feat @ k_feat.transpose(-1, -2)
-    if causal:
-        a = a.tril()
-    return (a @ v) / a.sum(-1, keepdim=True)
-
-
-def brute_force_favor(q, k, v, projection, causal, scale=None):
-    fq = okadfa.favor_features(q, projection, scale=scale)
-    fk = okadfa.favor_features(k, projection, scale=scale)
-    return brute_force_attention(fq, fk, v, causal)
 
 
 def make_inputs(B, H, T, Dk, Dv, M, dtype=torch.float64, seed=0, magnitude=1.0):

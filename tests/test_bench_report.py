@@ -202,7 +202,7 @@ def test_dfa_sweep_runs_merges_and_reuses(tmp_path):
     dfa, bp = rows["dfa (defaults)"], rows["bp (same architecture)"]
     assert dfa["config"]["training"] == "dfa" and bp["config"]["training"] == "bp"
     assert bp["config"]["norm"] == dfa["config"]["norm"] == "post"          # same architecture
-    from okadfa.train import OPTIMIZER_DEFAULTS
+    from okadfa.training.train import OPTIMIZER_DEFAULTS
     assert dfa["optimizer"]["lr"] == OPTIMIZER_DEFAULTS["dfa"]["lr"] != bp["optimizer"]["lr"]
     md = (tmp_path / "dfa_sweep_bundle.md").read_text()
     assert "unigram" in md and "| dfa (defaults) |" in md and "DFA/BP validation-loss ratio" in md

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import okadfa
-from conftest import assert_rms_close, brute_force_attention, brute_force_favor, make_inputs, shape_id
+from conftest import assert_rms_close, make_inputs, shape_id
+from okadfa.reference import favor_attention_naive, linear_attention_naive
 
 _STATUS = okadfa.backends()["cuda"]
 if not _STATUS["available"]:
@@ -42,7 +43,7 @@ def test_favor_attention_cuda(shape, dtype, causal):
     exact = [x.requires_grad_() for x in make_inputs(B, H, T, Dk, Dv, M)]
     inputs = [x.detach().to("cuda", dtype).requires_grad_() for x in exact]
     out = okadfa.favor_attention(*inputs, causal=causal, backend="cuda", chunk_size=C)
-    _grads_close(out, brute_force_favor(*exact, causal), inputs, exact, dtype)
+    _grads_close(out, favor_attention_naive(*exact, causal=causal), inputs, exact, dtype)
 
 
 @CAUSAL
@@ -56,7 +57,7 @@ def test_linear_attention_cuda(shape, dtype, causal):
     exact = [x.requires_grad_() for x in exact]
     inputs = [x.detach().to("cuda", dtype).requires_grad_() for x in exact]
     out = okadfa.linear_attention(*inputs, causal=causal, backend="cuda", chunk_size=C)
-    _grads_close(out, brute_force_attention(*exact, causal), inputs, exact, dtype)
+    _grads_close(out, linear_attention_naive(*exact, causal=causal), inputs, exact, dtype)
 
 
 def test_causality_cuda():

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from okadfa.reference.attention import favor_attention, linear_attention, random_features
-from okadfa.reference.feedback import FeedbackSpec, materialize_feedback
+from okadfa.feedback import FeedbackSpec, materialize_feedback
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"

@@ -1,4 +1,4 @@
-"""okadfa.data: corpora, tokenisers, the memory-mapped token cache and batching."""
+"""okadfa.training.data: corpora, tokenisers, the memory-mapped token cache and batching."""
 import json
 import os
 import sys
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from okadfa import data
-from okadfa.data import ByteTokenizer, GPT2Tokenizer, get_batch, get_tokenizer, load_corpus, val_batches
+from okadfa.training import data
+from okadfa.training.data import ByteTokenizer, GPT2Tokenizer, get_batch, get_tokenizer, load_corpus, val_batches
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 

@@ -10,10 +10,10 @@ while the weights that write the residual stream do not align at all.
 import pytest
 import torch
 
-from okadfa.data import get_batch, load_corpus, ngram_levels, val_batches
+from okadfa.training.data import get_batch, load_corpus, ngram_levels, val_batches
 from okadfa.diagnostics import activation_norms, mean_alignment
 from okadfa.models import OKADFAConfig, OKADFAModel
-from okadfa.train import OPTIMIZER_DEFAULTS
+from okadfa.training.train import OPTIMIZER_DEFAULTS
 
 STEPS, BATCH, SEQ = 200, 16, 64
 VARIANTS = {"default": {}, "old pre-LN default": {"norm": "pre", "tie_weights": True, "feedback_shared": False,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import okadfa
 from conftest import rms_error
 from okadfa.ops.dfa_feedback import seeded_feedback_matrix
-from okadfa.reference import FeedbackSpec, materialize_feedback
+from okadfa.feedback import FeedbackSpec, materialize_feedback
 from okadfa.reference import dfa_feedback as ref_feedback
 from okadfa.reference import dfa_head as ref_head
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 import okadfa
-from conftest import (CPU_BACKENDS, NATIVE_BACKENDS, assert_rms_close, brute_force_favor, make_inputs,
+from conftest import (CPU_BACKENDS, NATIVE_BACKENDS, assert_rms_close, make_inputs,
                       rms_error, shape_id)
+from okadfa.reference import favor_attention_naive
 
 # (B, H, T, Dk, Dv, M, chunk): odd sizes, T = 1, T not a multiple of the chunk,
 # M and D not powers of two, B·H below and above the thread count.
@@ -30,7 +31,7 @@ def _grads(out, inputs, g):
 def test_matches_brute_force_float64(backend, causal, shape):
     B, H, T, Dk, Dv, M, C = shape
     q, k, v, w = (x.requires_grad_() for x in make_inputs(B, H, T, Dk, Dv, M))
-    expected = brute_force_favor(q, k, v, w, causal)
+    expected = favor_attention_naive(q, k, v, w, causal=causal)
     out = okadfa.favor_attention(q, k, v, w, causal=causal, backend=backend, chunk_size=C)
     assert out.dtype == torch.float64 and out.shape == (B, H, T, Dv)
     assert_rms_close(out, expected, torch.float64, what="out")
@@ -178,7 +179,7 @@ def test_non_contiguous_and_broadcast_inputs(backend):
     g = torch.randn_like(expected)
     got = torch.autograd.grad(okadfa.favor_attention(q, k1g, v1g, w, causal=True, backend=backend), (k1g, v1g), g)
     k1r, v1r = k1.clone().requires_grad_(), v1.clone().requires_grad_()
-    ref = torch.autograd.grad(brute_force_favor(q, k1r.expand_as(k), v1r.expand_as(v), w, True), (k1r, v1r), g)
+    ref = torch.autograd.grad(favor_attention_naive(q, k1r.expand_as(k), v1r.expand_as(v), w, causal=True), (k1r, v1r), g)
     for a, e in zip(got, ref):
         assert a.shape == k1.shape[:3] + a.shape[3:]
         assert_rms_close(a, e, torch.float64, grad=True)
@@ -191,7 +192,7 @@ def test_native_thread_counts_agree(threads, bh):
     if not NATIVE_BACKENDS:
         pytest.skip("native extension not built")
     q, k, v, w = (x.requires_grad_() for x in make_inputs(*bh, 90, 16, 40, 24, seed=7))
-    expected = brute_force_favor(q, k, v, w, True)
+    expected = favor_attention_naive(q, k, v, w, causal=True)
     g = torch.randn_like(expected)
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -211,7 +212,7 @@ def test_default_scale_and_explicit_scale():
     b = okadfa.favor_attention(q, k, v, w, causal=True, scale=9 ** -0.5)
     c = okadfa.favor_attention(q, k, v, w, causal=True, scale=0.05)
     torch.testing.assert_close(a, b)
-    assert_rms_close(c, brute_force_favor(q, k, v, w, True, scale=0.05), torch.float64)
+    assert_rms_close(c, favor_attention_naive(q, k, v, w, causal=True, scale=0.05), torch.float64)
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
@@ -268,7 +269,7 @@ def test_grouped_query_attention(backend):
     _, k, v, _ = make_inputs(2, 2, 30, 8, 5, 12, seed=12)
     k, v = (x.requires_grad_() for x in (k, v))
     out = okadfa.favor_attention(q, k, v, w, causal=True, backend=backend)
-    expected = brute_force_favor(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), w, True)
+    expected = favor_attention_naive(q, k.repeat_interleave(3, dim=1), v.repeat_interleave(3, dim=1), w, causal=True)
     assert_rms_close(out, expected, torch.float64)
     g = torch.randn_like(out)
     for a, e in zip(torch.autograd.grad(out, (k, v), g), torch.autograd.grad(expected, (k, v), g)):

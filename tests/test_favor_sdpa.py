@@ -6,7 +6,8 @@ import torch.nn.functional as F
 import okadfa
 from okadfa.ops.favor_sdpa import cached_projection
 
-from conftest import CPU_BACKENDS, brute_force_favor
+from conftest import CPU_BACKENDS
+from okadfa.reference import favor_attention_naive
 
 
 def _qkv(shape_q, shape_kv, dtype=torch.float64, seed=0, magnitude=0.5, dv=None):
@@ -23,7 +24,7 @@ def test_matches_favor_attention_with_the_cached_projection(backend, causal):
     q, k, v = _qkv((2, 3, 37, 12), (2, 3, 37, 12), dv=5)
     out = okadfa.favor_sdpa(q, k, v, is_causal=causal, num_features=24, seed=3, backend=backend)
     w = cached_projection(12, 24, 3, "cpu", torch.float64)
-    expected = brute_force_favor(q, k, v, w, causal)
+    expected = favor_attention_naive(q, k, v, w, causal=causal)
     assert out.shape == (2, 3, 37, 5) and out.dtype == torch.float64
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
     g = torch.Generator().manual_seed(3)
@@ -86,7 +87,7 @@ def test_cross_attention_of_different_lengths():
     q, _, _ = _qkv((2, 3, 7, 8), (2, 3, 7, 8))
     _, k, v = _qkv((2, 3, 7, 8), (2, 3, 20, 8), seed=1, dv=6)
     out = okadfa.favor_sdpa(q, k, v, num_features=32)
-    expected = brute_force_favor(q, k, v, cached_projection(8, 32, 0, "cpu", torch.float64), False)
+    expected = favor_attention_naive(q, k, v, cached_projection(8, 32, 0, "cpu", torch.float64), causal=False)
     assert out.shape == (2, 3, 7, 6)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 import okadfa
-from conftest import CPU_BACKENDS, NATIVE_BACKENDS, assert_rms_close, brute_force_attention, shape_id
+from conftest import CPU_BACKENDS, NATIVE_BACKENDS, assert_rms_close, shape_id
+from okadfa.reference import linear_attention_naive
 
 SHAPES = [
     (1, 1, 1, 0, 8, 16, 64),
@@ -27,7 +28,7 @@ def _features(B, H, T, M, Dv, seed=0, dtype=torch.float64):
 def test_matches_brute_force_float64(backend, causal, shape):
     B, H, T, _, Dv, M, C = shape
     fq, fk, v = (x.requires_grad_() for x in _features(B, H, T, M, Dv))
-    expected = brute_force_attention(fq, fk, v, causal)
+    expected = linear_attention_naive(fq, fk, v, causal=causal)
     out = okadfa.linear_attention(fq, fk, v, causal=causal, backend=backend, chunk_size=C)
     assert_rms_close(out, expected, torch.float64, what="out")
     g = torch.randn_like(expected)
@@ -40,7 +41,7 @@ def test_matches_brute_force_float64(backend, causal, shape):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_float32_and_bfloat16(backend, causal):
     fq, fk, v = _features(2, 2, 90, 20, 12, seed=1)
-    expected = brute_force_attention(fq, fk, v, causal)
+    expected = linear_attention_naive(fq, fk, v, causal=causal)
     for dtype in (torch.float32, torch.bfloat16):
         out = okadfa.linear_attention(fq.to(dtype), fk.to(dtype), v.to(dtype), causal=causal, backend=backend)
         assert out.dtype == dtype

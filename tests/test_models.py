@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from okadfa.checkpoint import load_checkpoint, save_checkpoint
+from okadfa.training.checkpoint import load_checkpoint, save_checkpoint
 from okadfa.diagnostics import attention_similarity, gradient_alignment, orthogonality_violation
 from okadfa.models import OKADFAConfig, OKADFAModel
 from okadfa.ortho import model_orthogonality_loss

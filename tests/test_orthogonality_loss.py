@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from okadfa.reference.ortho import OrthoSchedule, orthogonality_loss
+from okadfa.ortho import OrthoSchedule, orthogonality_loss
 
 F64 = torch.float64
 

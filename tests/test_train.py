@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-import okadfa.train as train_mod
-from okadfa.compare import read_metrics
+import okadfa.training.train as train_mod
+from okadfa.training.compare import read_metrics
 
 SMALL = ["--set", "n_layers=2", "--set", "d_model=32", "--set", "n_heads=2", "--set", "nb_features=16",
          "--max-bytes", "100000", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress",
@@ -135,7 +135,7 @@ def test_torchrun_then_resume_on_one_rank(tmp_path):
     args = SMALL + ["--steps", "6", "--eval-every", "2", "--sample-tokens", "0"]
     env = dict(os.environ, OKADFA_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "okadfa.train"]
+           str(_free_port()), "-m", "okadfa.training.train"]
     subprocess.run(cmd + args + ["--stop-after", "3", "--out", str(tmp_path / "run")], check=True, env=env,
                    timeout=300)
     summary = read_metrics(str(tmp_path / "run" / "metrics.jsonl"))["summary"][-1]
@@ -148,14 +148,14 @@ def test_torchrun_then_resume_on_one_rank(tmp_path):
 
 def test_cli_entry_points(tmp_path):
     env = dict(os.environ, OKADFA_CACHE_DIR=str(tmp_path / "cache"))
-    out = subprocess.run([sys.executable, "-m", "okadfa.cli", "train", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "okadfa.training.cli", "train", "--help"], capture_output=True, text=True,
                          env=env, check=True).stdout
     assert "--attention" in out and "--resume" in out
-    assert subprocess.run([sys.executable, "-m", "okadfa.cli", "nonsense"], capture_output=True, env=env).returncode == 2
+    assert subprocess.run([sys.executable, "-m", "okadfa.training.cli", "nonsense"], capture_output=True, env=env).returncode == 2
 
 
 def test_compare_runs_and_reports(tmp_path):
-    from okadfa.compare import main as compare
+    from okadfa.training.compare import main as compare
     md = compare(["--out", str(tmp_path), "--variants", "favor+dfa,softmax+bp"] + SMALL
                  + ["--steps", "4", "--eval-every", "2", "--align-every", "2", "--sample-tokens", "0"])
     assert "| favor+dfa |" in md and "| softmax+bp |" in md and "blocks" in md
@@ -169,10 +169,32 @@ def test_compare_runs_and_reports(tmp_path):
 
 
 def test_demo_smoke(tmp_path, capsys):
-    from okadfa.demo import main as demo
-    assert demo(["--out", str(tmp_path), "--steps", "2", "--no-bench", "--set", "n_layers=1", "--max-bytes", "100000",
+    from okadfa.training.demo import main as demo
+    assert demo(["--out", str(tmp_path), "--steps", "2", "--set", "n_layers=1", "--max-bytes", "100000",
                  "--batch-size", "2", "--seq-len", "16", "--eval-batches", "1", "--sample-tokens", "0"]) == 0
     out = capsys.readouterr().out
     assert "| favor+dfa |" in out and "| favor+bp |" in out
     assert {"favor+dfa", "favor+bp"} <= {p.name for p in tmp_path.iterdir()}
     assert (tmp_path / "report.md").exists()
+
+
+@pytest.mark.parametrize("old", ["train", "data", "checkpoint", "compare", "demo"])
+def test_moved_modules_keep_their_old_import_path(old):
+    import importlib
+    sys.modules.pop(f"okadfa.{old}", None)
+    with pytest.warns(FutureWarning, match=f"okadfa.{old} moved to okadfa.training.{old}"):
+        module = importlib.import_module(f"okadfa.{old}")
+    assert module is importlib.import_module(f"okadfa.training.{old}")
+
+
+def test_old_module_path_still_runs_as_a_program():
+    run = subprocess.run([sys.executable, "-m", "okadfa.train", "--help"], capture_output=True, text=True)
+    assert run.returncode == 0 and "usage: okadfa train" in run.stdout
+    assert "okadfa.train moved to okadfa.training.train" in run.stderr
+
+
+def test_library_never_imports_the_training_application_or_bench():
+    code = ("import sys, okadfa, okadfa.models, okadfa.dfa, okadfa.diagnostics, okadfa.nn, okadfa.integrations; "
+            "print(sorted(m for m in sys.modules if m.startswith(('okadfa.training', 'bench'))))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]"

@@ -18,7 +18,8 @@ if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
 pytest.importorskip("triton", reason="triton is not installed")
 
 import okadfa  # noqa: E402
-from conftest import assert_rms_close, brute_force_attention, brute_force_favor, make_inputs, shape_id  # noqa: E402
+from conftest import assert_rms_close, make_inputs, shape_id  # noqa: E402
+from okadfa.reference import favor_attention_naive, linear_attention_naive  # noqa: E402
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -55,7 +56,7 @@ def _favor_case(shape, causal, dtype, seed=0, **kw):
     B, H, T, Dk, Dv, M, C = shape
     inputs = _on_device(dtype, *make_inputs(B, H, T, Dk, Dv, M, seed=seed, **kw))
     exact = [x.detach().double().requires_grad_() for x in inputs]        # the same rounded values
-    expected = brute_force_favor(*exact, causal)
+    expected = favor_attention_naive(*exact, causal=causal)
     out = okadfa.favor_attention(*inputs, causal=causal, backend="triton", chunk_size=C)
     g = torch.randn_like(expected)
     _check(out, expected, dtype, torch.autograd.grad(out, inputs, g.to(dtype)),
@@ -73,7 +74,7 @@ def _linear_case(shape, causal, dtype, seed=0):
     B, H, T, _, Dv, M, C = shape
     inputs = _on_device(dtype, *_features(B, H, T, M, Dv, seed))
     exact = [x.detach().double().requires_grad_() for x in inputs]
-    expected = brute_force_attention(*exact, causal)
+    expected = linear_attention_naive(*exact, causal=causal)
     out = okadfa.linear_attention(*inputs, causal=causal, backend="triton", chunk_size=C)
     g = torch.randn_like(expected)
     _check(out, expected, dtype, torch.autograd.grad(out, inputs, g.to(dtype)),
@@ -191,11 +192,11 @@ def test_non_contiguous_broadcast_and_grouped_query_inputs():
     qt = q.transpose(1, 2).contiguous().transpose(1, 2)                    # strided views
     wt = w.T.contiguous().T
     assert not qt.is_contiguous() and not wt.is_contiguous()
-    for kk, vv, expand in ((k, v, lambda x: x.repeat_interleave(2, dim=1)),             # GQA: 2 kv heads
+    for kk, vv, expand in ((k, v, lambda x: x.repeat_interleave(2, dim=1)),          # GQA: 2 kv heads
                            (k[:1, :1], v[:1, :1], lambda x: x.expand(2, 4, -1, -1))):   # broadcast B and H
         inputs = _on_device(torch.float32, qt, kk, vv, wt)
         exact = [x.detach().double().requires_grad_() for x in inputs]
-        expected = brute_force_favor(exact[0], expand(exact[1]), expand(exact[2]), exact[3], True)
+        expected = favor_attention_naive(exact[0], expand(exact[1]), expand(exact[2]), exact[3], causal=True)
         out = okadfa.favor_attention(*inputs, causal=True, backend="triton", chunk_size=16)
         g = torch.randn_like(expected)
         grads = torch.autograd.grad(out, inputs, g.float())

@@ -1,6 +1,6 @@
 """okadfa::triton_dfa_feedback and okadfa::triton_dfa_head (kernels/dfa_feedback.py) against
 the float64 reference (DESIGN.md §4), and the in-kernel Philox4x32-10 against
-okadfa.reference.feedback. Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1."""
+okadfa.feedback. Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1."""
 import os
 
 import pytest
@@ -14,7 +14,7 @@ import triton.language as tl  # noqa: E402
 
 from okadfa.kernels import dfa_feedback as tk  # noqa: E402  (registers the ops)
 from okadfa.reference.dfa import dfa_feedback, dfa_head  # noqa: E402
-from okadfa.reference.feedback import FeedbackSpec, _seeded_values, materialize_feedback, philox4x32  # noqa: E402
+from okadfa.feedback import FeedbackSpec, _seeded_values, materialize_feedback, philox4x32  # noqa: E402
 
 pytestmark = pytest.mark.triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

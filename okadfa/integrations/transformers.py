@@ -57,7 +57,7 @@ except ImportError as exc:    # pragma: no cover - exercised only without the ex
     raise ImportError("okadfa.integrations.transformers needs Hugging Face transformers>=4.48: "
                       "pip install 'okadfa[hf]'") from exc
 
-from ..ops._validation import check_feature_settings
+from ..validation import check_feature_settings
 from ..ops.favor_sdpa import favor_sdpa
 
 __all__ = ["DEFAULT_NAME", "favor_attention_forward", "favor_attention_mask", "register"]

@@ -14,9 +14,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import NATIVE_AVAILABLE, select_backend
-from ..reference._checks import check_matrix
-from ..reference.dfa import check_feedback
-from ..reference.feedback import FeedbackSpec, seeded_matrix
+from ..validation import check_feedback, check_matrix
+from ..feedback import FeedbackSpec, seeded_matrix
 
 _DISTS = {"normal": 0, "uniform": 1}
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import NATIVE_AVAILABLE, select_backend
-from ..reference.dfa import check_head_inputs, check_target_range
+from ..validation import check_head_inputs, check_target_range
 from .dfa_feedback import native_feedback_args, register_fake_if_missing
 
 # Rows per chunk when chunk_size is None: the chunk's logits hold about this many

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import NATIVE_AVAILABLE, TRITON_OPS, select_backend
-from . import _validation as val
+from .. import validation
 from ._autograd import register_attention_autograd
 
 DEFAULT_CHUNK = 64
@@ -20,7 +20,7 @@ DEFAULT_CHUNK = 64
 
 # fake tensor implementation of okadfa::favor_attention_fwd and okadfa::triton_favor_attention_fwd
 def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
-    return torch.empty_like(v), q.new_empty(q.shape[:3], dtype=val.native_dtype(q.dtype))   # lognorm
+    return torch.empty_like(v), q.new_empty(q.shape[:3], dtype=validation.native_dtype(q.dtype))   # lognorm
 
 
 # fake tensor implementation of okadfa::favor_attention_bwd and okadfa::triton_favor_attention_bwd
@@ -76,31 +76,31 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         >>> w = okadfa.random_features(256, 64)
         >>> out = okadfa.favor_attention(q, k, v, w, causal=True)   # (2, 4, 1024, 64)
     """
-    val.check_tensor(q, "q", 4, "(B, H, T, Dk)")
-    val.check_tensor(k, "k", 4, "(B, H, T, Dk)")
-    val.check_tensor(v, "v", 4, "(B, H, T, Dv)")
-    val.check_tensor(projection, "projection", 2, "(M, Dk)")
-    val.check_same({"q": q, "k": k, "v": v})
+    validation.check_tensor(q, "q", 4, "(B, H, T, Dk)")
+    validation.check_tensor(k, "k", 4, "(B, H, T, Dk)")
+    validation.check_tensor(v, "v", 4, "(B, H, T, Dv)")
+    validation.check_tensor(projection, "projection", 2, "(M, Dk)")
+    validation.check_same({"q": q, "k": k, "v": v})
     if projection.device != q.device:
         raise ValueError(f"projection is on {projection.device} but q is on {q.device}")
     if k.shape[3] != q.shape[3]:
         raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got shape {tuple(k.shape)}")
     if projection.shape[1] != q.shape[3] or projection.shape[0] < 1:
         raise ValueError(f"projection must have shape (M, {q.shape[3]}) with M >= 1, got {tuple(projection.shape)}")
-    batch = val.attention_batch_shape(q, k, v, "q", "k")
-    causal = val.check_causal(causal)
-    scale = val.check_scale(scale, q.shape[3], q.dtype)
-    chunk = val.check_chunk(chunk_size, DEFAULT_CHUNK)
+    batch = validation.attention_batch_shape(q, k, v, "q", "k")
+    causal = validation.check_causal(causal)
+    scale = validation.check_scale(scale, q.shape[3], q.dtype)
+    chunk = validation.check_chunk(chunk_size, DEFAULT_CHUNK)
     name = select_backend(backend, q.device)
     if name == "reference":
-        q, k, v = (val.prepare(x, batch, x.dtype) for x in (q, k, v))
+        q, k, v = (validation.prepare(x, batch, x.dtype) for x in (q, k, v))
         return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk)
     if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
-        q, k, v = (val.prepare(x, batch, x.dtype) for x in (q, k, v))
+        q, k, v = (validation.prepare(x, batch, x.dtype) for x in (q, k, v))
         out, _ = torch.ops.okadfa.triton_favor_attention_fwd(q, k, v, projection.to(q.dtype).contiguous(), causal,
                                                              scale, chunk)
         return out
-    out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
-    q, k, v = (val.prepare(x, batch, dtype) for x in (q, k, v))
+    out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)
+    q, k, v = (validation.prepare(x, batch, dtype) for x in (q, k, v))
     out, _ = torch.ops.okadfa.favor_attention_fwd(q, k, v, projection.to(dtype).contiguous(), causal, scale, chunk)
     return out.to(out_dtype)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import select_backend
-from . import _validation as val
+from .. import validation
 from .favor_attention import favor_attention
 
 _PROJECTIONS: dict[tuple, Tensor] = {}
@@ -50,7 +50,7 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
     if dropout_p != 0.0:
         raise ValueError(f"favor_sdpa has no attention dropout (got dropout_p={dropout_p}): the weights are "
                          "never formed; apply dropout to the output instead")
-    val.check_causal(is_causal)
+    validation.check_causal(is_causal)
     if is_causal and query.shape[-2] != key.shape[-2]:
         raise ValueError(f"is_causal=True needs query and key of the same length, got L={query.shape[-2]} and "
                          f"S={key.shape[-2]}; for token-by-token decoding use okadfa.FavorState")
@@ -71,7 +71,7 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
         if hq != hkv and 1 not in (hq, hkv) and hq % hkv:
             raise ValueError(f"grouped-query attention needs query's heads ({hq}) to be a multiple of key's "
                              f"({hkv})")
-    val.check_feature_settings(num_features, seed)
+    validation.check_feature_settings(num_features, seed)
 
 
 def _to_4d(x: Tensor, batch: torch.Size) -> Tensor:
@@ -122,8 +122,8 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         >>> out = okadfa.favor_sdpa(q, k, v, is_causal=True)
     """
     _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, num_features, seed)
-    query, key, value = val.autocast_inputs(query, key, value)
-    val.check_same({"query": query, "key": key, "value": value})
+    query, key, value = validation.autocast_inputs(query, key, value)
+    validation.check_same({"query": query, "key": key, "value": value})
     if projection is None:
         projection = cached_projection(query.shape[-1], num_features, seed, query.device, query.dtype)
     lead = query.shape[:-3] if query.dim() > 3 else query.shape[:-2]
@@ -136,15 +136,15 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
     if q.shape[2] == k.shape[2]:
         out = favor_attention(q, k, v, projection, causal=is_causal, scale=scale, backend=backend)
     else:    # non-causal cross attention of different lengths: the plain PyTorch path
-        val.check_tensor(projection, "projection", 2, "(M, E)")
+        validation.check_tensor(projection, "projection", 2, "(M, E)")
         if projection.shape[1] != q.shape[3]:
             raise ValueError(f"projection must have shape (M, {q.shape[3]}), got {tuple(projection.shape)}")
         select_backend(backend, q.device)    # validated, though this path is the reference's
         b = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])
         heads = torch.Size((b[0], max(q.shape[1], k.shape[1])))
-        out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)     # half types in float32, as the kernels
-        q, k, v = (val.prepare(x, heads, dtype) for x in (q, k, v))
-        scale = val.check_scale(scale, q.shape[3], q.dtype)
+        out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)     # half types in float32, as the kernels
+        q, k, v = (validation.prepare(x, heads, dtype) for x in (q, k, v))
+        scale = validation.check_scale(scale, q.shape[3], q.dtype)
         out = reference.favor_attention(q, k, v, projection.to(dtype), scale=scale).to(out_dtype)
     if query.dim() == 3:
         return out.squeeze(1)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import NATIVE_AVAILABLE, TRITON_OPS, select_backend
-from . import _validation as val
+from .. import validation
 from ._autograd import register_attention_autograd
 
 DEFAULT_CHUNK = 64
@@ -19,7 +19,7 @@ DEFAULT_CHUNK = 64
 
 # fake tensor implementation of okadfa::linear_attention_fwd and okadfa::triton_linear_attention_fwd
 def _fwd_fake(q_feat, k_feat, v, causal, chunk_size):
-    return torch.empty_like(v), q_feat.new_empty(q_feat.shape[:3], dtype=val.native_dtype(q_feat.dtype))
+    return torch.empty_like(v), q_feat.new_empty(q_feat.shape[:3], dtype=validation.native_dtype(q_feat.dtype))
 
 
 # fake tensor implementation of okadfa::linear_attention_bwd and okadfa::triton_linear_attention_bwd
@@ -65,27 +65,27 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
         >>> fq, fk = (torch.nn.functional.elu(x) + 1 for x in torch.randn(2, 1, 4, 512, 32))
         >>> out = okadfa.linear_attention(fq, fk, torch.randn(1, 4, 512, 64), causal=True)
     """
-    val.check_tensor(q_feat, "q_feat", 4, "(B, H, T, M)")
-    val.check_tensor(k_feat, "k_feat", 4, "(B, H, T, M)")
-    val.check_tensor(v, "v", 4, "(B, H, T, Dv)")
-    val.check_same({"q_feat": q_feat, "k_feat": k_feat, "v": v})
+    validation.check_tensor(q_feat, "q_feat", 4, "(B, H, T, M)")
+    validation.check_tensor(k_feat, "k_feat", 4, "(B, H, T, M)")
+    validation.check_tensor(v, "v", 4, "(B, H, T, Dv)")
+    validation.check_same({"q_feat": q_feat, "k_feat": k_feat, "v": v})
     if k_feat.shape[3] != q_feat.shape[3] or q_feat.shape[3] < 1:
         raise ValueError(f"q_feat and k_feat must have the same number of features M >= 1 (dim 3), got shapes "
                          f"{tuple(q_feat.shape)} and {tuple(k_feat.shape)}")
-    batch = val.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
-    causal = val.check_causal(causal)
-    chunk = val.check_chunk(chunk_size, DEFAULT_CHUNK)
+    batch = validation.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
+    causal = validation.check_causal(causal)
+    chunk = validation.check_chunk(chunk_size, DEFAULT_CHUNK)
     for name, x in (("q_feat", q_feat), ("k_feat", k_feat)):
         if not torch.compiler.is_compiling() and bool((x < 0).any()):
             raise ValueError(f"{name} must be non-negative (features of a positive kernel)")
     name = select_backend(backend, q_feat.device)
     if name == "reference":
-        q_feat, k_feat, v = (val.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
+        q_feat, k_feat, v = (validation.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
         return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk)
     if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
-        q_feat, k_feat, v = (val.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
+        q_feat, k_feat, v = (validation.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
         return torch.ops.okadfa.triton_linear_attention_fwd(q_feat, k_feat, v, causal, chunk)[0]
-    out_dtype, dtype = v.dtype, val.native_dtype(v.dtype)
-    q_feat, k_feat, v = (val.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
+    out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)
+    q_feat, k_feat, v = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
     out, _ = torch.ops.okadfa.linear_attention_fwd(q_feat, k_feat, v, causal, chunk)
     return out.to(out_dtype)

@@ -10,9 +10,17 @@ whose expectation over w_m ~ N(0, I) is exactly exp(q̂·k̂). The attention out
 is the normalised average out_t = Σ_s a_ts v_s / Σ_s a_ts with
 a_ts = φ(q̂_t)·φ(k̂_s), over s ≤ t (causal) or all s.
 
-This module computes it in the linear-memory chunked form the kernels use, with
-autograd providing the gradients. Stabilisers are constants that cancel in the
-normalisation, so they are detached:
+The reference is a ladder, each rung checked against the one below it (tests climb it):
+  1. naive:     `linear_attention_naive` / `favor_attention_naive`, the O(T²) definition
+                (the full weight matrix, unstabilised; for small float64 cases);
+  2. recurrent: `linear_attention_recurrent` / `favor_attention_recurrent`, one position
+                at a time through the running sums S_t = Σ_{s≤t} φ(k_s) v_sᵀ, z_t = Σ φ(k_s),
+                the recurrence `okadfa.FavorState` decodes with (causal only);
+  3. chunked:   `linear_attention` / `favor_attention`, the linear-memory chunked form the
+                kernels use, stabilised, with autograd providing the gradients;
+  4. the kernels (okadfa.ops), tested on every backend against rung 1 (float64) and 3.
+Rung 3's stabilisers are constants that cancel in the normalisation, so they are
+detached:
   * queries: each feature row is divided by its maximum (a per-row factor);
   * keys: with the running maximum c_t of the key log-features over positions
     ≤ t, key s contributes to query t with weight exp(l_s − c_t), where l_s are
@@ -30,7 +38,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["random_features", "favor_features", "favor_attention", "linear_attention"]
+__all__ = ["random_features", "favor_features", "favor_attention", "linear_attention", "favor_attention_naive",
+           "linear_attention_naive", "favor_attention_recurrent", "linear_attention_recurrent"]
 
 DEFAULT_CHUNK = 64
 
@@ -202,3 +211,40 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     with a_ts = q_feat_t·k_feat_s over s ≤ t (causal) or all s.
     """
     return _attend(q_feat, k_feat, None, v, causal, chunk_size, stabilised=False).to(v.dtype)
+
+
+def linear_attention_naive(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False) -> Tensor:
+    """Rung 1, the definition: out = (A v) / (A 1) with A = q_feat k_featᵀ (T×T, lower-
+    triangular if causal). O(T²) time and memory, no stabilisation: for small cases."""
+    a = q_feat @ k_feat.transpose(-1, -2)
+    if causal:
+        a = a.tril()
+    return (a @ v) / a.sum(-1, keepdim=True)
+
+
+def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
+                          scale: float | None = None) -> Tensor:
+    """Rung 1 of FAVOR+: `linear_attention_naive` on the unstabilised `favor_features`."""
+    return linear_attention_naive(favor_features(q, projection, scale=scale),
+                                  favor_features(k, projection, scale=scale), v, causal=causal)
+
+
+def linear_attention_recurrent(q_feat: Tensor, k_feat: Tensor, v: Tensor) -> Tensor:
+    """Rung 2, causal: position by position, S_t = S_{t−1} + k_t v_tᵀ (M, Dv), z_t = z_{t−1} + k_t,
+    out_t = q_t S_t / (q_t · z_t): the recurrence of decoding. Unstabilised; O(T·M·Dv)."""
+    state = torch.zeros(*v.shape[:-2], q_feat.shape[-1], v.shape[-1], dtype=v.dtype, device=v.device)
+    zsum = torch.zeros(*v.shape[:-2], q_feat.shape[-1], dtype=v.dtype, device=v.device)
+    outs = []
+    for t in range(v.shape[-2]):
+        state = state + k_feat[..., t, :, None] * v[..., t, None, :]
+        zsum = zsum + k_feat[..., t, :]
+        q_t = q_feat[..., t, :]
+        outs.append((q_t[..., None, :] @ state)[..., 0, :] / (q_t * zsum).sum(-1, keepdim=True))
+    return torch.stack(outs, dim=-2)
+
+
+def favor_attention_recurrent(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *,
+                              scale: float | None = None) -> Tensor:
+    """Rung 2 of causal FAVOR+: `linear_attention_recurrent` on the unstabilised `favor_features`."""
+    return linear_attention_recurrent(favor_features(q, projection, scale=scale),
+                                      favor_features(k, projection, scale=scale), v)

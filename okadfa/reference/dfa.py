@@ -11,32 +11,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._checks import check_matrix
-from .feedback import FeedbackSpec, materialize_feedback
+from ..feedback import FeedbackSpec, materialize_feedback
 
 __all__ = ["dfa_feedback", "dfa_head"]
 
 
-def check_feedback(feedback, error_dim: int, device: torch.device, needs: str) -> None:
-    """Validate `feedback` (a FeedbackSpec or a stored (P, d, E) tensor) against an error
-    with `error_dim` columns on `device`; `needs` completes the mismatch message, e.g.
-    "the error has 6 columns". Shared by every backend (okadfa.ops)."""
-    if isinstance(feedback, FeedbackSpec):
-        if feedback.error_dim != error_dim:
-            raise ValueError(f"feedback.error_dim is {feedback.error_dim} but {needs}")
-        return
-    if not isinstance(feedback, Tensor):
-        raise TypeError(f"feedback must be a FeedbackSpec or a tensor (P, d, E), got {type(feedback).__name__}")
-    if not feedback.is_floating_point():
-        raise TypeError(f"feedback must be a floating-point tensor, got {feedback.dtype}")
-    if feedback.dim() != 3 or feedback.shape[2] != error_dim:
-        raise ValueError(f"feedback must have shape (P, d, {error_dim}) since {needs}, got {tuple(feedback.shape)}")
-    if feedback.device != device:
-        raise ValueError(f"feedback is on {feedback.device} but the error is on {device}")
-
-
 def _feedback_tensor(feedback, device: torch.device) -> Tensor:
-    """B (P, d, E) of a checked `feedback`: the stored tensor, or the spec materialised."""
+    """B (P, d, E) of `feedback`: the stored tensor, or the spec materialised."""
     return materialize_feedback(feedback, device=device) if isinstance(feedback, FeedbackSpec) else feedback
 
 
@@ -60,52 +41,9 @@ def dfa_feedback(error: Tensor, feedback) -> Tensor:
         >>> dfa_feedback(torch.randn(10, 768), spec).shape
         torch.Size([12, 10, 768])
     """
-    check_matrix(error, "error", "(N, E)")
-    check_feedback(feedback, error.shape[1], error.device, f"the error has {error.shape[1]} columns")
     b = _feedback_tensor(feedback, error.device)
     acc = torch.promote_types(error.dtype, torch.float32)    # half types accumulate in float32
     return _project(error, b, acc).to(error.dtype)
-
-
-def check_target_range(targets: Tensor, V: int, ignore_index: int) -> None:
-    """Every target in [0, V) or equal to ignore_index (reads the data)."""
-    kept = targets[targets != ignore_index]
-    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
-        bad = kept[(kept < 0) | (kept >= V)][0].item()
-        raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}, found {bad}")
-
-
-def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error) -> int:
-    """Validate dfa_head's arguments (shared by every backend); return E, the error width."""
-    check_matrix(h, "h", "(N, d)")
-    check_matrix(w_dec, "w_dec", "(V, d)")
-    if w_dec.shape[1] != h.shape[1]:
-        raise ValueError(f"w_dec must have shape (V, {h.shape[1]}) to match h (N, {h.shape[1]}), "
-                         f"got {tuple(w_dec.shape)}")
-    if w_dec.device != h.device:
-        raise ValueError(f"w_dec is on {w_dec.device} but h is on {h.device}")
-    if not isinstance(targets, Tensor):
-        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype != torch.int64:
-        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
-    if targets.shape != (h.shape[0],):
-        raise ValueError(f"targets must have shape ({h.shape[0]},) to match h, got {tuple(targets.shape)}")
-    if targets.device != h.device:
-        raise ValueError(f"targets is on {targets.device} but h is on {h.device}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
-        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if error not in ("hidden", "logits"):
-        raise ValueError(f"error must be 'hidden' or 'logits', got {error!r}")
-    V = w_dec.shape[0]
-    if not torch.compiler.is_compiling():    # traced code has no data: okadfa.ops.dfa_head checks in the graph
-        check_target_range(targets, V, ignore_index)
-    E = h.shape[1] if error == "hidden" else V
-    check_feedback(feedback, E, h.device, f"error={error!r} needs E = {'d' if error == 'hidden' else 'V'} = {E}")
-    return E
 
 
 def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_index: int = -100,
@@ -142,7 +80,6 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         >>> s.shape
         torch.Size([4, 8, 16])
     """
-    check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error)
     (N, d), V = h.shape, w_dec.shape[0]
     b = _feedback_tensor(feedback, h.device)
     acc = torch.promote_types(torch.promote_types(h.dtype, w_dec.dtype), torch.float32)

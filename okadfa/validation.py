@@ -8,6 +8,8 @@ import math
 import torch
 from torch import Tensor
 
+from .feedback import FeedbackSpec
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 MAX_CHUNK = 1024
@@ -21,6 +23,16 @@ def check_tensor(x, name: str, ndim: int, layout: str) -> None:
                         f"got {x.dtype}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions {layout}, got shape {tuple(x.shape)}")
+
+
+def check_matrix(x, name: str, layout: str) -> None:
+    """A 2-D floating-point tensor, else TypeError/ValueError naming `name`."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must have shape {layout}, got {tuple(x.shape)}")
 
 
 def check_same(tensors: dict[str, Tensor]) -> None:
@@ -118,3 +130,62 @@ def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
 def native_dtype(dtype: torch.dtype) -> torch.dtype:
     """The native CPU kernels compute half types in float32."""
     return dtype if dtype in NATIVE_DTYPES else torch.float32
+
+
+def check_feedback(feedback, error_dim: int, device: torch.device, needs: str) -> None:
+    """Validate `feedback` (a FeedbackSpec or a stored (P, d, E) tensor) against an error
+    with `error_dim` columns on `device`; `needs` completes the mismatch message, e.g.
+    "the error has 6 columns". """
+    if isinstance(feedback, FeedbackSpec):
+        if feedback.error_dim != error_dim:
+            raise ValueError(f"feedback.error_dim is {feedback.error_dim} but {needs}")
+        return
+    if not isinstance(feedback, Tensor):
+        raise TypeError(f"feedback must be a FeedbackSpec or a tensor (P, d, E), got {type(feedback).__name__}")
+    if not feedback.is_floating_point():
+        raise TypeError(f"feedback must be a floating-point tensor, got {feedback.dtype}")
+    if feedback.dim() != 3 or feedback.shape[2] != error_dim:
+        raise ValueError(f"feedback must have shape (P, d, {error_dim}) since {needs}, got {tuple(feedback.shape)}")
+    if feedback.device != device:
+        raise ValueError(f"feedback is on {feedback.device} but the error is on {device}")
+
+
+def check_target_range(targets: Tensor, V: int, ignore_index: int) -> None:
+    """Every target in [0, V) or equal to ignore_index (reads the data)."""
+    kept = targets[targets != ignore_index]
+    if kept.numel() and (int(kept.min()) < 0 or int(kept.max()) >= V):
+        bad = kept[(kept < 0) | (kept >= V)][0].item()
+        raise ValueError(f"targets must be in [0, {V}) or equal ignore_index={ignore_index}, found {bad}")
+
+
+def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error) -> int:
+    """Validate dfa_head's arguments (shared by every backend); return E, the error width."""
+    check_matrix(h, "h", "(N, d)")
+    check_matrix(w_dec, "w_dec", "(V, d)")
+    if w_dec.shape[1] != h.shape[1]:
+        raise ValueError(f"w_dec must have shape (V, {h.shape[1]}) to match h (N, {h.shape[1]}), "
+                         f"got {tuple(w_dec.shape)}")
+    if w_dec.device != h.device:
+        raise ValueError(f"w_dec is on {w_dec.device} but h is on {h.device}")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.dtype != torch.int64:
+        raise TypeError(f"targets must be an int64 tensor, got {targets.dtype}")
+    if targets.shape != (h.shape[0],):
+        raise ValueError(f"targets must have shape ({h.shape[0]},) to match h, got {tuple(targets.shape)}")
+    if targets.device != h.device:
+        raise ValueError(f"targets is on {targets.device} but h is on {h.device}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)):
+        raise TypeError(f"chunk_size must be an int or None, got {type(chunk_size).__name__}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if error not in ("hidden", "logits"):
+        raise ValueError(f"error must be 'hidden' or 'logits', got {error!r}")
+    V = w_dec.shape[0]
+    if not torch.compiler.is_compiling():    # traced code has no data: okadfa.ops.dfa_head checks in the graph
+        check_target_range(targets, V, ignore_index)
+    E = h.shape[1] if error == "hidden" else V
+    check_feedback(feedback, E, h.device, f"error={error!r} needs E = {'d' if error == 'hidden' else 'V'} = {E}")
+    return E

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-COMMANDS = {"train": "okadfa.train", "compare": "okadfa.compare"}
+COMMANDS = {"train": "okadfa.training.train", "compare": "okadfa.training.compare"}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,4 @@
+"""The training application on top of the library: data (okadfa.training.data), the train
+loop and `okadfa train` (train), `okadfa compare` (compare), `make demo` (demo) and
+checkpoints (checkpoint). It imports the library (okadfa.models, okadfa.dfa,
+okadfa.diagnostics); the library never imports it."""

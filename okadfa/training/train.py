@@ -1,0 +1,398 @@
+"""`okadfa train` / `python -m okadfa.training.train`: train an OKADFA language model on text.
+
+    okadfa train --preset tiny --attention favor --training dfa --steps 500 --out runs/tiny
+    okadfa train --out runs/tiny --resume                       # continue from runs/tiny/checkpoint.pt
+    torchrun --nproc-per-node 2 -m okadfa.training.train ...             # DistributedDataParallel (gloo/nccl)
+
+Data (okadfa.training.data): `--data stdlib` (default: the Python standard library's own
+source, byte-level, no download), `wikitext-2`, `wikitext-103`, a WikiText raw
+directory, or any text file or folder; `--tokenizer gpt2` for GPT-2 BPE (tiktoken,
+local files only).
+
+The batch at step s is drawn from (seed, s) alone and `--batch-size` is the global
+batch: rank r of N trains on its own 1/N of the rows, so a run gives the same
+updates (to fp32 rounding) on any number of ranks, and resumes on a different one.
+FAVOR+ feature redraws and DFA feedback are seeded from the config (and the step),
+so replicas never diverge.
+
+Writes to --out: metrics.jsonl (one JSON object per line: "config", "baselines"
+(unigram and bigram levels of the evaluated tokens), "train", "val", "norms"
+(activation norms per feedback point and block, at every evaluation), "align"
+(DFA/BP cosine per block: all parameters, residual writers, matrices, LayerNorm and
+biases), "summary" records), checkpoint.pt (every --ckpt-every steps, at
+the end and on Ctrl-C / SIGTERM: the first signal stops after the current step),
+sample.txt (generated text). Validation reports loss, perplexity and bits per
+byte (exact for byte data; for BPE from the split's bytes per token).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import get_batch, load_corpus, ngram_levels, val_batches
+from ..diagnostics import activation_norms, mean_alignment
+from ..models import OKADFAConfig, OKADFAModel
+
+__all__ = ["main", "train", "parse_args", "learning_rate", "OPTIMIZER_DEFAULTS"]
+
+
+# AdamW settings per training rule (betas (0.9, adam_beta2)), measured on the tiny preset (1000 steps):
+# bench/results/dfa_sweep_bundle.md (learning rates) and dfa_sweep_one.md (the rest).
+OPTIMIZER_DEFAULTS = {
+    "dfa": dict(lr=4e-3, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
+    "bp": dict(lr=2e-3, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="okadfa train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="tiny", help="tiny | gpt2-small | gpt2-medium (default tiny)")
+    p.add_argument("--attention", choices=("favor", "softmax"), default="favor")
+    p.add_argument("--training", choices=("dfa", "bp"), default="dfa")
+    p.add_argument("--error", choices=("hidden", "logits", "stream"), default="hidden",
+                   help="DFA error: at the final hidden state, the logits, or before the final norm")
+    p.add_argument("--ortho-lambda", type=float, default=0.0, help="orthogonality penalty weight")
+    p.add_argument("--ortho-warmup", type=int, default=0, help="steps of linear warm-up of the penalty")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override any OKADFAConfig field, e.g. --set n_layers=2 (repeatable)")
+    p.add_argument("--data", default="stdlib", help="stdlib | wikitext-2 | wikitext-103 | PATH (default stdlib)")
+    p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
+    p.add_argument("--max-bytes", type=int, default=None, help="cap on the stdlib corpus size")
+    p.add_argument("--steps", type=int, default=500, help="total optimizer steps")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop with a checkpoint after N steps of this run (the LR schedule still spans --steps)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, all ranks)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW; default by --training, below)")
+    p.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default steps/20)")
+    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of matrices")
+    p.add_argument("--adam-beta2", type=float, default=None, help="AdamW's second-moment decay β2")
+    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--out", default="runs/okadfa", help="output directory")
+    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                   help="resume from CHECKPOINT (default: OUT/checkpoint.pt)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--align-every", type=int, default=0,
+                   help="DFA/BP gradient alignment every N steps on fixed validation batches (DFA only; 0: off)")
+    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--sample-tokens", type=int, default=200, help="tokens of text generated at the end (0: none)")
+    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    args = p.parse_args(argv)
+    for name, value in OPTIMIZER_DEFAULTS[args.training].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def learning_rate(step: int, args) -> float:
+    """Linear warm-up to --lr over --warmup steps, then cosine decay to lr/10 at --steps."""
+    warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
+    if step < warmup:
+        return args.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, args.steps - warmup))
+    return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def build_config(args, vocab_size: int) -> OKADFAConfig:
+    overrides = dict(attention=args.attention, training=args.training, error=args.error, max_seq_len=args.seq_len,
+                     ortho_lambda=args.ortho_lambda, ortho_warmup=args.ortho_warmup, vocab_size=vocab_size)
+    fields = OKADFAConfig.__dataclass_fields__
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
+        overrides[key] = _parse_value(value)
+    if overrides["vocab_size"] < vocab_size:
+        raise SystemExit(f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}")
+    return OKADFAConfig.preset(args.preset, **overrides)
+
+
+def _parse_value(text: str):
+    for cast in (int, float):
+        with contextlib.suppress(ValueError):
+            return cast(text)
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+
+
+class _Distributed:
+    """Rank, world size and device; initialises the process group under torchrun."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and self.world > 1:
+            device = f"cuda:{local}"
+            torch.cuda.set_device(local)
+        self.device = torch.device(device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when `flag` is true on any rank."""
+        if self.world == 1:
+            return flag
+        t = torch.tensor([float(flag)], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def mean(self, value: torch.Tensor) -> float:
+        """The mean of a scalar over the ranks."""
+        if self.world > 1:
+            value = value.detach().clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value.item()
+
+    def close(self):
+        """Destroy the process group. Free any DDP wrapper first: if the reducer holds the last reference to a gloo
+        group, the group is destroyed with the GIL held while its worker threads may need the GIL to free a tensor,
+        and the process hangs at exit (seen here about one run in five; pytorch/pytorch#56297)."""
+        if self.world > 1 and dist.is_initialized():
+            gc.collect()
+            dist.destroy_process_group()
+
+
+class _StopSignal:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second one interrupts."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\n{signal.Signals(signum).name}: stopping after this step (again to abort)", file=sys.stderr,
+              flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class _Progress:
+    """One status line: a bar on a terminal, plain log lines otherwise."""
+
+    def __init__(self, total: int, every: int, enabled: bool, bar: bool):
+        self.total, self.every, self.enabled, self.bar = total, every, enabled, bar
+
+    def update(self, step: int, loss: float, tok_s: float, eta_s: float):
+        if not self.enabled or (not self.bar and step % self.every and step != self.total):
+            return
+        width = 24
+        filled = int(width * step / self.total)
+        bar = "█" * filled + "·" * (width - filled)
+        text = (f"step {step}/{self.total} |{bar}| loss {loss:.3f} · {tok_s / 1e3:.1f}k tok/s · "
+                f"ETA {_clock(eta_s)}")
+        print(("\r" + text) if self.bar else text, end="" if self.bar else "\n", file=sys.stderr, flush=True)
+
+    def message(self, text: str):
+        if self.enabled:
+            print(("\r\033[K" if self.bar else "") + text, file=sys.stderr if self.bar else sys.stdout, flush=True)
+            if self.bar:
+                print(file=sys.stderr, end="", flush=True)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    """(MB, what): CUDA peak allocated bytes on a GPU, else the process's peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20, "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process_peak_rss"
+
+
+@torch.no_grad()
+def evaluate(model, corpus, args, device) -> dict:
+    """Mean validation cross-entropy over --eval-batches batches; perplexity; bits per byte."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in val_batches(corpus.val, args.batch_size, args.seq_len, args.eval_batches):
+        total += model(x.to(device), y.to(device)).loss.item() * y.numel()
+        count += y.numel()
+    model.train(was_training)
+    loss = total / count
+    tokens_per_byte = len(corpus.val) / corpus.val_bytes
+    return {"loss": loss, "ppl": math.exp(min(loss, 700)), "bpb": loss * tokens_per_byte / math.log(2)}
+
+
+def _optimizer(model, args):
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, args.adam_beta2))
+
+
+def main(argv=None) -> dict:
+    """Train; returns the summary record (also the last line of metrics.jsonl)."""
+    return train(parse_args(argv))[1]
+
+
+def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
+    """Run the training loop for parsed arguments; returns (model, summary record)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    ddp = _Distributed(args.device)
+    device = ddp.device
+    if args.batch_size % ddp.world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({ddp.world})")
+    corpus = load_corpus(args.data, tokenizer=args.tokenizer, max_bytes=args.max_bytes)
+    config = build_config(args, corpus.vocab_size)
+    torch.manual_seed(args.seed)
+    model = OKADFAModel(config).to(device)
+    optimizer = _optimizer(model, args)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    step, train_s, tokens = 0, 0.0, 0
+    if args.resume:
+        path = ckpt_path if args.resume == "auto" else args.resume
+        if not os.path.exists(path):
+            raise SystemExit(f"--resume: no checkpoint at {path}")
+        state = load_checkpoint(path, model, optimizer)
+        step, train_s, tokens = state["step"], state["extra"]["train_s"], state["extra"]["tokens"]
+    wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
+    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if ddp.main else None
+
+    def log(record):
+        if metrics:
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+    def checkpoint():
+        if ddp.main:
+            save_checkpoint(ckpt_path, model, optimizer, step=step,
+                            extra={"train_s": train_s, "tokens": tokens, "args": vars(args)})
+
+    log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args), "world_size": ddp.world,
+         "device": str(device), "parameters": model.num_parameters(), "corpus": corpus.name,
+         "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "torch": torch.__version__})
+    if ddp.main and step == 0:
+        log({"kind": "baselines", "step": 0,
+             **ngram_levels(corpus.train, corpus.val, args.seq_len, args.batch_size * args.eval_batches)})
+    probes = [tuple(t.to(device) for t in b) for b in val_batches(corpus.val, max(1, args.batch_size // 2),
+                                                                   args.seq_len, 4)]
+    progress = _Progress(args.steps, args.log_every, ddp.main, bar=sys.stderr.isatty() and not args.no_progress)
+    tokens_per_step = args.batch_size * args.seq_len
+    recent, start_step, start_s, interrupted, last_val = [], step, train_s, False, None
+    model.train()
+    with _StopSignal() as stop:
+        while step < args.steps:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, args)
+            x, y = get_batch(corpus.train, step, args.batch_size, args.seq_len, seed=args.seed, rank=ddp.rank,
+                             world_size=ddp.world)
+            loss = wrapped(x.to(device), y.to(device)).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            loss_value = ddp.mean(loss)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            train_s += time.perf_counter() - t0
+            step += 1
+            tokens += tokens_per_step
+            recent = (recent + [loss_value])[-20:]
+            rate = tokens_per_step * (step - start_step) / max(train_s - start_s, 1e-9)
+            progress.update(step, sum(recent) / len(recent), rate, (args.steps - step) * tokens_per_step / rate)
+            if step % args.log_every == 0 or step == args.steps:
+                log({"kind": "train", "step": step, "loss": sum(recent) / len(recent), "lr": learning_rate(step - 1, args),
+                     "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s})
+            if ddp.main and (step % args.eval_every == 0 or step == args.steps):
+                last_val = evaluate(model, corpus, args, device)
+                log({"kind": "val", "step": step, "train_s": train_s, "tokens": tokens, **last_val})
+                norms = activation_norms(model, probes[0][0])
+                log({"kind": "norms", "step": step, **norms})
+                progress.message(f"step {step}: val loss {last_val['loss']:.4f}  ppl {last_val['ppl']:.2f}  "
+                                 f"bpb {last_val['bpb']:.3f}  largest block-output norm "
+                                 f"{max(norms['stream'].values()):.3g}")
+            if ddp.main and config.training == "dfa" and args.align_every and (
+                    step % args.align_every == 0 or step == args.steps):
+                cosines = mean_alignment(model, probes)
+                log({"kind": "align", "step": step, "cosine": cosines.pop("all"), **cosines})
+            if args.ckpt_every and step % args.ckpt_every == 0:
+                checkpoint()
+            if ddp.any(stop.requested):
+                interrupted = step < args.steps
+                break
+            if step - start_step == args.stop_after:
+                break
+    checkpoint()
+    peak, what = peak_memory_mb(device)
+    summary = {"kind": "summary", "step": step, "interrupted": interrupted, "train_loss": sum(recent) / len(recent)
+               if recent else None, "val": last_val, "train_s": train_s, "tokens": tokens,
+               "tokens_per_s": tokens / train_s if train_s else None, "peak_mem_mb": peak, "peak_mem_kind": what,
+               "world_size": ddp.world}
+    log(summary)
+    if ddp.main:
+        if step < args.steps:
+            progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
+        elif args.sample_tokens:
+            summary["sample"] = _sample(model, corpus, args, device)
+        progress.message(f"done: step {step}, {summary['tokens_per_s'] or 0:.0f} tok/s, peak memory {peak:.0f} MB "
+                         f"({what}); metrics in {os.path.join(args.out, 'metrics.jsonl')}")
+        metrics.close()
+    del wrapped
+    ddp.close()
+    return model, summary
+
+
+def _sample(model, corpus, args, device) -> str:
+    prompt = torch.as_tensor(corpus.val[:min(32, len(corpus.val))].astype("int64"), device=device)[None]
+    g = torch.Generator(device=device).manual_seed(args.seed)
+    ids = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=g)
+    text = corpus.tokenizer.decode(ids[0].tolist())
+    with open(os.path.join(args.out, "sample.txt"), "w") as f:
+        f.write(text)
+    split = len(corpus.tokenizer.decode(prompt[0].tolist()))
+    print(f"--- sample (prompt | generated) ---\n{text[:split]}|{text[split:]}\n---", flush=True)
+    return text
+
+
+def cli(argv=None) -> int:
+    summary = main(argv)
+    return 130 if summary["interrupted"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
