@@ -37,7 +37,7 @@ demo: build
 
 bench: build
 	$(PY) -m pip install -q pytest-benchmark
-	$(PY) -m pytest bench/bench_favor_attention.py bench/bench_dfa_head.py -q
+	$(PY) -m pytest bench/bench_favor_attention.py bench/bench_linear_attention.py bench/bench_dfa_feedback.py bench/bench_dfa_head.py -q
 	$(PY) -m bench.report
 
 wheel: setup

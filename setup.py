@@ -1,7 +1,7 @@
 """Build okadfa and its native extension okadfa._C.
 
 The CPU kernels (csrc/*.cpp) are always built. The CUDA fallback (csrc/cuda/: the
-torch-free kernels *.cu and the torch binding bindings.cpp) is added when a CUDA
+torch-free kernels *.cu and the torch bindings <op>_binding.cpp) is added when a CUDA
 toolkit (nvcc, CUDA_HOME) and a CUDA build of torch are both present, or when
 OKADFA_FORCE_CUDA=1. Knobs (all optional):
 

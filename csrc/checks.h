@@ -1,8 +1,11 @@
-// Input checks shared by the native ops. The Python layer validates first and
-// raises ValueError/TypeError; these keep direct torch.ops.okadfa.* calls safe.
+// Input checks shared by the native ops, CPU (csrc/<op>.cpp) and CUDA (csrc/cuda/<op>.cpp)
+// alike. The Python layer (okadfa/validation.py) validates first and raises
+// ValueError/TypeError; these keep direct torch.ops.okadfa.* calls safe.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cmath>
 
 namespace okadfa {
 
@@ -32,6 +35,50 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
     check_size(v, "v", d, q.size(d));
   }
   check_size(k, "k", 3, q.size(3));
+}
+
+// The saved tensors a backward op receives: grad_out and out like v, lognorm (B, H, T).
+inline void check_saved(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v, const at::Tensor& out,
+                        const at::Tensor& lognorm) {
+  check_tensor(grad_out, "grad_out", 4, q);
+  check_tensor(out, "out", 4, q);
+  check_tensor(lognorm, "lognorm", 3, q);
+  TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
+  TORCH_CHECK(lognorm.sizes() == q.sizes().slice(0, 3), "okadfa: lognorm must have shape ", q.sizes().slice(0, 3),
+              ", got ", lognorm.sizes());
+}
+
+// favor_attention's projection (M, Dk) and scale.
+inline void check_projection(const at::Tensor& projection, const at::Tensor& q, double scale) {
+  check_tensor(projection, "projection", 2, q);
+  check_size(projection, "projection", 1, q.size(3));
+  TORCH_CHECK(scale > 0 && std::isfinite(scale), "okadfa: scale must be positive and finite, got ", scale);
+}
+
+// dfa_feedback's error (N, E).
+inline void check_error(const at::Tensor& error) {
+  TORCH_CHECK(error.defined() && error.dim() == 2, "okadfa: error must have shape (N, E), got ", error.sizes());
+  TORCH_CHECK(at::isFloatingType(error.scalar_type()), "okadfa: error must be floating point, got ",
+              error.scalar_type());
+}
+
+// dfa_head's h (N, d), w_dec (V, d), targets (N,) int64 on one device, and chunk_size
+// (the target range is checked where the targets are read: on the host or with one sync).
+inline void check_head_inputs(const at::Tensor& h, const at::Tensor& w_dec, const at::Tensor& targets,
+                              int64_t chunk_size) {
+  TORCH_CHECK(h.defined() && h.dim() == 2 && at::isFloatingType(h.scalar_type()),
+              "okadfa: h must be a floating (N, d) tensor, got ", h.scalar_type(), " ", h.sizes());
+  TORCH_CHECK(w_dec.defined() && w_dec.dim() == 2 && at::isFloatingType(w_dec.scalar_type()) &&
+                  w_dec.size(1) == h.size(1),
+              "okadfa: w_dec must be a floating (V, ", h.size(1), ") tensor, got ", w_dec.scalar_type(), " ",
+              w_dec.sizes());
+  TORCH_CHECK(targets.defined() && targets.dim() == 1 && targets.size(0) == h.size(0) &&
+                  targets.scalar_type() == at::kLong,
+              "okadfa: targets must be an int64 tensor of shape (", h.size(0), "), got ", targets.scalar_type(), " ",
+              targets.sizes());
+  TORCH_CHECK(w_dec.device() == h.device() && targets.device() == h.device(),
+              "okadfa: h, w_dec and targets must be on one device");
+  TORCH_CHECK(chunk_size >= 1, "okadfa: chunk_size must be positive, got ", chunk_size);
 }
 
 inline int64_t check_chunk(int64_t chunk) {

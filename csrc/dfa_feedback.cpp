@@ -9,9 +9,43 @@
 #include <limits>
 #include <type_traits>
 
+#include "checks.h"
 #include "cpu_math.h"
 #include "dfa_projection.h"
 #include "philox.h"
+
+namespace okadfa {
+
+Feedback make_feedback(const std::optional<at::Tensor>& feedback, int64_t points, int64_t dim, int64_t seed,
+                       int64_t dist, bool shared, int64_t error_dim, at::ScalarType dtype, const at::Tensor& like) {
+  Feedback fb;
+  fb.error_dim = error_dim;
+  if (feedback.has_value() && feedback->defined()) {
+    const at::Tensor& b = *feedback;
+    TORCH_CHECK(b.dim() == 3 && b.size(2) == error_dim, "okadfa: feedback must have shape (P, d, ", error_dim,
+                "), got ", b.sizes());
+    TORCH_CHECK(b.device() == like.device(), "okadfa: feedback is on ", b.device(), " but expected ", like.device());
+    TORCH_CHECK(at::isFloatingType(b.scalar_type()), "okadfa: feedback must be floating point, got ",
+                b.scalar_type());
+    fb.stored = b.to(dtype).contiguous();
+    fb.points = b.size(0);
+    fb.dim = b.size(1);
+    return fb;
+  }
+  TORCH_CHECK(points >= 0 && points <= std::numeric_limits<uint32_t>::max(),
+              "okadfa: points must be in [0, 2**32), got ", points);
+  TORCH_CHECK(dim >= 0, "okadfa: dim must be non-negative, got ", dim);
+  TORCH_CHECK(dist == kFeedbackNormal || dist == kFeedbackUniform, "okadfa: dist must be 0 (normal) or 1 (uniform), got ",
+              dist);
+  fb.points = points;
+  fb.dim = dim;
+  fb.seed = static_cast<uint64_t>(seed);   // the uint64 seed, passed as int64 bits
+  fb.dist = static_cast<int>(dist);
+  fb.shared = shared;
+  return fb;
+}
+
+}  // namespace okadfa
 
 namespace okadfa::cpu {
 namespace {
@@ -121,34 +155,6 @@ void seeded_tile(const Feedback& fb, uint32_t p, float sqrt_e, int64_t i0, int64
 
 }  // namespace
 
-Feedback make_feedback(const std::optional<at::Tensor>& feedback, int64_t points, int64_t dim, int64_t seed,
-                       int64_t dist, bool shared, int64_t error_dim, at::ScalarType dtype, const at::Tensor& like) {
-  Feedback fb;
-  fb.error_dim = error_dim;
-  if (feedback.has_value() && feedback->defined()) {
-    const at::Tensor& b = *feedback;
-    TORCH_CHECK(b.dim() == 3 && b.size(2) == error_dim, "okadfa: feedback must have shape (P, d, ", error_dim,
-                "), got ", b.sizes());
-    TORCH_CHECK(b.device() == like.device(), "okadfa: feedback is on ", b.device(), " but expected ", like.device());
-    TORCH_CHECK(at::isFloatingType(b.scalar_type()), "okadfa: feedback must be floating point, got ",
-                b.scalar_type());
-    fb.stored = b.to(dtype).contiguous();
-    fb.points = b.size(0);
-    fb.dim = b.size(1);
-    return fb;
-  }
-  TORCH_CHECK(points >= 0 && points <= std::numeric_limits<uint32_t>::max(),
-              "okadfa: points must be in [0, 2**32), got ", points);
-  TORCH_CHECK(dim >= 0, "okadfa: dim must be non-negative, got ", dim);
-  TORCH_CHECK(dist == kFeedbackNormal || dist == kFeedbackUniform, "okadfa: dist must be 0 (normal) or 1 (uniform), got ",
-              dist);
-  fb.points = points;
-  fb.dim = dim;
-  fb.seed = static_cast<uint64_t>(seed);   // the uint64 seed, passed as int64 bits
-  fb.dist = static_cast<int>(dist);
-  fb.shared = shared;
-  return fb;
-}
 
 template <typename T>
 void project_feedback(const Feedback& fb, const T* e, int64_t rows, int64_t lde, T* out, int64_t point_stride) {
@@ -196,9 +202,7 @@ namespace {
 // (P, N, d) in error's dtype; half types are computed in float32.
 at::Tensor dfa_feedback_cpu(const at::Tensor& error, const std::optional<at::Tensor>& feedback, int64_t points,
                             int64_t dim, int64_t seed, int64_t dist, bool shared) {
-  TORCH_CHECK(error.dim() == 2, "okadfa: error must have shape (N, E), got ", error.sizes());
-  TORCH_CHECK(at::isFloatingType(error.scalar_type()), "okadfa: error must be floating point, got ",
-              error.scalar_type());
+  check_error(error);
   const at::ScalarType acc = at::promote_types(error.scalar_type(), at::kFloat);
   const at::Tensor e = error.to(acc).contiguous();
   const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, e.size(1), acc, e);

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "checks.h"
 #include "cpu_math.h"
 #include "dfa_projection.h"
 
@@ -80,17 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
     const at::Tensor& h, const at::Tensor& w_dec, const at::Tensor& targets, const std::optional<at::Tensor>& feedback,
     int64_t points, int64_t dim, int64_t seed, int64_t dist, bool shared, int64_t ignore_index, bool logits_error,
     int64_t chunk_size) {
-  TORCH_CHECK(h.dim() == 2 && at::isFloatingType(h.scalar_type()), "okadfa: h must be a floating (N, d) tensor, got ",
-              h.scalar_type(), " ", h.sizes());
-  TORCH_CHECK(w_dec.dim() == 2 && at::isFloatingType(w_dec.scalar_type()) && w_dec.size(1) == h.size(1),
-              "okadfa: w_dec must be a floating (V, ", h.size(1), ") tensor, got ", w_dec.scalar_type(), " ",
-              w_dec.sizes());
-  TORCH_CHECK(targets.dim() == 1 && targets.size(0) == h.size(0) && targets.scalar_type() == at::kLong,
-              "okadfa: targets must be an int64 tensor of shape (", h.size(0), "), got ", targets.scalar_type(), " ",
-              targets.sizes());
-  TORCH_CHECK(w_dec.device() == h.device() && targets.device() == h.device(),
-              "okadfa: h, w_dec and targets must be on one device");
-  TORCH_CHECK(chunk_size >= 1, "okadfa: chunk_size must be positive, got ", chunk_size);
+  check_head_inputs(h, w_dec, targets, chunk_size);
   const int64_t N = h.size(0), d = h.size(1), V = w_dec.size(0);
   const at::Tensor t = targets.contiguous();
   const int64_t* tp = t.data_ptr<int64_t>();

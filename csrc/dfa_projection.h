@@ -1,4 +1,5 @@
-// The DFA feedback projection shared by the dfa_feedback and dfa_head CPU kernels:
+// The feedback argument of the DFA ops (every device: csrc/ and csrc/cuda/), and the
+// feedback projection shared by the dfa_feedback and dfa_head CPU kernels:
 //
 //   out[p, n, i] = Σ_j e[n, j]·B_p[i, j]     (g_p = e B_pᵀ, DESIGN.md §4)
 //
@@ -13,7 +14,7 @@
 #include <cstdint>
 #include <optional>
 
-namespace okadfa::cpu {
+namespace okadfa {
 
 // The feedback argument of the ops: `stored` (P, d, E) in the compute dtype, or
 // undefined for seeded matrices described by the other fields.
@@ -29,6 +30,10 @@ struct Feedback {
 // casts a stored tensor to `dtype`. `like` gives the device.
 Feedback make_feedback(const std::optional<at::Tensor>& feedback, int64_t points, int64_t dim, int64_t seed,
                        int64_t dist, bool shared, int64_t error_dim, at::ScalarType dtype, const at::Tensor& like);
+
+}  // namespace okadfa
+
+namespace okadfa::cpu {
 
 // out[p·point_stride + n·d + i] = Σ_j e[n·lde + j]·B_p[i, j] for p < P, n < rows, i < d.
 // Parallel over (point, tile of B's rows): each seeded entry is generated once per call;

@@ -2,8 +2,6 @@
 // prefix-sum attention of chunked_attention.h, forward and backward.
 #include <torch/library.h>
 
-#include <cmath>
-
 #include "checks.h"
 #include "chunked_attention.h"
 
@@ -14,9 +12,7 @@ template <typename T>
 cpu::AttentionProblem<T> favor_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& w, bool causal, double scale, int64_t chunk) {
   check_attention_inputs(q, k, v);
-  check_tensor(w, "projection", 2, q);
-  check_size(w, "projection", 1, q.size(3));
-  TORCH_CHECK(scale > 0 && std::isfinite(scale), "okadfa: scale must be positive and finite, got ", scale);
+  check_projection(w, q, scale);
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), w.data_ptr<T>(),
           q.size(0) * q.size(1), q.size(2), q.size(3), w.size(0), v.size(3),
           /*fused=*/true, causal, static_cast<T>(std::sqrt(scale)), check_chunk(chunk)};
@@ -39,12 +35,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd_c
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& projection, const at::Tensor& out, const at::Tensor& lognorm, bool causal, double scale,
     int64_t chunk, bool projection_grad) {
-  check_tensor(grad_out, "grad_out", 4, q);
-  check_tensor(out, "out", 4, q);
-  check_tensor(lognorm, "lognorm", 3, q);
-  TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
-  TORCH_CHECK(lognorm.sizes() == q.sizes().slice(0, 3), "okadfa: lognorm must have shape ", q.sizes().slice(0, 3),
-              ", got ", lognorm.sizes());
+  check_saved(grad_out, q, v, out, lognorm);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   auto dw = at::zeros_like(projection);
   check_attention_inputs(q, k, v);

@@ -32,12 +32,7 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lognorm, bool causal, int64_t chunk) {
-  check_tensor(grad_out, "grad_out", 4, q);
-  check_tensor(out, "out", 4, q);
-  check_tensor(lognorm, "lognorm", 3, q);
-  TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
-  TORCH_CHECK(lognorm.sizes() == q.sizes().slice(0, 3), "okadfa: lognorm must have shape ", q.sizes().slice(0, 3),
-              ", got ", lognorm.sizes());
+  check_saved(grad_out, q, v, out, lognorm);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   check_attention_inputs(q, k, v);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "linear_attention_bwd", [&] {

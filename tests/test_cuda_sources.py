@@ -2,7 +2,7 @@
 
 * The kernels (*.cu, *.cuh, launchers.h) are torch-free: `nvcc -c` compiles each
   .cu file on its own, here and in CI (skipped when nvcc is missing).
-* Every op schema (csrc/registration.cpp) has a CUDA implementation (bindings.cpp).
+* Every op schema (csrc/registration.cpp) has a CUDA implementation (<op>_binding.cpp).
 * The kernels' logic runs on the CPU: the .cu files are compiled as C++ with a small
   emulation of the CUDA subset they use (one std::thread per CUDA thread, barriers
   for __syncthreads and warp shuffles) and compared with okadfa.reference. This
@@ -12,6 +12,7 @@
 """
 import ctypes
 import math
+import os
 import pathlib
 import re
 import shutil
@@ -33,8 +34,9 @@ GXX = shutil.which("g++")
 
 def test_kernel_sources_exist():
     names = {p.name for p in KERNELS}
-    assert {"attention_kernels.cu", "dfa_kernels.cu"} <= names, names
-    assert (CUDA_DIR / "bindings.cpp").is_file()
+    assert {"chunked_attention.cu", "dfa_feedback.cu", "dfa_head.cu"} <= names, names
+    for op in ("favor_attention", "linear_attention", "dfa_feedback", "dfa_head"):
+        assert (CUDA_DIR / f"{op}_binding.cpp").is_file(), op
 
 
 @pytest.mark.parametrize("path", [*KERNELS, *CUDA_DIR.glob("*.cuh"), CUDA_DIR / "launchers.h"],
@@ -42,16 +44,56 @@ def test_kernel_sources_exist():
 def test_kernels_are_torch_free(path):
     text = path.read_text()
     bad = re.findall(r'#\s*include\s*[<"](torch|ATen|c10|pybind11)/', text)
-    assert not bad, f"{path.name} includes torch headers ({bad}); only bindings.cpp may"
+    assert not bad, f"{path.name} includes torch headers ({bad}); only the <op>_binding.cpp files and their headers may"
 
 
 def test_every_schema_has_a_cuda_impl():
     # Ops with tensor arguments (those without one, such as seeded_feedback, dispatch on the CPU).
     text = re.sub(r'"\s*\n\s*"', "", (ROOT / "csrc" / "registration.cpp").read_text())   # join literals
     schemas = {name for name, args in re.findall(r'm\.def\(\s*"(\w+)\(([^)]*)\)', text) if "Tensor" in args}
-    impls = set(re.findall(r'm\.impl\(\s*"(\w+)"', (CUDA_DIR / "bindings.cpp").read_text()))
+    impls = {name for path in CUDA_DIR.glob("*_binding.cpp")
+             for name in re.findall(r'm\.impl\(\s*"(\w+)"', path.read_text())}
     assert schemas, "no schemas found in csrc/registration.cpp"
-    assert schemas <= impls, f"ops without a CUDA implementation in csrc/cuda/bindings.cpp: {sorted(schemas - impls)}"
+    assert schemas <= impls, f"ops without a CUDA implementation in csrc/cuda/*_binding.cpp: {sorted(schemas - impls)}"
+
+
+# Declarations that torch's ATen/cuda headers need from CUDA libraries the toolkit here may lack
+# (cuBLAS, cuSPARSE, cuSOLVER) and torch's generated CUDA macros: enough to type-check the bindings.
+CUDA_LIBRARY_STUBS = {
+    "cusparse.h": "typedef struct cusparseContext* cusparseHandle_t; typedef int cusparseStatus_t;\n"
+                  "const char* cusparseGetErrorString(cusparseStatus_t);",
+    "cublas_v2.h": "typedef struct cublasContext* cublasHandle_t; typedef int cublasStatus_t;\n"
+                   "const char* cublasGetStatusString(cublasStatus_t);",
+    "cublasLt.h": "typedef struct cublasLtContext* cublasLtHandle_t;",
+    "cusolverDn.h": "typedef struct cusolverDnContext* cusolverDnHandle_t;",
+    "cusolver_common.h": "typedef int cusolverStatus_t;",
+    "c10/cuda/impl/cuda_cmake_macros.h": "",
+}
+
+
+@pytest.mark.skipif(GXX is None, reason="g++ is not on PATH")
+@pytest.mark.parametrize("path", sorted(CUDA_DIR.glob("*_binding.cpp")), ids=lambda p: p.name)
+def test_bindings_type_check_against_torch_headers(path, tmp_path):
+    # A CPU build of torch still ships ATen/cuda and c10/cuda headers: `g++ -fsyntax-only` checks
+    # every binding's use of them and of ../checks.h, launchers.h, binding.h without a CUDA build.
+    import sysconfig
+    from torch.utils import cpp_extension
+    homes = [os.environ.get("CUDA_HOME"), cpp_extension.CUDA_HOME, "/usr/local/cuda"]
+    homes += [str(pathlib.Path(NVCC).resolve().parents[1])] if NVCC else []
+    found = [pathlib.Path(h) / "include" for h in homes if h and (pathlib.Path(h) / "include" / "cuda_runtime_api.h").is_file()]
+    if not found:
+        pytest.skip("no CUDA toolkit headers (cuda_runtime_api.h)")
+    cuda_include = found[0]
+    torch_include = [pathlib.Path(p) for p in cpp_extension.include_paths()]
+    if not any((p / "ATen" / "cuda" / "CUDAContext.h").is_file() for p in torch_include):
+        pytest.skip("this torch ships no ATen/cuda headers")
+    for name, text in CUDA_LIBRARY_STUBS.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("#pragma once\n" + text + "\n")
+    cmd = [GXX, "-std=c++17", "-fsyntax-only", *(f"-I{p}" for p in torch_include),
+           f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", f"-I{tmp_path}", str(path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: the CUDA sources cannot be compile-checked")

@@ -282,3 +282,16 @@ def test_empty_batch_or_heads(backend):
     q, k, v, w = make_inputs(2, 3, 10, 4, 5, 6, dtype=torch.float32)
     assert okadfa.favor_attention(q[:0], k[:0], v[:0], w, causal=True, backend=backend).shape == (0, 3, 10, 5)
     assert okadfa.favor_attention(q[:, :0], k[:, :0], v[:, :0], w, backend=backend).shape == (2, 0, 10, 5)
+
+
+def test_reference_ladder_naive_recurrent_chunked():
+    # Each rung of okadfa.reference against the one below it, in float64 (module docstring there).
+    q, k, v, w = make_inputs(2, 3, 37, 8, 5, 16, seed=3)
+    naive = favor_attention_naive(q, k, v, w, causal=True)
+    assert_rms_close(okadfa.reference.favor_attention_recurrent(q, k, v, w), naive, torch.float64, what="recurrent")
+    for chunk in (1, 8, 64):
+        assert_rms_close(okadfa.reference.favor_attention(q, k, v, w, causal=True, chunk_size=chunk), naive,
+                         torch.float64, what=f"chunked {chunk}")
+    # the naive rung is itself the definition: row t of the causal output only sees keys s <= t
+    later = favor_attention_naive(q, k.clone().index_fill_(2, torch.tensor([36]), 5.0), v, w, causal=True)
+    assert torch.equal(later[:, :, :36], naive[:, :, :36]) and not torch.equal(later[:, :, 36], naive[:, :, 36])

@@ -111,3 +111,14 @@ def test_torch_compile_fullgraph():
         grads.append([x.grad for x in args])
     for a, e in zip(*grads):
         torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+
+
+def test_reference_ladder_naive_recurrent_chunked():
+    g = torch.Generator().manual_seed(4)
+    fq, fk = (torch.rand(2, 3, 29, 7, generator=g, dtype=torch.float64) + 0.1 for _ in range(2))
+    v = torch.randn(2, 3, 29, 5, generator=g, dtype=torch.float64)
+    naive = linear_attention_naive(fq, fk, v, causal=True)
+    assert_rms_close(okadfa.reference.linear_attention_recurrent(fq, fk, v), naive, torch.float64, what="recurrent")
+    for chunk in (1, 8, 64):
+        assert_rms_close(okadfa.reference.linear_attention(fq, fk, v, causal=True, chunk_size=chunk), naive,
+                         torch.float64, what=f"chunked {chunk}")

@@ -16,6 +16,7 @@ SCRIPT = textwrap.dedent('''
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     import okadfa.kernels.dfa_feedback as m
+    import okadfa.kernels.dfa_head as h
 
     def build(fn, types, consts):
         sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
@@ -30,13 +31,13 @@ SCRIPT = textwrap.dedent('''
                                               FP32_DOT=True, BLOCK_N=64, BLOCK_D=64, BLOCK_E=32))
     mm = dict(a_ptr="*bf16", b_ptr="*bf16", c_ptr="*fp32", M="i32", N="i32", K="i32", s_am="i32", s_ak="i32",
               s_bk="i32", s_bn="i32", s_cm="i32")
-    build(m._mm_kernel, mm, dict(ACCUMULATE=True, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
-    build(m._mm_kernel, dict(mm, a_ptr="*fp32", b_ptr="*fp32"),
+    build(h._mm_kernel, mm, dict(ACCUMULATE=True, FP32_DOT=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
+    build(h._mm_kernel, dict(mm, a_ptr="*fp32", b_ptr="*fp32"),
           dict(ACCUMULATE=False, FP32_DOT=True, BLOCK_M=64, BLOCK_N=64, BLOCK_K=32))
-    build(m._softmax_xent_kernel, dict(y_ptr="*fp32", t_ptr="*i64", nv_ptr="*i64", loss_ptr="*fp32", R="i32",
+    build(h._softmax_xent_kernel, dict(y_ptr="*fp32", t_ptr="*i64", nv_ptr="*i64", loss_ptr="*fp32", R="i32",
                                        V="i32", ignore_index="i32"), dict(BLOCK_R=4, BLOCK_V=1024))
 
-    import okadfa.kernels.favor_attention as a
+    import okadfa.kernels.chunked_attention as a
     fwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32", ln_ptr="*fp32", T="i32",
                M="i32", DQ="i32", DV="i32", sqrt_scale="fp32", tiny="fp32")
     bwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", g_ptr="*bf16", ln_ptr="*fp32",
@@ -46,7 +47,7 @@ SCRIPT = textwrap.dedent('''
     for types, precision in ((None, "tf32"), ("*fp32", "ieee")):
         for causal in (True, False):
             for fused in (True, False):
-                meta = dict(FUSED=fused, CAUSAL=causal, BLOCK_T=16, M_PAD=256, DQ_PAD=64 if fused else 256,
+                meta = dict(FEATURE_MAP=int(fused), CAUSAL=causal, BLOCK_T=16, M_PAD=256, DQ_PAD=64 if fused else 256,
                             BLOCK_DV=16, PRECISION=precision)
                 cast = lambda sig: {k: (types if types and v == "*bf16" else v) for k, v in sig.items()}
                 build(a._fwd_kernel, cast(fwd), meta)

@@ -1,4 +1,4 @@
-"""okadfa::triton_dfa_feedback and okadfa::triton_dfa_head (kernels/dfa_feedback.py) against
+"""okadfa::triton_dfa_feedback and okadfa::triton_dfa_head (kernels/dfa_feedback.py, kernels/dfa_head.py) against
 the float64 reference (DESIGN.md §4), and the in-kernel Philox4x32-10 against
 okadfa.feedback. Runs on a CUDA GPU, or on the CPU under TRITON_INTERPRET=1."""
 import os
@@ -13,6 +13,7 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 import triton.language as tl  # noqa: E402
 
 from okadfa.kernels import dfa_feedback as tk  # noqa: E402  (registers the ops)
+from okadfa.kernels._utils import INTERPRETED  # noqa: E402
 from okadfa.reference.dfa import dfa_feedback, dfa_head  # noqa: E402
 from okadfa.feedback import FeedbackSpec, _seeded_values, materialize_feedback, philox4x32  # noqa: E402
 
@@ -129,7 +130,7 @@ def test_seeded_entries_with_64_bit_index(dist):
     E, row0, p, seed = 2 ** 33 + 3, 5, 2, 2 ** 64 - 2 ** 40 + 7
     out = torch.empty(16, 16, device=DEVICE)
     _tile_test_kernel[(1,)](out, row0, p, E, seed & 0xFFFFFFFF, seed >> 32, tk._f32(E ** 0.5),
-                            NORMAL=dist == "normal", LIBDEVICE=not tk._INTERPRETED, BLOCK=16)
+                            NORMAL=dist == "normal", LIBDEVICE=not INTERPRETED, BLOCK=16)
     idx = (torch.arange(row0, row0 + 16)[:, None] * E + torch.arange(16)[None, :]).reshape(-1)
     expected = _seeded_values(seed, p, idx, E, dist).reshape(16, 16)
     assert (idx >> 32).min() > 0

@@ -1,7 +1,7 @@
 // Host launchers of the CUDA kernels: raw device pointers, sizes and a stream, no
-// torch types, so that the kernels (attention_kernels.cu, dfa_kernels.cu) compile
-// with nvcc alone. bindings.cpp validates tensors, allocates outputs and
-// workspaces and calls these on the current stream. Every launcher returns the
+// torch types, so that the kernels (chunked_attention.cu, dfa_feedback.cu, dfa_head.cu)
+// compile with nvcc alone. The bindings (<op>_binding.cpp) validate tensors, allocate outputs and
+// workspaces and call these on the current stream. Every launcher returns the
 // first launch error (cudaSuccess when all went well); it does not synchronise.
 #pragma once
 
@@ -41,6 +41,7 @@ cudaError_t attention_backward(const AttentionShape& s, const T* grad_out, const
                                int64_t group, cudaStream_t stream);
 
 // ---- DFA (okadfa/reference/dfa.py semantics; csrc/philox.h for seeded entries) ----
+// dfa_project: dfa_feedback.cu; softmax_xent: dfa_head.cu.
 //
 // out[p·out_stride + n·dim + i] = Σ_j e[n·E + j]·B_p[i, j] for p < points, n < rows, i < dim.
 // B_p = stored[p] (stored: (points, dim, E) contiguous) or, when stored is null, the

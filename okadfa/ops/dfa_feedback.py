@@ -14,8 +14,9 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import NATIVE_AVAILABLE, select_backend
-from ..validation import check_feedback, check_matrix
 from ..feedback import FeedbackSpec, seeded_matrix
+from ..validation import check_feedback, check_matrix
+from ._registration import register
 
 _DISTS = {"normal": 0, "uniform": 1}
 
@@ -44,26 +45,13 @@ def seeded_feedback_matrix(spec: FeedbackSpec, p: int) -> Tensor:
     return torch.ops.okadfa.seeded_feedback(0 if spec.shared else p, spec.dim, spec.error_dim, seed, dist)
 
 
-def register_fake_if_missing(name: str, fake) -> None:
-    """register_fake for okadfa::<name> when the op exists and has no fake yet
-    (the Triton ops may be registered, with or without one, by okadfa.kernels)."""
-    qualname = f"okadfa::{name}"
-    if not torch._C._dispatch_has_kernel(qualname):
-        return
-    entry = torch._library.simple_registry.singleton.find(qualname)
-    if entry.fake_impl.kernel is None:
-        torch.library.register_fake(qualname)(fake)
-
-
 # fake tensor implementation of okadfa::dfa_feedback and okadfa::triton_dfa_feedback
 def _fake(error, feedback, points, dim, seed, dist, shared):
     P, d = (points, dim) if feedback is None else feedback.shape[:2]
     return error.new_empty((P, error.shape[0], d))
 
 
-if NATIVE_AVAILABLE:
-    register_fake_if_missing("dfa_feedback", _fake)
-register_fake_if_missing("triton_dfa_feedback", _fake)
+register("dfa_feedback", _fake)
 
 
 def dfa_feedback(error: Tensor, feedback, *, backend: str = "auto") -> Tensor:

@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import NATIVE_AVAILABLE, select_backend
+from ..backends import select_backend
 from ..validation import check_head_inputs, check_target_range
-from .dfa_feedback import native_feedback_args, register_fake_if_missing
+from ._registration import register
+from .dfa_feedback import native_feedback_args
 
 # Rows per chunk when chunk_size is None: the chunk's logits hold about this many
 # entries (32 MiB in float32; 166 rows at V = 50257), whatever the vocabulary size.
@@ -33,9 +34,7 @@ def _fake(h, w_dec, targets, feedback, points, dim, seed, dist, shared, ignore_i
             h.new_empty((P, h.shape[0], d)))
 
 
-if NATIVE_AVAILABLE:
-    register_fake_if_missing("dfa_head", _fake)
-register_fake_if_missing("triton_dfa_head", _fake)
+register("dfa_head", _fake)
 
 
 @torch.library.custom_op("okadfa::checked_targets", mutates_args=())

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import NATIVE_AVAILABLE, TRITON_OPS, select_backend
+from ..backends import select_backend
 from .. import validation
-from ._autograd import register_attention_autograd
+from ._registration import register
 
 DEFAULT_CHUNK = 64
 
@@ -28,18 +28,8 @@ def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, causal, scale, chunk_
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(projection)
 
 
-def _register(fwd: str, bwd: str) -> None:
-    # Replaces the fake that triton_op derives from the launcher: under TRITON_INTERPRET=1
-    # wrap_triton returns the plain interpreted kernel, which cannot run on fake tensors.
-    torch.library.register_fake(f"okadfa::{fwd}")(_fwd_fake)
-    torch.library.register_fake(f"okadfa::{bwd}")(_bwd_fake)
-    register_attention_autograd(fwd, bwd, num_tensors=4, weight_grad=True)
-
-
-if NATIVE_AVAILABLE:
-    _register("favor_attention_fwd", "favor_attention_bwd")
-if TRITON_OPS:
-    _register("triton_favor_attention_fwd", "triton_favor_attention_bwd")
+register("favor_attention_fwd", _fwd_fake, backward="favor_attention_bwd", backward_fake=_bwd_fake, num_tensors=4,
+         weight_grad=True)
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,

@@ -1,7 +1,7 @@
 """linear_attention: normalised linear attention on caller-computed features.
 
 Native kernels: okadfa::linear_attention_fwd/_bwd (csrc/linear_attention.cpp),
-Triton kernels: okadfa::triton_linear_attention_fwd/_bwd (okadfa.kernels.favor_attention);
+Triton kernels: okadfa::triton_linear_attention_fwd/_bwd (okadfa.kernels.linear_attention);
 the same chunked algorithm as favor_attention without the fused feature map.
 """
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import NATIVE_AVAILABLE, TRITON_OPS, select_backend
+from ..backends import select_backend
 from .. import validation
-from ._autograd import register_attention_autograd
+from ._registration import register
 
 DEFAULT_CHUNK = 64
 
@@ -27,18 +27,8 @@ def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, causal, chunk_size):
     return torch.empty_like(q_feat), torch.empty_like(k_feat), torch.empty_like(v)
 
 
-def _register(fwd: str, bwd: str) -> None:
-    # Replaces the fake that triton_op derives from the launcher: under TRITON_INTERPRET=1
-    # wrap_triton returns the plain interpreted kernel, which cannot run on fake tensors.
-    torch.library.register_fake(f"okadfa::{fwd}")(_fwd_fake)
-    torch.library.register_fake(f"okadfa::{bwd}")(_bwd_fake)
-    register_attention_autograd(fwd, bwd, num_tensors=3, weight_grad=False)
-
-
-if NATIVE_AVAILABLE:
-    _register("linear_attention_fwd", "linear_attention_bwd")
-if TRITON_OPS:
-    _register("triton_linear_attention_fwd", "triton_linear_attention_bwd")
+register("linear_attention_fwd", _fwd_fake, backward="linear_attention_bwd", backward_fake=_bwd_fake, num_tensors=3,
+         weight_grad=False)
 
 
 def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",

@@ -1,5 +1,6 @@
 // CUDA fallback of favor_attention / linear_attention, forward and backward
-// (torch-free: raw pointers, launched by bindings.cpp). Same algorithm and the
+// (torch-free: raw pointers, launched by favor_attention_binding.cpp /
+// linear_attention_binding.cpp). Same algorithm and the
 // same stabilisers as the CPU kernel (csrc/chunked_attention.h), so the outputs,
 // lognorm and gradients agree with it up to rounding:
 //

@@ -1,0 +1,28 @@
+"""Triton kernels of linear_attention (DESIGN.md §3): the custom ops
+okadfa::triton_linear_attention_fwd/_bwd on the chunked kernels of okadfa.kernels.chunked_attention
+with caller-given features (fake tensors, autograd, dispatch: okadfa/ops/linear_attention.py)."""
+from typing import Tuple
+
+from torch import Tensor
+
+from ._utils import check_dtypes, triton_op
+from .chunked_attention import GIVEN, Launch, backward, forward
+
+
+@triton_op("okadfa::triton_linear_attention_fwd", mutates_args=())
+def triton_linear_attention_fwd(q_feat: Tensor, k_feat: Tensor, v: Tensor, causal: bool,
+                                chunk_size: int) -> Tuple[Tensor, Tensor]:
+    """Normalised linear attention on given features q_feat, k_feat (B, H, T, M); v (B, H, T, Dv)."""
+    check_dtypes(q_feat=q_feat, k_feat=k_feat, v=v)
+    launch = Launch(q_feat, v, q_feat.shape[3], causal, chunk_size, GIVEN)
+    return forward(q_feat, k_feat, v, q_feat, launch, 1.0)
+
+
+@triton_op("okadfa::triton_linear_attention_bwd", mutates_args=())
+def triton_linear_attention_bwd(grad_out: Tensor, q_feat: Tensor, k_feat: Tensor, v: Tensor, out: Tensor,
+                                lognorm: Tensor, causal: bool, chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq_feat, dk_feat, dv) of triton_linear_attention_fwd."""
+    check_dtypes(grad_out=grad_out, q_feat=q_feat, k_feat=k_feat, v=v)
+    launch = Launch(q_feat, v, q_feat.shape[3], causal, chunk_size, GIVEN)
+    dq, dk, dv, _ = backward(grad_out, q_feat, k_feat, v, q_feat, out, lognorm, launch, 1.0, False)
+    return dq, dk, dv
