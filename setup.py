@@ -12,8 +12,8 @@ OKADFA_FORCE_CUDA=1. Knobs (all optional):
                            the visible GPUs, or all archs of the toolkit without one)
   DEBUG=1                  -O0 -g instead of -O3 -g0
 
-No --use_fast_math: the seeded DFA feedback (csrc/philox.h) goes through logf/cosf
-and must match the reference to a few float32 ulps.
+No --use_fast_math: the seeded DFA feedback (csrc/philox.h) evaluates ln and cos in double
+and rounds them, so that every entry equals the reference's bit for bit.
 
 Build with the installed torch: `pip install --no-build-isolation -e .`; a wheel with
 `pip wheel --no-build-isolation --no-deps -w dist .` (`make wheel`). The extension is

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .decoding import FavorState, KVCache
-from .ops import favor_sdpa
+from .ops import favor_attention
 from .reference import random_features
 
 __all__ = ["FavorAttention", "SoftmaxAttention", "KOABlock", "replace_attention"]
@@ -171,7 +171,7 @@ class FavorAttention(_ProjectedAttention):
             if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
                 self.redraw()
             self.steps += 1
-        return favor_sdpa(q, k, v, is_causal=causal, projection=self.projection, backend=self.backend)
+        return favor_attention(q, k, v, self.projection, causal=causal, backend=self.backend)
 
 
 class SoftmaxAttention(_ProjectedAttention):

@@ -44,18 +44,26 @@ def check_same(tensors: dict[str, Tensor]) -> None:
             raise TypeError(f"{name} has dtype {x.dtype} but {first} has dtype {ref.dtype}")
 
 
-def attention_batch_shape(q: Tensor, k: Tensor, v: Tensor, qname: str, kname: str) -> torch.Size:
+def attention_batch_shape(q: Tensor, k: Tensor, v: Tensor, qname: str, kname: str,
+                          cross: bool = False) -> torch.Size:
     """Check (B, H, T, ·) agreement of q, k, v; return the broadcast (B, H) of q.
+
+    cross: q may have its own length L (non-causal cross-attention), k and v share S.
 
     Batch dims broadcast. Heads broadcast too, and, as in SDPA's grouped-query
     attention, k and v may have Hkv heads with Hq divisible by Hkv: kv head j
     then serves q heads j·Hq/Hkv … (j+1)·Hq/Hkv − 1 (see `prepare`).
     """
-    if q.shape[2] != k.shape[2] or k.shape[2] != v.shape[2]:
-        raise ValueError(f"{qname}, {kname} and v must have the same sequence length (dim 2), got "
-                         f"{q.shape[2]}, {k.shape[2]} and {v.shape[2]}")
-    if q.shape[2] < 1:
-        raise ValueError(f"the sequence length (dim 2 of {qname}) must be at least 1, got {q.shape[2]}")
+    if k.shape[2] != v.shape[2]:
+        raise ValueError(f"{kname} and v must have the same sequence length (dim 2), got {k.shape[2]} and "
+                         f"{v.shape[2]}")
+    if q.shape[2] != k.shape[2] and not cross:
+        needs = " for causal attention (FavorState decodes token by token)" if qname == "q" else ""
+        raise ValueError(f"{qname}, {kname} and v must have the same length (dim 2){needs}, got "
+                         f"L={q.shape[2]} and S={k.shape[2]}")
+    for name, x in ((qname, q), (kname, k)):
+        if x.shape[2] < 1:
+            raise ValueError(f"the sequence length (dim 2 of {name}) must be at least 1, got {x.shape[2]}")
     for name, x in ((qname, q), (kname, k), ("v", v)):
         if x.shape[3] < 1:
             raise ValueError(f"{name} must have at least one feature (dim 3), got shape {tuple(x.shape)}")

@@ -295,3 +295,24 @@ def test_reference_ladder_naive_recurrent_chunked():
     # the naive rung is itself the definition: row t of the causal output only sees keys s <= t
     later = favor_attention_naive(q, k.clone().index_fill_(2, torch.tensor([36]), 5.0), v, w, causal=True)
     assert torch.equal(later[:, :, :36], naive[:, :, :36]) and not torch.equal(later[:, :, 36], naive[:, :, 36])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_causal_cross_attention_of_different_lengths(backend):
+    q, _, _, w = make_inputs(2, 3, 7, 8, 6, 16, seed=5)
+    _, k, v, _ = make_inputs(2, 3, 19, 8, 6, 16, seed=6)
+    out = okadfa.favor_attention(q, k, v, w, backend=backend)
+    assert out.shape == (2, 3, 7, 6)
+    assert_rms_close(out, favor_attention_naive(q, k, v, w, causal=False), torch.float64, what="L=7, S=19")
+    with pytest.raises(ValueError, match="same length .* for causal attention"):
+        okadfa.favor_attention(q, k, v, w, causal=True, backend=backend)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_autocast_casts_the_inputs_as_sdpa_does(backend):
+    q, k, v, w = make_inputs(1, 2, 33, 8, 8, 16, dtype=torch.float32, seed=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = okadfa.favor_attention(q, k, v, w, causal=True, backend=backend)
+    expected = okadfa.favor_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), w, causal=True, backend=backend)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -61,6 +61,17 @@ def test_learning_rate_schedule():
     assert train_mod.learning_rate(100, args) == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("rule", ["dfa", "bp"])
+def test_optimizer_defaults_follow_the_rule(rule):
+    d = train_mod.OPTIMIZER_DEFAULTS[rule]
+    args = train_mod.parse_args(["--training", rule, "--steps", "1000"])
+    assert (args.lr, args.warmup, args.weight_decay, args.adam_beta2, args.grad_clip) == (
+        d["lr"], round(1000 * d["warmup_fraction"]), d["weight_decay"], d["adam_beta2"], d["grad_clip"])
+    assert train_mod.parse_args(["--training", rule, "--steps", "3"]).warmup == 1      # at least one step
+    given = train_mod.parse_args(["--training", rule, "--lr", "1e-4", "--warmup", "7"])
+    assert (given.lr, given.warmup) == (1e-4, 7)
+
+
 def test_bad_arguments_fail_clearly(tmp_path):
     with pytest.raises(SystemExit, match="FIELD=VALUE"):
         train_mod.main(SMALL + ["--set", "no_such_field=3", "--out", str(tmp_path)])

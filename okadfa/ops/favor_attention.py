@@ -15,7 +15,6 @@ from ..backends import select_backend
 from .. import validation
 from ._registration import register
 
-DEFAULT_CHUNK = 64
 
 
 # fake tensor implementation of okadfa::favor_attention_fwd and okadfa::triton_favor_attention_fwd
@@ -47,7 +46,9 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     dependence on later positions.
 
     Args:
-        q, k: (B, H, T, Dk). v: (B, H, T, Dv). B and H broadcast (size 1 is expanded);
+        q: (B, H, L, Dk); k: (B, H, S, Dk); v: (B, H, S, Dv), L = S when causal (non-causal
+            cross-attention with L ≠ S runs the reference path, plain PyTorch and also linear
+            in L and S, on every backend). B and H broadcast (size 1 is expanded);
             k and v may have fewer heads than q when they divide q's (grouped-query
             attention as in SDPA's enable_gqa: kv head j serves q heads j·G … j·G+G−1).
         projection: (M, Dk), e.g. from `okadfa.random_features(M, Dk)`; gets a
@@ -58,18 +59,20 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         chunk_size: positions per chunk of the native kernels (default 64; the triton
             backend rounds it to a power of two in [16, 128], smaller for large M).
     Returns:
-        (B, H, T, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32; the
-        triton backend reads them as they are (float32 arithmetic) and rejects float64.
+        (B, H, L, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32; the
+        triton backend reads them as they are (float32 arithmetic) and rejects float64. Under
+        `torch.autocast` float32 inputs are first cast to the autocast dtype, as SDPA does.
 
     Example:
         >>> q, k, v = torch.randn(3, 2, 4, 1024, 64).unbind(0)
         >>> w = okadfa.random_features(256, 64)
         >>> out = okadfa.favor_attention(q, k, v, w, causal=True)   # (2, 4, 1024, 64)
     """
-    validation.check_tensor(q, "q", 4, "(B, H, T, Dk)")
-    validation.check_tensor(k, "k", 4, "(B, H, T, Dk)")
-    validation.check_tensor(v, "v", 4, "(B, H, T, Dv)")
+    validation.check_tensor(q, "q", 4, "(B, H, L, Dk)")
+    validation.check_tensor(k, "k", 4, "(B, H, S, Dk)")
+    validation.check_tensor(v, "v", 4, "(B, H, S, Dv)")
     validation.check_tensor(projection, "projection", 2, "(M, Dk)")
+    q, k, v = validation.autocast_inputs(q, k, v)      # as torch.autocast does for SDPA
     validation.check_same({"q": q, "k": k, "v": v})
     if projection.device != q.device:
         raise ValueError(f"projection is on {projection.device} but q is on {q.device}")
@@ -77,14 +80,18 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         raise ValueError(f"k must have the head dim of q ({q.shape[3]}), got shape {tuple(k.shape)}")
     if projection.shape[1] != q.shape[3] or projection.shape[0] < 1:
         raise ValueError(f"projection must have shape (M, {q.shape[3]}) with M >= 1, got {tuple(projection.shape)}")
-    batch = validation.attention_batch_shape(q, k, v, "q", "k")
     causal = validation.check_causal(causal)
+    batch = validation.attention_batch_shape(q, k, v, "q", "k", cross=not causal)
     scale = validation.check_scale(scale, q.shape[3], q.dtype)
-    chunk = validation.check_chunk(chunk_size, DEFAULT_CHUNK)
+    chunk = validation.check_chunk(chunk_size, reference.attention.DEFAULT_CHUNK)
     name = select_backend(backend, q.device)
-    if name == "reference":
-        q, k, v = (validation.prepare(x, batch, x.dtype) for x in (q, k, v))
-        return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk)
+    if name == "reference" or q.shape[2] != k.shape[2]:
+        # The kernels take L = S; non-causal cross-attention runs the reference's prefix-free form
+        # (also linear in L and S) on every backend, half types in float32 as the native kernels.
+        dtype = v.dtype if name == "reference" else validation.native_dtype(v.dtype)
+        q, k, v_c = (validation.prepare(x, batch, dtype) for x in (q, k, v))
+        return reference.favor_attention(q, k, v_c, projection.to(dtype), causal=causal, scale=scale,
+                                         chunk_size=chunk).to(v.dtype)
     if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
         q, k, v = (validation.prepare(x, batch, x.dtype) for x in (q, k, v))
         out, _ = torch.ops.okadfa.triton_favor_attention_fwd(q, k, v, projection.to(q.dtype).contiguous(), causal,

@@ -12,9 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import reference
-from ..backends import select_backend
-from .. import validation
+from .. import reference, validation
 from .favor_attention import favor_attention
 
 _PROJECTIONS: dict[tuple, Tensor] = {}
@@ -111,8 +109,7 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         projection: (M, E) from `okadfa.random_features`; None uses a cached projection
             drawn from `seed`, one per (E, M, seed, device, dtype). torch.compile takes it as
             a constant; with dynamic=True (symbolic E) pass a projection instead.
-        backend: as in `okadfa.favor_attention`. Non-causal attention with L ≠ S runs the
-            reference path (plain PyTorch; also linear in L and S).
+        backend: as in `okadfa.favor_attention` (which also runs non-causal L ≠ S).
     Returns:
         Tensor (N, ..., Hq, L, Ev) in query's dtype; under `torch.autocast` float32
         inputs are first cast to the autocast dtype, as SDPA does, and the result has it.
@@ -122,7 +119,7 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         >>> out = okadfa.favor_sdpa(q, k, v, is_causal=True)
     """
     _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, num_features, seed)
-    query, key, value = validation.autocast_inputs(query, key, value)
+    query, key, value = validation.autocast_inputs(query, key, value)   # the cached projection's dtype
     validation.check_same({"query": query, "key": key, "value": value})
     if projection is None:
         projection = cached_projection(query.shape[-1], num_features, seed, query.device, query.dtype)
@@ -133,19 +130,7 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         raise ValueError(f"the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
                          f"{tuple(value.shape)} do not broadcast") from None
     q, k, v = (_to_4d(x, batch) for x in (query, key, value))
-    if q.shape[2] == k.shape[2]:
-        out = favor_attention(q, k, v, projection, causal=is_causal, scale=scale, backend=backend)
-    else:    # non-causal cross attention of different lengths: the plain PyTorch path
-        validation.check_tensor(projection, "projection", 2, "(M, E)")
-        if projection.shape[1] != q.shape[3]:
-            raise ValueError(f"projection must have shape (M, {q.shape[3]}), got {tuple(projection.shape)}")
-        select_backend(backend, q.device)    # validated, though this path is the reference's
-        b = torch.broadcast_shapes(q.shape[:1], k.shape[:1], v.shape[:1])
-        heads = torch.Size((b[0], max(q.shape[1], k.shape[1])))
-        out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)     # half types in float32, as the kernels
-        q, k, v = (validation.prepare(x, heads, dtype) for x in (q, k, v))
-        scale = validation.check_scale(scale, q.shape[3], q.dtype)
-        out = reference.favor_attention(q, k, v, projection.to(dtype), scale=scale).to(out_dtype)
+    out = favor_attention(q, k, v, projection, causal=is_causal, scale=scale, backend=backend)
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*batch, *out.shape[-3:])

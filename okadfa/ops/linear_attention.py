@@ -14,7 +14,6 @@ from ..backends import select_backend
 from .. import validation
 from ._registration import register
 
-DEFAULT_CHUNK = 64
 
 
 # fake tensor implementation of okadfa::linear_attention_fwd and okadfa::triton_linear_attention_fwd
@@ -64,7 +63,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
                          f"{tuple(q_feat.shape)} and {tuple(k_feat.shape)}")
     batch = validation.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
     causal = validation.check_causal(causal)
-    chunk = validation.check_chunk(chunk_size, DEFAULT_CHUNK)
+    chunk = validation.check_chunk(chunk_size, reference.attention.DEFAULT_CHUNK)
     for name, x in (("q_feat", q_feat), ("k_feat", k_feat)):
         if not torch.compiler.is_compiling() and bool((x < 0).any()):
             raise ValueError(f"{name} must be non-negative (features of a positive kernel)")

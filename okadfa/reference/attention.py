@@ -41,7 +41,7 @@ from torch import Tensor
 __all__ = ["random_features", "favor_features", "favor_attention", "linear_attention", "favor_attention_naive",
            "linear_attention_naive", "favor_attention_recurrent", "linear_attention_recurrent"]
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = 64     # positions per chunk when chunk_size is None, on every backend (okadfa.ops)
 
 
 def random_features(num_features: int, head_dim: int, *, orthogonal: bool = True, scaling: str = "chi",

@@ -49,10 +49,11 @@ __all__ = ["main", "train", "parse_args", "learning_rate", "OPTIMIZER_DEFAULTS"]
 
 
 # AdamW settings per training rule (betas (0.9, adam_beta2)), measured on the tiny preset (1000 steps):
-# bench/results/dfa_sweep_bundle.md (learning rates) and dfa_sweep_one.md (the rest).
+# bench/results/dfa_sweep_bundle.md (learning rate and warm-up, the fraction of --steps) and
+# dfa_sweep_one.md (the rest).
 OPTIMIZER_DEFAULTS = {
-    "dfa": dict(lr=4e-3, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
-    "bp": dict(lr=2e-3, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
+    "dfa": dict(lr=6e-3, warmup_fraction=0.2, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
+    "bp": dict(lr=3e-3, warmup_fraction=0.2, weight_decay=0.1, adam_beta2=0.95, grad_clip=1.0),
 }
 
 
@@ -77,7 +78,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, all ranks)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW; default by --training, below)")
-    p.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default steps/20)")
+    p.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default steps/5)")
     p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of matrices")
     p.add_argument("--adam-beta2", type=float, default=None, help="AdamW's second-moment decay β2")
     p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
@@ -96,7 +97,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sample-tokens", type=int, default=200, help="tokens of text generated at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
     args = p.parse_args(argv)
-    for name, value in OPTIMIZER_DEFAULTS[args.training].items():
+    defaults = dict(OPTIMIZER_DEFAULTS[args.training])
+    if args.warmup is None:
+        args.warmup = max(1, round(args.steps * defaults["warmup_fraction"]))
+    del defaults["warmup_fraction"]
+    for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
     for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
@@ -107,10 +112,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def learning_rate(step: int, args) -> float:
     """Linear warm-up to --lr over --warmup steps, then cosine decay to lr/10 at --steps."""
-    warmup = max(1, args.steps // 20) if args.warmup is None else args.warmup
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, args.steps - warmup))
+    if step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    progress = min(1.0, (step - args.warmup) / max(1, args.steps - args.warmup))
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
