@@ -14,10 +14,11 @@ from __future__ import annotations
 import glob
 import os
 import warnings
+from typing import Callable
 
 import torch
 
-__all__ = ["backends", "select_backend", "BACKENDS"]
+__all__ = ["backends", "select_backend", "dispatch", "registered", "BACKENDS"]
 
 BACKENDS = ("triton", "cuda", "cpu", "reference")
 
@@ -165,3 +166,20 @@ def select_backend(backend: str, device: torch.device) -> str:
     if not status["available"]:
         raise RuntimeError(f"okadfa: backend {backend!r} is unavailable: {status['reason']}")
     return backend
+
+
+def dispatch(implementations: dict, backend: str, device: torch.device):
+    """The entry of an op's implementation table for `backend` on `device` (after
+    `select_backend`). Every op declares its table in okadfa/ops/<op>.py: backend name ->
+    (compute dtype of an input dtype, the call), so that adding a backend is one row per op."""
+    return implementations[select_backend(backend, device)]
+
+
+def registered(name: str, output: int | None = None) -> Callable:
+    """A call of the registered op okadfa::<name>, looked up when called (the op exists only
+    where its backend is built); `output` selects one element of a tuple result."""
+    def call(*args):
+        result = getattr(torch.ops.okadfa, name)(*args)
+        return result if output is None else result[output]
+    call.__name__ = f"okadfa::{name}"
+    return call

@@ -136,8 +136,13 @@ def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
 
 
 def native_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The native CPU kernels compute half types in float32."""
+    """The native attention kernels (cpu, cuda) compute half types in float32."""
     return dtype if dtype in NATIVE_DTYPES else torch.float32
+
+
+def same_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The triton and reference attention paths compute in the input dtype (float32 inside)."""
+    return dtype
 
 
 def check_feedback(feedback, error_dim: int, device: torch.device, needs: str) -> None:

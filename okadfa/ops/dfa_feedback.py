@@ -13,8 +13,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import NATIVE_AVAILABLE, select_backend
+from ..backends import NATIVE_AVAILABLE, dispatch, registered
 from ..feedback import FeedbackSpec, seeded_matrix
+from .. import validation
 from ..validation import check_feedback, check_matrix
 from ._registration import register
 
@@ -54,6 +55,23 @@ def _fake(error, feedback, points, dim, seed, dist, shared):
 register("dfa_feedback", _fake)
 
 
+def _native(name: str):
+    """The registered op okadfa::<name> with dfa_feedback's signature (native_feedback_args)."""
+    op = registered(name)
+    return lambda error, feedback: op(error.contiguous(),
+                                      *native_feedback_args(feedback, torch.promote_types(error.dtype, torch.float32)))
+
+
+# backend -> (the dtype it computes an input dtype in, the projection): every backend takes the
+# error as it is and accumulates in float32 (float64 for float64 errors) itself.
+IMPLEMENTATIONS = {
+    "cpu": (validation.same_dtype, _native("dfa_feedback")),
+    "cuda": (validation.same_dtype, _native("dfa_feedback")),
+    "triton": (validation.same_dtype, _native("triton_dfa_feedback")),
+    "reference": (validation.same_dtype, reference.dfa_feedback),
+}
+
+
 def dfa_feedback(error: Tensor, feedback, *, backend: str = "auto") -> Tensor:
     """Every DFA signal at once: out[p] = error · B_pᵀ, out[p, n, i] = Σ_j e[n, j]·B[p, i, j].
 
@@ -77,9 +95,5 @@ def dfa_feedback(error: Tensor, feedback, *, backend: str = "auto") -> Tensor:
     """
     check_matrix(error, "error", "(N, E)")
     check_feedback(feedback, error.shape[1], error.device, f"the error has {error.shape[1]} columns")
-    name = select_backend(backend, error.device)
-    if name == "reference":
-        return reference.dfa_feedback(error, feedback)
-    op = torch.ops.okadfa.triton_dfa_feedback if name == "triton" else torch.ops.okadfa.dfa_feedback
-    acc = torch.promote_types(error.dtype, torch.float32)
-    return op(error.contiguous(), *native_feedback_args(feedback, acc))
+    compute, project = dispatch(IMPLEMENTATIONS, backend, error.device)
+    return project(error.to(compute(error.dtype)), feedback)

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import select_backend
+from ..backends import dispatch, registered
+from .. import validation
 from ..validation import check_head_inputs, check_target_range
 from ._registration import register
 from .dfa_feedback import native_feedback_args
@@ -35,6 +36,34 @@ def _fake(h, w_dec, targets, feedback, points, dim, seed, dist, shared, ignore_i
 
 
 register("dfa_head", _fake)
+
+
+def _native(name: str):
+    """The registered op okadfa::<name> with the reference's arguments (native_feedback_args;
+    chunk_size None: about 2²³/V rows)."""
+    op = registered(name)
+
+    def head(h, w_dec, targets, feedback, ignore_index, chunk_size, error):
+        acc = torch.promote_types(torch.promote_types(h.dtype, w_dec.dtype), torch.float32)
+        chunk = default_chunk_size(w_dec.shape[0]) if chunk_size is None else chunk_size
+        return op(h.contiguous(), w_dec.contiguous(), targets.contiguous(), *native_feedback_args(feedback, acc),
+                  ignore_index, error == "logits", chunk)
+    return head
+
+
+def _reference(h, w_dec, targets, feedback, ignore_index, chunk_size, error):
+    return reference.dfa_head(h, w_dec, targets, feedback, ignore_index=ignore_index, chunk_size=chunk_size,
+                              error=error)
+
+
+# backend -> (the dtype it computes an input dtype in, the head); every backend accumulates in
+# float32 (float64 for float64 inputs) itself.
+IMPLEMENTATIONS = {
+    "cpu": (validation.same_dtype, _native("dfa_head")),
+    "cuda": (validation.same_dtype, _native("dfa_head")),
+    "triton": (validation.same_dtype, _native("triton_dfa_head")),
+    "reference": (validation.same_dtype, _reference),
+}
 
 
 @torch.library.custom_op("okadfa::checked_targets", mutates_args=())
@@ -92,12 +121,5 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
     check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error)
     if torch.compiler.is_compiling():
         targets = checked_targets(targets, w_dec.shape[0], ignore_index)
-    name = select_backend(backend, h.device)
-    if name == "reference":
-        return reference.dfa_head(h, w_dec, targets, feedback, ignore_index=ignore_index, chunk_size=chunk_size,
-                                  error=error)
-    op = torch.ops.okadfa.triton_dfa_head if name == "triton" else torch.ops.okadfa.dfa_head
-    acc = torch.promote_types(torch.promote_types(h.dtype, w_dec.dtype), torch.float32)
-    chunk = default_chunk_size(w_dec.shape[0]) if chunk_size is None else chunk_size
-    return op(h.contiguous(), w_dec.contiguous(), targets.contiguous(), *native_feedback_args(feedback, acc),
-              ignore_index, error == "logits", chunk)
+    compute, head = dispatch(IMPLEMENTATIONS, backend, h.device)
+    return head(h.to(compute(h.dtype)), w_dec, targets, feedback, ignore_index, chunk_size, error)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import select_backend
+from ..backends import dispatch, registered
 from .. import validation
 from ._registration import register
 
@@ -26,6 +26,19 @@ def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
 def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, causal, scale, chunk_size, projection_grad):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(projection)
 
+
+def _reference(q, k, v, projection, causal, scale, chunk_size):
+    return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk_size)
+
+
+# backend -> (the dtype it computes an input dtype in, the forward); the registered ops return
+# (out, lognorm) and get autograd from register() below.
+IMPLEMENTATIONS = {
+    "cpu": (validation.native_dtype, registered("favor_attention_fwd", output=0)),
+    "cuda": (validation.native_dtype, registered("favor_attention_fwd", output=0)),
+    "triton": (validation.same_dtype, registered("triton_favor_attention_fwd", output=0)),
+    "reference": (validation.same_dtype, _reference),
+}
 
 register("favor_attention_fwd", _fwd_fake, backward="favor_attention_bwd", backward_fake=_bwd_fake, num_tensors=4,
          weight_grad=True)
@@ -84,20 +97,11 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     batch = validation.attention_batch_shape(q, k, v, "q", "k", cross=not causal)
     scale = validation.check_scale(scale, q.shape[3], q.dtype)
     chunk = validation.check_chunk(chunk_size, reference.attention.DEFAULT_CHUNK)
-    name = select_backend(backend, q.device)
-    if name == "reference" or q.shape[2] != k.shape[2]:
-        # The kernels take L = S; non-causal cross-attention runs the reference's prefix-free form
-        # (also linear in L and S) on every backend, half types in float32 as the native kernels.
-        dtype = v.dtype if name == "reference" else validation.native_dtype(v.dtype)
-        q, k, v_c = (validation.prepare(x, batch, dtype) for x in (q, k, v))
-        return reference.favor_attention(q, k, v_c, projection.to(dtype), causal=causal, scale=scale,
-                                         chunk_size=chunk).to(v.dtype)
-    if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
-        q, k, v = (validation.prepare(x, batch, x.dtype) for x in (q, k, v))
-        out, _ = torch.ops.okadfa.triton_favor_attention_fwd(q, k, v, projection.to(q.dtype).contiguous(), causal,
-                                                             scale, chunk)
-        return out
-    out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)
-    q, k, v = (validation.prepare(x, batch, dtype) for x in (q, k, v))
-    out, _ = torch.ops.okadfa.favor_attention_fwd(q, k, v, projection.to(dtype).contiguous(), causal, scale, chunk)
-    return out.to(out_dtype)
+    compute, forward = dispatch(IMPLEMENTATIONS, backend, q.device)
+    if q.shape[2] != k.shape[2]:
+        # The kernels take L = S: non-causal cross-attention runs the reference's form (also
+        # linear in L and S) on every backend, in that backend's compute dtype.
+        forward = _reference
+    dtype = compute(v.dtype)
+    q, k, v_c = (validation.prepare(x, batch, dtype) for x in (q, k, v))
+    return forward(q, k, v_c, projection.to(dtype).contiguous(), causal, scale, chunk).to(v.dtype)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import select_backend
+from ..backends import dispatch, registered
 from .. import validation
 from ._registration import register
 
@@ -25,6 +25,18 @@ def _fwd_fake(q_feat, k_feat, v, causal, chunk_size):
 def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, causal, chunk_size):
     return torch.empty_like(q_feat), torch.empty_like(k_feat), torch.empty_like(v)
 
+
+def _reference(q_feat, k_feat, v, causal, chunk_size):
+    return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk_size)
+
+
+# backend -> (the dtype it computes an input dtype in, the forward), as in favor_attention
+IMPLEMENTATIONS = {
+    "cpu": (validation.native_dtype, registered("linear_attention_fwd", output=0)),
+    "cuda": (validation.native_dtype, registered("linear_attention_fwd", output=0)),
+    "triton": (validation.same_dtype, registered("triton_linear_attention_fwd", output=0)),
+    "reference": (validation.same_dtype, _reference),
+}
 
 register("linear_attention_fwd", _fwd_fake, backward="linear_attention_bwd", backward_fake=_bwd_fake, num_tensors=3,
          weight_grad=False)
@@ -67,14 +79,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     for name, x in (("q_feat", q_feat), ("k_feat", k_feat)):
         if not torch.compiler.is_compiling() and bool((x < 0).any()):
             raise ValueError(f"{name} must be non-negative (features of a positive kernel)")
-    name = select_backend(backend, q_feat.device)
-    if name == "reference":
-        q_feat, k_feat, v = (validation.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
-        return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk)
-    if name == "triton":    # computes float16/bfloat16 in their own dtype (float32 inside)
-        q_feat, k_feat, v = (validation.prepare(x, batch, x.dtype) for x in (q_feat, k_feat, v))
-        return torch.ops.okadfa.triton_linear_attention_fwd(q_feat, k_feat, v, causal, chunk)[0]
-    out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)
-    q_feat, k_feat, v = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
-    out, _ = torch.ops.okadfa.linear_attention_fwd(q_feat, k_feat, v, causal, chunk)
-    return out.to(out_dtype)
+    compute, forward = dispatch(IMPLEMENTATIONS, backend, q_feat.device)
+    dtype = compute(v.dtype)
+    q_feat, k_feat, v_c = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
+    return forward(q_feat, k_feat, v_c, causal, chunk).to(v.dtype)
