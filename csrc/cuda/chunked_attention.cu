@@ -239,95 +239,56 @@ __device__ void chunk_shifts(const T* c, int64_t t0, int n, T* cc, T* qf, T* kf,
   __syncthreads();
 }
 
-// Forward, causal: num (tn × W) for each head. S: M × W per head (workspace).
+// The causal prefix scan shared by the forward and the in-order backward pass. Per head and
+// chunk of rows i (t = t0 + i), with the chunk's weights A = (X Yᵀ ⊙ within-chunk decay) from
+// chunk_products:
+//   out_t = [mult_t ⊙] (Σ_{j ≤ i} A_ij Z_j + qf_i · X_t S)        (DZ wide)
+//   S     ← exp(P − P') S + Σ_j kf_j Y_jᵀ Z_j                      (state, DX × DZ per head)
+// Forward: X = fq, Y = fk (DX = M), Z = vx (DZ = W), out = num, S = Σ fkᵀ vx.
+// Backward dq: X = dext, Y = vx (DX = W), Z = fk (DZ = M), out = dfq (mult = fq when fused,
+// giving the dlogits; out may alias mult), S = Σ vxᵀ fk.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) causal_forward_kernel(const T* fq, const T* fk, const T* c, const T* vx,
-                                                                  T* num, T* S, int64_t tn, int64_t M, int64_t W) {
+__global__ void __launch_bounds__(kThreads) causal_prefix_kernel(const T* X, const T* Y, const T* c, const T* Z,
+                                                                 const T* mult, T* out, T* S, int64_t tn,
+                                                                 int64_t DX, int64_t DZ) {
   __shared__ T A[kChunk][kChunk + 1], xs[kChunk][kChunk + 1], ys[kChunk][kChunk + 1];
   __shared__ T cc[kChunk], qf[kChunk], kf[kChunk];
   const int64_t h = blockIdx.x;
-  fq += h * tn * M;
-  fk += h * tn * M;
-  vx += h * tn * W;
-  num += h * tn * W;
-  S += h * M * W;
+  X += h * tn * DX;
+  Y += h * tn * DX;
+  Z += h * tn * DZ;
+  out += h * tn * DZ;
+  if (mult) mult += h * tn * DZ;
+  S += h * DX * DZ;
   if (c) c += h * tn;
   const int tid = threadIdx.x;
   for (int64_t t0 = 0; t0 < tn; t0 += kChunk) {
     const int n = static_cast<int>(tn - t0 < kChunk ? tn - t0 : kChunk);
     T P, Pn;
     chunk_shifts(c, t0, n, cc, qf, kf, P, Pn);
-    chunk_products(fq + t0 * M, fk + t0 * M, M, M, n, cc, c != nullptr, A, xs, ys);
+    chunk_products(X + t0 * DX, Y + t0 * DX, DX, DX, n, cc, c != nullptr, A, xs, ys);
     __syncthreads();
-    for (int64_t e = tid; e < n * W; e += kThreads) {
-      const int i = static_cast<int>(e / W);
-      const int64_t w = e % W;
+    for (int64_t e = tid; e < n * DZ; e += kThreads) {
+      const int i = static_cast<int>(e / DZ);
+      const int64_t z = e % DZ;
       T acc = 0;
-      for (int j = 0; j <= i; ++j) acc += A[i][j] * vx[(t0 + j) * W + w];
+      for (int j = 0; j <= i; ++j) acc += A[i][j] * Z[(t0 + j) * DZ + z];
       if (t0 > 0) {
         T carried = 0;
-        const T* q = fq + (t0 + i) * M;
-        for (int64_t m = 0; m < M; ++m) carried += q[m] * S[m * W + w];
+        const T* x = X + (t0 + i) * DX;
+        for (int64_t d = 0; d < DX; ++d) carried += x[d] * S[d * DZ + z];
         acc += qf[i] * carried;
       }
-      num[(t0 + i) * W + w] = acc;
-    }
-    __syncthreads();
-    const T decay = rel_exp(P, Pn);
-    for (int64_t e = tid; e < M * W; e += kThreads) {
-      const int64_t m = e / W, w = e % W;
-      T acc = 0;
-      for (int j = 0; j < n; ++j) acc += kf[j] * fk[(t0 + j) * M + m] * vx[(t0 + j) * W + w];
-      S[e] = t0 > 0 ? decay * S[e] + acc : acc;
-    }
-    __syncthreads();
-  }
-}
-
-// Backward, causal, in order: dfq (tn × M) = B fk + diag(qf) dext Sᵀ per chunk, written as
-// mult ⊙ dfq when mult is set (fused: dlogit = fq ⊙ dfq; out may alias mult). St: W × M per head.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) causal_dq_kernel(const T* fk, const T* c, const T* vx, const T* dext,
-                                                             const T* mult, T* out, T* St, int64_t tn, int64_t M,
-                                                             int64_t W) {
-  __shared__ T B[kChunk][kChunk + 1], xs[kChunk][kChunk + 1], ys[kChunk][kChunk + 1];
-  __shared__ T cc[kChunk], qf[kChunk], kf[kChunk];
-  const int64_t h = blockIdx.x;
-  fk += h * tn * M;
-  vx += h * tn * W;
-  dext += h * tn * W;
-  out += h * tn * M;
-  if (mult) mult += h * tn * M;
-  St += h * M * W;
-  if (c) c += h * tn;
-  const int tid = threadIdx.x;
-  for (int64_t t0 = 0; t0 < tn; t0 += kChunk) {
-    const int n = static_cast<int>(tn - t0 < kChunk ? tn - t0 : kChunk);
-    T P, Pn;
-    chunk_shifts(c, t0, n, cc, qf, kf, P, Pn);
-    chunk_products(dext + t0 * W, vx + t0 * W, W, W, n, cc, c != nullptr, B, xs, ys);
-    __syncthreads();
-    for (int64_t e = tid; e < n * M; e += kThreads) {
-      const int i = static_cast<int>(e / M);
-      const int64_t m = e % M;
-      T acc = 0;
-      for (int j = 0; j <= i; ++j) acc += B[i][j] * fk[(t0 + j) * M + m];
-      if (t0 > 0) {
-        T carried = 0;
-        const T* g = dext + (t0 + i) * W;
-        for (int64_t w = 0; w < W; ++w) carried += g[w] * St[w * M + m];
-        acc += qf[i] * carried;
-      }
-      const int64_t at = (t0 + i) * M + m;
+      const int64_t at = (t0 + i) * DZ + z;
       out[at] = mult ? mult[at] * acc : acc;
     }
     __syncthreads();
     const T decay = rel_exp(P, Pn);
-    for (int64_t e = tid; e < M * W; e += kThreads) {
-      const int64_t w = e / M, m = e % M;
+    for (int64_t e = tid; e < DX * DZ; e += kThreads) {
+      const int64_t d = e / DZ, z = e % DZ;
       T acc = 0;
-      for (int j = 0; j < n; ++j) acc += kf[j] * fk[(t0 + j) * M + m] * vx[(t0 + j) * W + w];
-      St[e] = t0 > 0 ? decay * St[e] + acc : acc;
+      for (int j = 0; j < n; ++j) acc += kf[j] * Y[(t0 + j) * DX + d] * Z[(t0 + j) * DZ + z];
+      S[e] = t0 > 0 ? decay * S[e] + acc : acc;
     }
     __syncthreads();
   }
@@ -500,8 +461,8 @@ cudaError_t attention_forward(const AttentionShape& s, const T* q, const T* k, c
     values_kernel<T><<<grid_for(rows * W), kThreads, 0, stream>>>(v + h0 * s.tn * s.dv, ws.vx, rows, s.dv);
     T* num = ws.ext;
     if (s.causal) {
-      causal_forward_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(fq, fk, ws.c, ws.vx, num, ws.S,
-                                                                                  s.tn, M, W);
+      causal_prefix_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(fq, fk, ws.c, ws.vx, nullptr, num,
+                                                                                 ws.S, s.tn, M, W);
     } else {
       gemm<T>(stream, g, M, W, s.tn, T(1), Strided<T>{fk, M, s.tn * M, true}, Strided<T>{ws.vx, W, s.tn * W, false},
               T(0), ws.S, W, M * W);
@@ -548,8 +509,8 @@ cudaError_t attention_backward(const AttentionShape& s, const T* grad_out, const
     T* dlq = s.fused ? (s.causal ? ws.dl : ws.fq) : dq + qoff;
     T* dlk = s.fused ? ws.fk : dk + qoff;
     if (s.causal) {
-      causal_dq_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(
-          fk, ws.c, ws.vx, ws.ext, s.fused ? fq : nullptr, dlq, ws.S, s.tn, M, W);
+      causal_prefix_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(
+          ws.ext, ws.vx, ws.c, fk, s.fused ? fq : nullptr, dlq, ws.S, s.tn, W, M);
       causal_dk_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(
           fq, fk, ws.c, ws.vx, ws.ext, s.fused ? fk : nullptr, dlk, dv + voff, ws.R, s.tn, M, W);
     } else {
