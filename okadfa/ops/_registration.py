@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from ..backends import NATIVE_AVAILABLE, TRITON_OPS
+from .. import validation
+from ..backends import NATIVE_AVAILABLE, TRITON_OPS, registered
 
 
 def register(name: str, fake, *, backward: str | None = None, backward_fake=None, num_tensors: int = 0,
@@ -50,3 +51,15 @@ def _register_autograd(fwd: str, bwd: str, num_tensors: int, weight_grad: bool) 
         return (*grads, *(None,) * len(ctx.args))
 
     torch.library.register_autograd(f"okadfa::{fwd}", backward, setup_context=setup_context)
+
+
+def attention_implementations(forward: str, reference_forward) -> dict:
+    """The IMPLEMENTATIONS table of an attention op whose registered forward is okadfa::<forward>
+    (cpu, cuda) and okadfa::triton_<forward>: the native kernels compute half types in float32,
+    the Triton kernels and the reference in the input dtype; every call returns the output."""
+    return {
+        "cpu": (validation.native_dtype, registered(forward, output=0)),
+        "cuda": (validation.native_dtype, registered(forward, output=0)),
+        "triton": (validation.same_dtype, registered(f"triton_{forward}", output=0)),
+        "reference": (validation.same_dtype, reference_forward),
+    }

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import dispatch, registered
+from ..backends import dispatch
 from .. import validation
-from ._registration import register
+from ._registration import attention_implementations, register
 
 
 
@@ -31,14 +31,8 @@ def _reference(q, k, v, projection, causal, scale, chunk_size):
     return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk_size)
 
 
-# backend -> (the dtype it computes an input dtype in, the forward); the registered ops return
-# (out, lognorm) and get autograd from register() below.
-IMPLEMENTATIONS = {
-    "cpu": (validation.native_dtype, registered("favor_attention_fwd", output=0)),
-    "cuda": (validation.native_dtype, registered("favor_attention_fwd", output=0)),
-    "triton": (validation.same_dtype, registered("triton_favor_attention_fwd", output=0)),
-    "reference": (validation.same_dtype, _reference),
-}
+# backend -> (the dtype it computes an input dtype in, the forward)
+IMPLEMENTATIONS = attention_implementations("favor_attention_fwd", _reference)
 
 register("favor_attention_fwd", _fwd_fake, backward="favor_attention_bwd", backward_fake=_bwd_fake, num_tensors=4,
          weight_grad=True)

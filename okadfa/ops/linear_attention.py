@@ -10,9 +10,9 @@ import torch
 from torch import Tensor
 
 from .. import reference
-from ..backends import dispatch, registered
+from ..backends import dispatch
 from .. import validation
-from ._registration import register
+from ._registration import attention_implementations, register
 
 
 
@@ -30,13 +30,8 @@ def _reference(q_feat, k_feat, v, causal, chunk_size):
     return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk_size)
 
 
-# backend -> (the dtype it computes an input dtype in, the forward), as in favor_attention
-IMPLEMENTATIONS = {
-    "cpu": (validation.native_dtype, registered("linear_attention_fwd", output=0)),
-    "cuda": (validation.native_dtype, registered("linear_attention_fwd", output=0)),
-    "triton": (validation.same_dtype, registered("triton_linear_attention_fwd", output=0)),
-    "reference": (validation.same_dtype, _reference),
-}
+# backend -> (the dtype it computes an input dtype in, the forward)
+IMPLEMENTATIONS = attention_implementations("linear_attention_fwd", _reference)
 
 register("linear_attention_fwd", _fwd_fake, backward="linear_attention_bwd", backward_fake=_bwd_fake, num_tensors=3,
          weight_grad=False)
