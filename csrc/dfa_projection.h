@@ -4,7 +4,7 @@
 //   out[p, n, i] = Σ_j e[n, j]·B_p[i, j]     (g_p = e B_pᵀ, DESIGN.md §4)
 //
 // B_p is either a stored tensor (P, d, E) or seeded: its entries are regenerated
-// tile by tile from (seed, p, i, j) with philox.h (okadfa/reference/feedback.py is
+// tile by tile from (seed, p, i, j) with philox.h (okadfa/feedback.py is
 // the normative definition), so no matrix is ever materialised whole.
 #pragma once
 

@@ -1,6 +1,6 @@
 // Seeded DFA feedback entries, shared by the CPU and CUDA kernels (no torch
 // headers, so nvcc compiles it anywhere). The definition is normative and lives in
-// okadfa/reference/feedback.py; this is the same computation:
+// okadfa/feedback.py; this is the same computation:
 //
 //   idx = i·E + j;  counter = (idx & 0xffffffff, p, idx >> 32, 0);  key = (seed lo, seed hi)
 //   (x0, x1, _, _) = Philox4x32-10(counter, key)   (Salmon et al., SC 2011)

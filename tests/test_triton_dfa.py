@@ -101,7 +101,7 @@ def test_philox_matches_reference_on_random_words():
 
 def assert_entries_match(actual, expected, dist, E):
     """Bit-exact for both distributions: ln and cos are the correctly rounded float32 values
-    on every backend (okadfa/reference/feedback.py)."""
+    on every backend (okadfa/feedback.py)."""
     assert torch.equal(actual, expected), f"{int((actual != expected).sum())} entries differ ({dist}, E={E})"
 
 
