@@ -10,32 +10,20 @@
 namespace okadfa::cuda {
 namespace {
 
-template <typename T>
-__device__ __forceinline__ T block_sum(T x, T* red) {
+// The block-wide maximum (kMax) or sum of x, every thread getting it; red: a shared slot per warp.
+template <bool kMax, typename T>
+__device__ __forceinline__ T block_reduce(T x, T* red) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  x = warp_sum(x);
+  auto warp_reduce = [](T v) {
+    if constexpr (kMax) return warp_max(v);
+    else return warp_sum(v);
+  };
+  x = warp_reduce(x);
   if (lane == 0) red[warp] = x;
   __syncthreads();
   if (warp == 0) {
-    x = lane < warps ? red[lane] : T(0);
-    x = warp_sum(x);
-    if (lane == 0) red[0] = x;
-  }
-  __syncthreads();
-  const T r = red[0];
-  __syncthreads();
-  return r;
-}
-
-template <typename T>
-__device__ __forceinline__ T block_max(T x, T* red) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  x = warp_max(x);
-  if (lane == 0) red[warp] = x;
-  __syncthreads();
-  if (warp == 0) {
-    x = lane < warps ? red[lane] : static_cast<T>(-INFINITY);
-    x = warp_max(x);
+    x = lane < warps ? red[lane] : (kMax ? static_cast<T>(-INFINITY) : T(0));
+    x = warp_reduce(x);
     if (lane == 0) red[0] = x;
   }
   __syncthreads();
@@ -57,10 +45,10 @@ __global__ void __launch_bounds__(kThreads) softmax_xent_kernel(T* logits, int64
   const bool valid = t != ignore_index, in_range = t >= 0 && t < V;
   T mx = static_cast<T>(-INFINITY);
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) mx = max(mx, y[j]);
-  mx = block_max(mx, red);
+  mx = block_reduce<true>(mx, red);
   T sum = 0;
   for (int64_t j = threadIdx.x; j < V; j += blockDim.x) sum += dev_exp(y[j] - mx);
-  const T log_sum = dev_log(block_sum(sum, red));
+  const T log_sum = dev_log(block_reduce<false>(sum, red));
   if (threadIdx.x == 0)
     loss_rows[r] = !valid ? T(0) : in_range ? -((y[t] - mx) - log_sum) : static_cast<T>(NAN);
   __syncthreads();   // y[t] is read above before it is overwritten below
