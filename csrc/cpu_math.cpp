@@ -4,7 +4,6 @@
 #include "cpu_math.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -19,8 +18,6 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 }
 
 namespace okadfa::cpu {
-
-std::atomic<int64_t> gemm_flop_counter{0};
 
 namespace {
 
@@ -42,7 +39,6 @@ template <typename T, typename F>
 void gemm_impl(F blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  gemm_flop_counter.fetch_add(2 * m * n * k, std::memory_order_relaxed);
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
       for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];

@@ -7,13 +7,7 @@
 
 #include <cstdint>
 
-#include <atomic>
-
 namespace okadfa::cpu {
-
-// 2·m·n·k summed over every gemm() call (read by okadfa._C.gemm_flops, for the
-// benchmarks' FLOP accounting test).
-extern std::atomic<int64_t> gemm_flop_counter;
 
 // C[m×n] = alpha · op(A) · op(B) + beta · C, every matrix row-major with its
 // leading dimension. op(X) = Xᵀ when the trans flag is set.

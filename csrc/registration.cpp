@@ -28,21 +28,9 @@ TORCH_LIBRARY(okadfa, m) {
   m.def("seeded_feedback(int point, int dim, int error_dim, int seed, int dist) -> Tensor");
 }
 
-// gemm_flops(reset): FLOPs of the CPU kernels' matrix products since the last reset.
-static PyObject* gemm_flops(PyObject*, PyObject* args) {
-  int reset = 0;
-  if (!PyArg_ParseTuple(args, "|p", &reset)) return nullptr;
-  const long long value = reset ? okadfa::cpu::gemm_flop_counter.exchange(0) : okadfa::cpu::gemm_flop_counter.load();
-  return PyLong_FromLongLong(value);
-}
-
-static PyMethodDef methods[] = {
-    {"gemm_flops", gemm_flops, METH_VARARGS, "gemm_flops(reset=False) -> int: FLOPs of the CPU GEMMs so far"},
-    {nullptr, nullptr, 0, nullptr}};
-
 // `import okadfa._C` loads this library and with it the registrations above.
 extern "C" PyObject* PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "okadfa native ops (see torch.ops.okadfa)", -1,
-                               methods};
+                               nullptr};
   return PyModule_Create(&module);
 }

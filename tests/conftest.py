@@ -1,42 +1,117 @@
-"""Shared helpers: test inputs and the tolerances (the O(T²) definition is okadfa.reference.*_naive)."""
-import math
+"""Shared fixtures: the `backend` fixture every op test is parametrised by, and test inputs.
+
+Tolerances live in tests/tolerances.py; the O(T²) definitions every test trusts are
+okadfa.reference.*_naive."""
+from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 
 import okadfa
 
-# Relative RMS error allowed against a float64 brute force, per input dtype.
-RMS_TOL = {torch.float64: 1e-11, torch.float32: 3e-6, torch.bfloat16: 2e-2, torch.float16: 4e-3}
-# Gradients go through one more matmul chain: allow a little more.
-GRAD_RMS_TOL = {torch.float64: 1e-10, torch.float32: 3e-5, torch.bfloat16: 6e-2, torch.float16: 2e-2}
-
-NATIVE_BACKENDS = ["cpu"] if okadfa.backends()["cpu"]["available"] else []
-CPU_BACKENDS = NATIVE_BACKENDS + ["reference"]
+HALF = (torch.float16, torch.bfloat16)
 
 
-def rms_error(actual, expected):
-    """‖actual − expected‖ / ‖expected‖ (root mean squares), in float64.
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend as the tests drive it: its name, where its tensors live, the dtypes it takes."""
+    name: str
+    device: str
+    dtypes: tuple[torch.dtype, ...]
 
-    The denominator is floored at 1e-3 (test data is O(1)) so that an expected
-    value that is exactly 0, such as dq at T = 1, compares absolutely."""
-    a, e = actual.double(), expected.double()
-    return ((a - e).pow(2).mean().sqrt() / e.pow(2).mean().sqrt().clamp_min(1e-3)).item()
+    @property
+    def exact(self) -> torch.dtype:
+        """The most precise dtype the backend computes in: float64, else float32."""
+        return torch.float64 if torch.float64 in self.dtypes else torch.float32
+
+    def put(self, *xs, dtype=None, grad=False):
+        """Copies of xs on the backend's device in dtype (default `exact`), leaves of the graph."""
+        out = [x.detach().to(self.device, dtype or self.exact).requires_grad_(grad) for x in xs]
+        return out[0] if len(out) == 1 else out
+
+    def skip_unless(self, dtype):
+        if dtype not in self.dtypes:
+            pytest.skip(f"{self.name} does not take {dtype} (its refusal is tested separately)")
+
+    def op(self, name):
+        """The registered op behind this backend: okadfa::<name> (cpu, cuda) or okadfa::triton_<name>."""
+        if self.name == "reference":
+            pytest.skip("the reference backend is plain PyTorch, not a registered op")
+        return getattr(torch.ops.okadfa, f"triton_{name}" if self.name == "triton" else name)
 
 
-def assert_rms_close(actual, expected, dtype, grad=False, what=""):
-    tol = (GRAD_RMS_TOL if grad else RMS_TOL)[dtype]
-    err = rms_error(actual, expected)
-    assert err <= tol, f"{what}: relative RMS error {err:.3g} > {tol:.1g} ({dtype})"
+ALL_FLOAT = (torch.float64, torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = {"triton": (torch.float32, torch.bfloat16, torch.float16)}
+_ON_GPU = torch.cuda.is_available()
+
+
+def backend_info(name: str) -> Backend:
+    """The Backend `name`, or a skip with the reason it cannot run here."""
+    status = okadfa.backends()[name]
+    if not status["available"]:
+        pytest.skip(f"{name}: {status['reason']}")
+    device = "cuda" if name == "cuda" or (name == "triton" and _ON_GPU) else "cpu"
+    return Backend(name, device, _DTYPES.get(name, ALL_FLOAT))
+
+
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.triton) if name == "triton" else name
+                        for name in ("reference", "cpu", "triton", "cuda")])
+def backend(request) -> Backend:
+    """Every backend (reference, cpu, triton, cuda): skipped, with the reason, where it cannot run."""
+    return backend_info(request.param)
+
+
+@pytest.fixture(params=["cpu", "cuda"])
+def native(request) -> Backend:
+    """The native (okadfa._C) backends only, for what only they have (thread splits, raw-op checks)."""
+    return backend_info(request.param)
 
 
 def make_inputs(B, H, T, Dk, Dv, M, dtype=torch.float64, seed=0, magnitude=1.0):
+    """q, k (B, H, T, Dk), v (B, H, T, Dv) standard normal (q, k times magnitude), projection (M, Dk)."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, H, T, Dk, generator=g, dtype=torch.float64) * magnitude
     k = torch.randn(B, H, T, Dk, generator=g, dtype=torch.float64) * magnitude
     v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
     w = okadfa.random_features(M, Dk, generator=g, dtype=torch.float64)
     return [x.to(dtype) for x in (q, k, v, w)]
+
+
+def make_features(B, H, T, M, Dv, seed=0, dtype=torch.float64):
+    """Positive features q_feat, k_feat = elu(N(0, 1)) + 1 (B, H, T, M) and values (B, H, T, Dv)."""
+    g = torch.Generator().manual_seed(seed)
+    fq = torch.nn.functional.elu(torch.randn(B, H, T, M, generator=g, dtype=torch.float64)) + 1
+    fk = torch.nn.functional.elu(torch.randn(B, H, T, M, generator=g, dtype=torch.float64)) + 1
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    return [x.to(dtype) for x in (fq, fk, v)]
+
+
+def check_against_float64(op, naive, backend, inputs, dtype, causal, grad_names, **kw):
+    """op(inputs rounded to dtype, on the backend) against naive (the float64 brute force) on the
+    same rounded values: the output and every input gradient, at tests/tolerances.py's accuracy;
+    half types also against `naive` run in plain PyTorch at that precision."""
+    from tolerances import assert_half_close, assert_rms_close
+    exact = [x.to(dtype).double().requires_grad_() for x in inputs]
+    low = backend.put(*exact, dtype=dtype, grad=True)
+    expected = naive(*exact, causal=causal)
+    out = op(*low, causal=causal, backend=backend.name, **kw)
+    assert out.dtype == dtype and out.shape == expected.shape and out.device.type == backend.device
+    g = torch.randn_like(expected)
+    got, want = torch.autograd.grad(out, low, g.to(out)), torch.autograd.grad(expected, exact, g)
+    if dtype in HALF:
+        base_in = [x.detach().to(dtype).requires_grad_() for x in exact]
+        base = naive(*base_in, causal=causal)
+        assert_half_close(out, expected, base, dtype, what="out")
+        for name, a, e, b in zip(grad_names, got, want, torch.autograd.grad(base, base_in, g.to(dtype))):
+            assert a.dtype == dtype, name
+            assert_half_close(a, e, b, dtype, grad=True, what=name)
+        return
+    assert_rms_close(out, expected, dtype, what="out")
+    for name, a, e in zip(grad_names, got, want):
+        assert a.dtype == dtype and a.device.type == backend.device, name
+        assert_rms_close(a, e, dtype, grad=True, what=name)
 
 
 def shape_id(shape):
@@ -47,3 +122,29 @@ def shape_id(shape):
 @pytest.fixture(autouse=True)
 def _no_backend_override(monkeypatch):
     monkeypatch.delenv("OKADFA_BACKEND", raising=False)
+
+
+FEEDBACK_KINDS = ["normal", "uniform", "shared", "stored"]
+
+
+def make_feedback(kind, P, d, E, seed, dtype, device):
+    """(the feedback argument of the DFA ops, the same matrices (P, d, E) in float64 on the CPU):
+    a seeded FeedbackSpec of that kind, or a stored (P, d, E) tensor in dtype."""
+    from okadfa.feedback import FeedbackSpec, materialize_feedback
+    if kind == "stored":
+        b = torch.randn(P, d, E, generator=torch.Generator().manual_seed(seed % 2 ** 63), dtype=torch.float64)
+        b = (b / E ** 0.5).to(dtype)
+        return b.to(device), b.double()
+    spec = FeedbackSpec(P, d, E, seed=seed, dist="uniform" if kind == "uniform" else "normal",
+                        shared=kind == "shared")
+    return spec, materialize_feedback(spec, dtype=torch.float64)
+
+
+def make_head_inputs(N, d, V, seed=0, ignored=(0, 5), ignore_index=-100):
+    """h (N, d), w_dec (V, d) / √d in float64 and targets (N,) with rows `ignored` set to ignore_index."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64) / d ** 0.5
+    t = torch.randint(0, V, (N,), generator=g)
+    t[[i for i in ignored if i < N]] = ignore_index
+    return h, w, t

@@ -6,8 +6,8 @@ import torch.nn.functional as F
 import okadfa
 from okadfa.ops.favor_sdpa import cached_projection
 
-from conftest import CPU_BACKENDS
 from okadfa.reference import favor_attention_naive
+from tolerances import EXACT, REORDERED, REORDERED_GRAD, assert_close
 
 
 def _qkv(shape_q, shape_kv, dtype=torch.float64, seed=0, magnitude=0.5, dv=None):
@@ -18,17 +18,16 @@ def _qkv(shape_q, shape_kv, dtype=torch.float64, seed=0, magnitude=0.5, dv=None)
     return q.to(dtype), k.to(dtype), v.to(dtype)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 def test_matches_favor_attention_with_the_cached_projection(backend, causal):
-    q, k, v = _qkv((2, 3, 37, 12), (2, 3, 37, 12), dv=5)
-    out = okadfa.favor_sdpa(q, k, v, is_causal=causal, num_features=24, seed=3, backend=backend)
-    w = cached_projection(12, 24, 3, "cpu", torch.float64)
+    q, k, v = backend.put(*_qkv((2, 3, 37, 12), (2, 3, 37, 12), dv=5))
+    out = okadfa.favor_sdpa(q, k, v, is_causal=causal, num_features=24, seed=3, backend=backend.name)
+    w = cached_projection(12, 24, 3, backend.device, backend.exact)
     expected = favor_attention_naive(q, k, v, w, causal=causal)
-    assert out.shape == (2, 3, 37, 5) and out.dtype == torch.float64
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert out.shape == (2, 3, 37, 5) and out.dtype == backend.exact
+    assert_close(out, expected, REORDERED)
     g = torch.Generator().manual_seed(3)
-    torch.testing.assert_close(w, okadfa.random_features(24, 12, generator=g, dtype=torch.float64), rtol=0, atol=0)
+    assert_close(w, okadfa.random_features(24, 12, generator=g, device=backend.device, dtype=backend.exact), EXACT)
 
 
 def test_projection_cache_is_keyed_by_dim_features_seed_device_dtype():
@@ -39,7 +38,7 @@ def test_projection_cache_is_keyed_by_dim_features_seed_device_dtype():
     assert cached_projection(16, 48, 0, "cpu", torch.float32).shape == (48, 16)
     q, k, v = _qkv((1, 2, 9, 16), (1, 2, 9, 16), dtype=torch.float32)
     explicit = okadfa.favor_sdpa(q, k, v, projection=a)
-    torch.testing.assert_close(okadfa.favor_sdpa(q, k, v, num_features=32), explicit, rtol=0, atol=0)
+    assert_close(okadfa.favor_sdpa(q, k, v, num_features=32), explicit, EXACT)
 
 
 def test_3d_and_5d_inputs_and_broadcast_batch_dims():
@@ -47,14 +46,14 @@ def test_3d_and_5d_inputs_and_broadcast_batch_dims():
     out3 = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=16)
     ref3 = okadfa.favor_sdpa(q[:, None], k[:, None], v[:, None], is_causal=True, num_features=16)[:, 0]
     assert out3.shape == (4, 11, 8)
-    torch.testing.assert_close(out3, ref3, rtol=0, atol=0)
+    assert_close(out3, ref3, EXACT)
     q, k, v = _qkv((2, 3, 4, 10, 8), (1, 3, 4, 10, 8))       # key/value broadcast over dim 0
     out5 = okadfa.favor_sdpa(q, k, v, num_features=16)
     assert out5.shape == (2, 3, 4, 10, 8)
     for i in range(2):
         for j in range(3):
-            torch.testing.assert_close(out5[i, j], okadfa.favor_sdpa(q[i, j][None], k[0, j][None], v[0, j][None],
-                                                                     num_features=16)[0])
+            assert_close(out5[i, j], okadfa.favor_sdpa(q[i, j][None], k[0, j][None], v[0, j][None],
+                                                       num_features=16)[0], REORDERED)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -63,11 +62,11 @@ def test_grouped_query_attention(causal):
     out = okadfa.favor_sdpa(q, k, v, is_causal=causal, enable_gqa=True, num_features=16)
     rep = okadfa.favor_sdpa(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1), is_causal=causal,
                             num_features=16)
-    torch.testing.assert_close(out, rep, rtol=1e-12, atol=1e-12)
+    assert_close(out, rep, REORDERED)
     # one key head broadcasts without enable_gqa, as in SDPA
     one = okadfa.favor_sdpa(q, k[:, :1], v[:, :1], is_causal=causal, num_features=16)
-    torch.testing.assert_close(one, okadfa.favor_sdpa(q, k[:, :1].expand(2, 6, 13, 8), v[:, :1].expand(2, 6, 13, 8),
-                                                      is_causal=causal, num_features=16))
+    assert_close(one, okadfa.favor_sdpa(q, k[:, :1].expand(2, 6, 13, 8), v[:, :1].expand(2, 6, 13, 8),
+                                        is_causal=causal, num_features=16), REORDERED)
     with pytest.raises(ValueError, match="enable_gqa=True"):
         okadfa.favor_sdpa(q, k, v, is_causal=causal)
     with pytest.raises(ValueError, match="multiple"):
@@ -79,8 +78,8 @@ def test_non_contiguous_inputs_in_the_hugging_face_layout():
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     assert not q.is_contiguous()
     out = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=16)
-    torch.testing.assert_close(out, okadfa.favor_sdpa(*(x.contiguous() for x in (q, k, v)), is_causal=True,
-                                                      num_features=16), rtol=0, atol=0)
+    assert_close(out, okadfa.favor_sdpa(*(x.contiguous() for x in (q, k, v)), is_causal=True, num_features=16),
+                 EXACT)
 
 
 def test_cross_attention_of_different_lengths():
@@ -89,7 +88,7 @@ def test_cross_attention_of_different_lengths():
     out = okadfa.favor_sdpa(q, k, v, num_features=32)
     expected = favor_attention_naive(q, k, v, cached_projection(8, 32, 0, "cpu", torch.float64), causal=False)
     assert out.shape == (2, 3, 7, 6)
-    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert_close(out, expected, REORDERED)
 
 
 def test_error_against_softmax_attention_falls_with_the_number_of_features():
@@ -157,9 +156,10 @@ def test_torch_compile_fullgraph_forward_and_backward():
         args = [x.clone().requires_grad_() for x in (q, k, v)]
         out, loss = fn(*args)
         loss.backward()
-        results.append([out.detach()] + [x.grad for x in args])
-    for a, e in zip(*results):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        results.append((out.detach(), [x.grad for x in args]))
+    (out, grads), (expected, expected_grads) = results
+    assert_close(out, expected, REORDERED)
+    assert_close(grads, expected_grads, REORDERED_GRAD)
 
 
 def test_autocast_cpu_bfloat16_gives_bfloat16_like_sdpa():
@@ -177,8 +177,7 @@ def test_one_query_head_broadcasts_over_key_heads_as_in_sdpa():
     q, k, v = _qkv((2, 1, 10, 8), (2, 3, 10, 8))
     out = okadfa.favor_sdpa(q, k, v, is_causal=True, num_features=16)
     assert out.shape == F.scaled_dot_product_attention(q, k, v, is_causal=True).shape == (2, 3, 10, 8)
-    torch.testing.assert_close(out, okadfa.favor_sdpa(q.expand(2, 3, 10, 8), k, v, is_causal=True,
-                                                      num_features=16), rtol=0, atol=0)
+    assert_close(out, okadfa.favor_sdpa(q.expand(2, 3, 10, 8), k, v, is_causal=True, num_features=16), EXACT)
 
 
 def test_empty_sequences_and_bad_backend_raise_clearly():

@@ -1,107 +1,117 @@
-"""linear_attention (features given) on every CPU backend against the float64 brute force."""
+"""linear_attention (features given) on every backend (the `backend` fixture) against the float64
+brute force okadfa.reference.linear_attention_naive, forward and backward; the registered ops
+behind it; and the reference ladder naive → recurrent → chunked. Tolerances: tests/tolerances.py."""
 import pytest
 import torch
 
 import okadfa
-from conftest import CPU_BACKENDS, NATIVE_BACKENDS, assert_rms_close, shape_id
+from conftest import backend_info, check_against_float64, make_features, shape_id
 from okadfa.reference import linear_attention_naive
+from tolerances import REORDERED_GRAD, UNCHANGED, assert_close, assert_rms_close
 
+CAUSAL = pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+GRADS = ("dq_feat", "dk_feat", "dv")
+
+
+def _check(backend, inputs, dtype, causal, **kw):
+    check_against_float64(okadfa.linear_attention, linear_attention_naive, backend, inputs, dtype, causal, GRADS,
+                          **kw)
+
+
+# (B, H, T, -, Dv, M, chunk): T = 1; T not a multiple of the chunk; M, Dv not powers of two;
+# Dv = 70 > 64 splits the value columns over two Triton programs per head.
 SHAPES = [
     (1, 1, 1, 0, 8, 16, 64),
     (1, 2, 63, 0, 20, 37, 64),
     (2, 3, 100, 0, 9, 24, 16),
     (1, 1, 129, 0, 33, 50, 32),
+    (2, 2, 37, 0, 20, 21, 16),
+    (1, 2, 40, 0, 70, 3, 16),
+    (1, 2, 300, 0, 64, 128, 64),
 ]
 
 
-def _features(B, H, T, M, Dv, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    fq = torch.nn.functional.elu(torch.randn(B, H, T, M, generator=g, dtype=torch.float64)) + 1
-    fk = torch.nn.functional.elu(torch.randn(B, H, T, M, generator=g, dtype=torch.float64)) + 1
-    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
-    return [x.to(dtype) for x in (fq, fk, v)]
-
-
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@CAUSAL
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
-def test_matches_brute_force_float64(backend, causal, shape):
+def test_matches_brute_force(backend, causal, shape):
+    """In the backend's most precise dtype (float64; float32 on triton)."""
     B, H, T, _, Dv, M, C = shape
-    fq, fk, v = (x.requires_grad_() for x in _features(B, H, T, M, Dv))
-    expected = linear_attention_naive(fq, fk, v, causal=causal)
-    out = okadfa.linear_attention(fq, fk, v, causal=causal, backend=backend, chunk_size=C)
-    assert_rms_close(out, expected, torch.float64, what="out")
-    g = torch.randn_like(expected)
-    for name, a, e in zip(("dq_feat", "dk_feat", "dv"), torch.autograd.grad(out, (fq, fk, v), g),
-                          torch.autograd.grad(expected, (fq, fk, v), g)):
-        assert_rms_close(a, e, torch.float64, grad=True, what=name)
+    _check(backend, make_features(B, H, T, M, Dv), backend.exact, causal, chunk_size=C)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_float32_and_bfloat16(backend, causal):
-    fq, fk, v = _features(2, 2, 90, 20, 12, seed=1)
-    expected = linear_attention_naive(fq, fk, v, causal=causal)
-    for dtype in (torch.float32, torch.bfloat16):
-        out = okadfa.linear_attention(fq.to(dtype), fk.to(dtype), v.to(dtype), causal=causal, backend=backend)
-        assert out.dtype == dtype
-        assert_rms_close(out, expected, dtype, what=str(dtype))
+@CAUSAL
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_low_precision(backend, dtype, causal):
+    backend.skip_unless(dtype)
+    _check(backend, make_features(2, 2, 90, 20, 12, seed=1), dtype, causal)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@CAUSAL
 def test_gradcheck(backend, causal):
-    fq, fk, v = (x.requires_grad_() for x in _features(1, 2, 9, 5, 3, seed=2))
+    backend.skip_unless(torch.float64)
+    fq, fk, v = backend.put(*make_features(1, 2, 9, 5, 3, seed=2), grad=True)
     assert torch.autograd.gradcheck(
-        lambda a, b, c: okadfa.linear_attention(a, b, c, causal=causal, backend=backend, chunk_size=4), (fq, fk, v))
+        lambda a, b, c: okadfa.linear_attention(a, b, c, causal=causal, backend=backend.name, chunk_size=4),
+        (fq, fk, v))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_causality(backend):
-    fq, fk, v = _features(1, 2, 80, 16, 8, seed=3)
+    """Huge later features and values change nothing before them."""
+    fq, fk, v = make_features(1, 2, 80, 16, 8, seed=3)
     t = 30
     fk2, v2 = fk.clone(), v.clone()
     fk2[..., t + 1:, :] *= 1e6
     v2[..., t + 1:, :] = -5.0
-    a = okadfa.linear_attention(fq, fk, v, causal=True, backend=backend, chunk_size=32)
-    b = okadfa.linear_attention(fq, fk2, v2, causal=True, backend=backend, chunk_size=32)
-    torch.testing.assert_close(b[..., : t + 1, :], a[..., : t + 1, :], rtol=1e-12, atol=1e-12)
+    a, b = (okadfa.linear_attention(*backend.put(fq, kk, vv), causal=True, backend=backend.name, chunk_size=32)
+            for kk, vv in ((fk, v), (fk2, v2)))
+    assert_close(b[..., : t + 1, :], a[..., : t + 1, :], UNCHANGED)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_zero_weight_rows_are_zero(backend):
-    """All-zero features give a 0/0 row: the documented guard returns 0 and no NaN gradient."""
-    fq, fk, v = _features(1, 1, 10, 4, 3, seed=4)
+def test_zero_feature_rows_are_zero(backend):
+    """All-zero query features give a 0/0 row: the documented guard returns 0 and no NaN gradient."""
+    fq, fk, v = make_features(1, 1, 20, 4, 3, seed=4)
     fq[..., 2, :] = 0.0
-    fq, fk, v = (x.requires_grad_() for x in (fq, fk, v))
-    out = okadfa.linear_attention(fq, fk, v, causal=True, backend=backend)
+    inputs = backend.put(fq, fk, v, grad=True)
+    out = okadfa.linear_attention(*inputs, causal=True, backend=backend.name)
     assert (out[..., 2, :] == 0).all() and torch.isfinite(out).all()
-    out.sum().backward()
-    assert all(torch.isfinite(x.grad).all() for x in (fq, fk, v))
+    assert all(torch.isfinite(g).all() for g in torch.autograd.grad(out.sum(), inputs))
 
 
 def test_negative_features_rejected():
-    fq, fk, v = _features(1, 1, 5, 4, 3)
+    fq, fk, v = make_features(1, 1, 5, 4, 3)
     with pytest.raises(ValueError, match="k_feat must be non-negative"):
         okadfa.linear_attention(fq, -fk, v)
 
 
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_opcheck(causal):
-    if not NATIVE_BACKENDS:
-        pytest.skip("native extension not built")
-    fq, fk, v = _features(1, 2, 21, 6, 5, dtype=torch.float32)
+@pytest.mark.triton
+def test_triton_refuses_float64_before_any_kernel():
+    triton = backend_info("triton")
+    fq, fk, v = (x.to(triton.device) for x in make_features(1, 1, 8, 4, 4))
+    with pytest.raises(TypeError, match="triton backend supports float32, float16 and bfloat16.*float64"):
+        okadfa.linear_attention(fq, fk, v, backend="triton")
+
+
+@CAUSAL
+def test_opcheck(backend, causal):
+    """Schema, fake tensors, registered autograd and AOT dispatch (not for the Triton ops under
+    TRITON_INTERPRET=1: see test_favor_attention.test_opcheck)."""
+    fwd, bwd = backend.op("linear_attention_fwd"), backend.op("linear_attention_bwd")
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if backend.name != "triton" or backend.device == "cuda":
+        utils += ("test_aot_dispatch_dynamic",)
+    fq, fk, v = backend.put(*make_features(1, 2, 21, 6, 5), dtype=torch.float32)
     for requires_grad in (False, True):
         args = [x.clone().requires_grad_(requires_grad) for x in (fq, fk, v)]
-        torch.library.opcheck(torch.ops.okadfa.linear_attention_fwd, (*args, causal, 8))
-    out, lognorm = torch.ops.okadfa.linear_attention_fwd(fq, fk, v, causal, 8)
-    torch.library.opcheck(torch.ops.okadfa.linear_attention_bwd,
-                          (torch.randn_like(out), fq, fk, v, out, lognorm, causal, 8))
+        torch.library.opcheck(fwd, (*args, causal, 8), test_utils=utils)
+    out, lognorm = fwd(fq, fk, v, causal, 8)
+    torch.library.opcheck(bwd, (torch.randn_like(out), fq, fk, v, out, lognorm, causal, 8), test_utils=utils)
 
 
-def test_torch_compile_fullgraph():
-    fq, fk, v = _features(1, 2, 40, 8, 8, dtype=torch.float32, seed=5)
-    fn = lambda a, b, c: okadfa.linear_attention(a, b, c, causal=True).square().sum()
+def test_torch_compile_fullgraph(backend):
+    if backend.name == "triton" and backend.device == "cpu":
+        pytest.skip("torch.compile through a triton_op cannot run under TRITON_INTERPRET=1")
+    fq, fk, v = backend.put(*make_features(1, 2, 40, 8, 8, seed=5), dtype=torch.float32)
+    fn = lambda a, b, c: okadfa.linear_attention(a, b, c, causal=True, backend=backend.name).square().sum()
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True)
     grads = []
@@ -110,7 +120,7 @@ def test_torch_compile_fullgraph():
         f(*args).backward()
         grads.append([x.grad for x in args])
     for a, e in zip(*grads):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-5)
+        assert_close(a, e, REORDERED_GRAD)
 
 
 def test_reference_ladder_naive_recurrent_chunked():

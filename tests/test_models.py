@@ -8,6 +8,7 @@ from okadfa.training.checkpoint import load_checkpoint, save_checkpoint
 from okadfa.diagnostics import attention_similarity, gradient_alignment, orthogonality_violation
 from okadfa.models import OKADFAConfig, OKADFAModel
 from okadfa.ortho import model_orthogonality_loss
+from tolerances import DEEP, EXACT, REORDERED, assert_close
 
 
 def _model(**overrides):
@@ -111,7 +112,7 @@ def test_dfa_gradients_are_projected_errors(overrides):
     expected = _plain_dfa_gradients(model, x, y)
     for name, p in model.named_parameters():
         assert name in got, name
-        torch.testing.assert_close(got[name], expected[id(p)], rtol=1e-9, atol=1e-12, msg=name)
+        assert_close(got[name], expected[id(p)], DEEP, msg=name)
 
 
 def test_micro_points_are_d_ff_wide_and_independent():
@@ -121,8 +122,8 @@ def test_micro_points_are_d_ff_wide_and_independent():
     assert model.dfa.feedback_matrix("block0.mlp").shape == (32, 32)
     assert not torch.equal(model.dfa.feedback_matrix("block0.hidden")[:32], model.dfa.feedback_matrix("block0.attn"))
     seeded = _model(points="micro")
-    torch.testing.assert_close(seeded.dfa.feedback_matrix("block1.hidden").double(),
-                               model.dfa.feedback_matrix("block1.hidden"))
+    assert_close(seeded.dfa.feedback_matrix("block1.hidden").double(), model.dfa.feedback_matrix("block1.hidden"),
+                 EXACT)
     with pytest.raises(ValueError, match="micro.*error='hidden'"):
         OKADFAConfig(points="micro", error="logits")
     with pytest.raises(ValueError, match="point_norm"):
@@ -139,7 +140,7 @@ def test_micro_points_are_d_ff_wide_and_independent():
 def test_spd_feedback_is_symmetric_positive_semidefinite_around_identity():
     model = _model(feedback_dist="spd", feedback_storage="stored", error="stream", norm="pre")
     b = model.dfa.feedback_matrix("block1")
-    torch.testing.assert_close(b, b.T)
+    assert_close(b, b.T, REORDERED)
     assert torch.linalg.eigvalsh(b).min() > -1e-6
     assert (torch.diagonal(b) - 1).abs().mean() < 0.3 and b.trace() / 32 > 0.8    # E[G Gᵀ] = I
 
@@ -151,7 +152,7 @@ def test_stream_error_equals_hidden_error_for_post_ln():
     a(x, y).loss.backward()
     b(x, y).loss.backward()
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-12, atol=1e-14, msg=n)
+        assert_close(p.grad, q.grad, REORDERED, msg=n)
 
 
 def test_no_gradient_crosses_between_blocks():
@@ -178,10 +179,10 @@ def test_bp_equals_plain_autograd(norm):
         h = block(h)
     logits = model.lm_head(model.ln_f(h))
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=-100)
-    torch.testing.assert_close(out.loss, loss)
+    assert_close(out.loss, loss, REORDERED)
     params = list(model.parameters())
     for p, g in zip(params, torch.autograd.grad(loss, params)):
-        torch.testing.assert_close(p.grad, g, rtol=1e-9, atol=1e-12)
+        assert_close(p.grad, g, DEEP)
 
 
 def _train(model, seeds, opt=None):
@@ -215,8 +216,8 @@ def test_orthogonality_term_and_schedule():
     for step in range(6):
         out = model(x, y)
         lam = 0.5 * min(1.0, step / 4)
-        torch.testing.assert_close(out.ortho_loss, model_orthogonality_loss(model))
-        torch.testing.assert_close(out.loss, out.ce_loss + lam * out.ortho_loss)
+        assert_close(out.ortho_loss, model_orthogonality_loss(model), REORDERED)
+        assert_close(out.loss, out.ce_loss + lam * out.ortho_loss, REORDERED)
     violation = orthogonality_violation(model)
     assert len(violation) == 3 * 6 and all(v >= 0 for v in violation.values())
     assert max(violation[f"blocks.0.{m}"] for m in "qkv") < 1e-5          # orthogonal init
@@ -293,14 +294,14 @@ def test_torch_compile_fullgraph_training_steps(training):
         loss.backward()
         expected = ref(x, y).loss
         expected.backward()
-        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+        assert_close(loss, expected, REORDERED)
     assert int(model.step) == int(ref.step) == 3
     counter = ref.step
     ref(x, y)
     assert ref.step is counter and int(counter) == 4             # eager: advanced in place
     assert "step" in dict(model.named_buffers())                  # compiled: reassigned, still a buffer
     for (n, p), q in zip(model.named_parameters(), ref.parameters()):
-        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=n)
+        assert_close(p.grad, q.grad, REORDERED, msg=n)
     bad = y.clone()
     bad[1, 5] = 256
     with pytest.raises(ValueError, match=r"targets must be in \[0, 256\)"):

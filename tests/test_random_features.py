@@ -5,17 +5,18 @@ import pytest
 import torch
 
 import okadfa
+from tolerances import EXACT, ORTHONORMAL, assert_close
 
 
 @pytest.mark.parametrize("M,D", [(64, 16), (37, 8), (5, 12), (256, 64)])
 def test_blocks_are_orthogonal(M, D):
     w = okadfa.random_features(M, D, scaling="sqrt", generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     assert w.shape == (M, D)
-    torch.testing.assert_close(w.norm(dim=1), torch.full((M,), math.sqrt(D), dtype=torch.float64))
+    assert_close(w.norm(dim=1), torch.full((M,), math.sqrt(D), dtype=torch.float64), ORTHONORMAL)
     for start in range(0, M, D):
         block = w[start:start + D]
         gram = block @ block.T
-        torch.testing.assert_close(gram, D * torch.eye(block.shape[0], dtype=torch.float64), atol=1e-10, rtol=0)
+        assert_close(gram, D * torch.eye(block.shape[0], dtype=torch.float64), ORTHONORMAL)
 
 
 def test_chi_norms_follow_gaussian_vectors():
@@ -24,7 +25,7 @@ def test_chi_norms_follow_gaussian_vectors():
     assert abs(sq.mean().item() - 16) < 5 * math.sqrt(32 / 4096)
     assert abs(sq.var().item() - 32) < 0.2 * 32
     block = w[:16] / w[:16].norm(dim=1, keepdim=True)
-    torch.testing.assert_close(block @ block.T, torch.eye(16, dtype=torch.float64), atol=1e-10, rtol=0)
+    assert_close(block @ block.T, torch.eye(16, dtype=torch.float64), ORTHONORMAL)
 
 
 def test_iid_rows_when_not_orthogonal():
@@ -40,7 +41,7 @@ def test_generator_determinism_and_dtype():
     b = okadfa.random_features(20, 6, generator=torch.Generator().manual_seed(3))
     c = okadfa.random_features(20, 6, generator=torch.Generator().manual_seed(4))
     assert a.dtype == torch.get_default_dtype()
-    torch.testing.assert_close(a, b)
+    assert_close(a, b, EXACT)
     assert not torch.allclose(a, c)
     assert okadfa.random_features(4, 4, dtype=torch.bfloat16).dtype == torch.bfloat16
 

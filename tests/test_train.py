@@ -13,6 +13,7 @@ import torch
 
 import okadfa.training.train as train_mod
 from okadfa.training.compare import read_metrics
+from tolerances import DDP_STEPS, assert_close
 
 SMALL = ["--set", "n_layers=2", "--set", "d_model=32", "--set", "n_heads=2", "--set", "nb_features=16",
          "--max-bytes", "100000", "--batch-size", "4", "--seq-len", "32", "--eval-batches", "2", "--no-progress",
@@ -133,7 +134,7 @@ def test_ddp_two_ranks_match_one_process_on_the_combined_batch(tmp_path, trainin
     r0, r1 = torch.load(out + "/rank0.pt"), torch.load(out + "/rank1.pt")
     for k, v in _params(single).items():
         assert torch.equal(r0[k], r1[k]), f"ranks differ in {k}"
-        torch.testing.assert_close(r0[k], v, rtol=2e-5, atol=2e-6, msg=lambda m: f"{k}: {m}")
+        assert_close(r0[k], v, DDP_STEPS, dtype=torch.float32, msg=lambda m: f"{k}: {m}")
     moved = [k for k, v in _params(single).items() if v.is_floating_point() and not torch.equal(v, r0[k])]
     assert not any(k.endswith("projection") for k in moved)   # feature redraws agree exactly
     metrics = read_metrics(out + "/ddp/metrics.jsonl")
@@ -154,7 +155,7 @@ def test_torchrun_then_resume_on_one_rank(tmp_path):
     straight, _ = train_mod.train(train_mod.parse_args(args + ["--out", str(tmp_path / "s")]))
     resumed, _ = train_mod.train(train_mod.parse_args(args + ["--out", str(tmp_path / "run"), "--resume"]))
     for k, v in _params(straight).items():
-        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=2e-5, atol=2e-6, msg=lambda m: f"{k}: {m}")
+        assert_close(resumed.state_dict()[k], v, DDP_STEPS, dtype=torch.float32, msg=lambda m: f"{k}: {m}")
 
 
 def test_cli_entry_points(tmp_path):

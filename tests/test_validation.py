@@ -9,6 +9,7 @@ import torch
 import okadfa
 from okadfa.backends import select_backend
 from conftest import make_inputs
+from tolerances import REORDERED, assert_close
 
 
 def _inputs():
@@ -79,8 +80,8 @@ def test_triton_backend_is_reported_and_refused(monkeypatch):
         # The kernels were built for the interpreter at import: they run on CPU tensors.
         assert status["triton"]["available"] is True
         q, k, v, w = _inputs()
-        torch.testing.assert_close(okadfa.favor_attention(q, k, v, w, backend="triton"),
-                                   okadfa.favor_attention(q, k, v, w, backend="reference"), rtol=1e-5, atol=1e-6)
+        assert_close(okadfa.favor_attention(q, k, v, w, backend="triton"),
+                     okadfa.favor_attention(q, k, v, w, backend="reference"), REORDERED)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     for op, args in ((okadfa.favor_attention, _inputs()), (okadfa.linear_attention, [x.abs() for x in _inputs()[:3]])):
         with pytest.raises(ValueError, match="backend 'triton' needs CUDA tensors"):

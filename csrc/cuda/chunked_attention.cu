@@ -294,6 +294,29 @@ __global__ void __launch_bounds__(kThreads) causal_prefix_kernel(const T* X, con
   }
 }
 
+// One output block of the reverse pass, rows j < n of a chunk, `cols` columns:
+//   out[j, x] = [mult[j, x] ·] (Σ_{i ≥ j} P[i][j]·src[i, x] + kf[j]·Σ_y rows[j, y]·R[x·r_col + y·r_row])
+// the carried term (over y < len) only when has_r. src, rows, out, mult: row strides lds, len, ldo, ldo.
+template <typename T>
+__device__ void reverse_chunk_rows(T (*P)[kChunk + 1], const T* src, int64_t lds, int64_t cols, int n,
+                                   const T* kf, bool has_r, const T* rows, int64_t len, const T* R, int64_t r_col,
+                                   int64_t r_row, const T* mult, T* out, int64_t ldo) {
+  for (int64_t e = threadIdx.x; e < n * cols; e += kThreads) {
+    const int j = static_cast<int>(e / cols);
+    const int64_t x = e % cols;
+    T acc = 0;
+    for (int i = j; i < n; ++i) acc += P[i][j] * src[i * lds + x];
+    if (has_r) {
+      T carried = 0;
+      const T* row = rows + j * len;
+      for (int64_t y = 0; y < len; ++y) carried += row[y] * R[x * r_col + y * r_row];
+      acc += kf[j] * carried;
+    }
+    const int64_t at = j * ldo + x;
+    out[at] = mult ? mult[at] * acc : acc;
+  }
+}
+
 // Backward, causal, in reverse: dv (tn × Dv, W = Dv + 1) = Aᵀ g' + diag(kf) fk R[:, :Dv] and
 // dfk (tn × M) = Bᵀ fq + diag(kf) vx Rᵀ (written as mult ⊙ dfk when mult is set; out may
 // alias mult = fk: each chunk reads its fk rows before writing them). R: M × W per head,
@@ -323,34 +346,12 @@ __global__ void __launch_bounds__(kThreads) causal_dk_kernel(const T* fq, const 
     chunk_products(fq + t0 * M, fk + t0 * M, M, M, n, cc, c != nullptr, A, xs, ys);
     chunk_products(dext + t0 * W, vx + t0 * W, W, W, n, cc, c != nullptr, B, xs, ys);
     __syncthreads();
-    for (int64_t e = tid; e < n * Dv; e += kThreads) {
-      const int j = static_cast<int>(e / Dv);
-      const int64_t w = e % Dv;
-      T acc = 0;
-      for (int i = j; i < n; ++i) acc += A[i][j] * dext[(t0 + i) * W + w];
-      if (has_r) {
-        T carried = 0;
-        const T* f = fk + (t0 + j) * M;
-        for (int64_t m = 0; m < M; ++m) carried += f[m] * R[m * W + w];
-        acc += kf[j] * carried;
-      }
-      dv[(t0 + j) * Dv + w] = acc;
-    }
-    __syncthreads();   // every read of this chunk's fk rows is done: out may overwrite them
-    for (int64_t e = tid; e < n * M; e += kThreads) {
-      const int j = static_cast<int>(e / M);
-      const int64_t m = e % M;
-      T acc = 0;
-      for (int i = j; i < n; ++i) acc += B[i][j] * fq[(t0 + i) * M + m];
-      if (has_r) {
-        T carried = 0;
-        const T* x = vx + (t0 + j) * W;
-        for (int64_t w = 0; w < W; ++w) carried += x[w] * R[m * W + w];
-        acc += kf[j] * carried;
-      }
-      const int64_t at = (t0 + j) * M + m;
-      out[at] = mult ? mult[at] * acc : acc;
-    }
+    // dv rows, then dfk rows: every read of this chunk's fk rows (dv's carried term) is done
+    // before dfk may overwrite them (out aliasing mult = fk).
+    reverse_chunk_rows<T>(A, dext + t0 * W, W, Dv, n, kf, has_r, fk + t0 * M, M, R, 1, W, nullptr, dv + t0 * Dv, Dv);
+    __syncthreads();
+    reverse_chunk_rows<T>(B, fq + t0 * M, M, M, n, kf, has_r, vx + t0 * W, W, R, W, 1, mult ? mult + t0 * M : nullptr,
+                          out + t0 * M, M);
     __syncthreads();
     if (t0 > 0) {
       const T decay = rel_exp(P, Pn);

@@ -21,9 +21,16 @@ def _feedback_tensor(feedback, device: torch.device) -> Tensor:
     return materialize_feedback(feedback, device=device) if isinstance(feedback, FeedbackSpec) else feedback
 
 
-def _project(e: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
-    """(N, E), (P, d, E) -> (P, N, d) in `acc`: out[p] = e B_pᵀ."""
+def _project(e: Tensor, b: Tensor, acc: torch.dtype, shared: bool) -> Tensor:
+    """(N, E), (P, d, E) -> (P, N, d) in `acc`: out[p] = e B_pᵀ. Shared feedback (every B_p
+    equal) is one product, so that every point gets the same signal bit for bit, as the kernels give."""
+    if shared:
+        return (e.to(acc) @ b[0].to(acc).T).expand(b.shape[0], -1, -1)
     return torch.einsum("ne,pde->pnd", e.to(acc), b.to(acc))
+
+
+def _shared(feedback) -> bool:
+    return isinstance(feedback, FeedbackSpec) and feedback.shared
 
 
 def dfa_feedback(error: Tensor, feedback) -> Tensor:
@@ -43,7 +50,7 @@ def dfa_feedback(error: Tensor, feedback) -> Tensor:
     """
     b = _feedback_tensor(feedback, error.device)
     acc = torch.promote_types(error.dtype, torch.float32)    # half types accumulate in float32
-    return _project(error, b, acc).to(error.dtype)
+    return _project(error, b, acc, _shared(feedback)).to(error.dtype).contiguous()
 
 
 def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_index: int = -100,
@@ -102,5 +109,5 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         dy = dy * mask[:, None] / n_valid                 # [n, V]
         grad_h[rows] = dy @ w
         grad_w += dy.T @ h_c
-        signals[:, rows] = _project(grad_h[rows] if error == "hidden" else dy, b, acc)
+        signals[:, rows] = _project(grad_h[rows] if error == "hidden" else dy, b, acc, _shared(feedback))
     return loss / n_valid, grad_h.to(h.dtype), grad_w.to(w_dec.dtype), signals.to(h.dtype)

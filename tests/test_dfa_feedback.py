@@ -1,0 +1,126 @@
+"""dfa_feedback on every backend (the `backend` fixture) against the float64 reference
+(okadfa.reference.dfa_feedback, itself checked against an einsum): seeded (normal, uniform,
+shared) and stored feedback, dtypes, edge sizes, validation and the registered ops. The seeded
+entries themselves are tests/test_feedback.py. Tolerances: tests/tolerances.py."""
+import pytest
+import torch
+
+import okadfa
+from conftest import FEEDBACK_KINDS, backend_info, make_feedback
+from okadfa.feedback import FeedbackSpec, materialize_feedback
+from okadfa.reference import dfa_feedback as ref_feedback
+from tolerances import (REORDERED, assert_close, assert_half_close, assert_max_rel_close,
+                        assert_rms_close)
+
+
+def _error(N, E, seed=1):
+    return torch.randn(N, E, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind", FEEDBACK_KINDS)
+def test_matches_reference(backend, kind, dtype):
+    backend.skip_unless(dtype)
+    N, P, d, E = 37, 3, 11, 1100           # E > 1024: more than one tile of the error dimension
+    e = _error(N, E).to(dtype)
+    feedback, b64 = make_feedback(kind, P, d, E, 2 ** 63 + 11, dtype, backend.device)
+    out = okadfa.dfa_feedback(backend.put(e, dtype=dtype), feedback, backend=backend.name)
+    assert out.dtype == dtype and out.device.type == backend.device and out.shape == (P, N, d)
+    expected = ref_feedback(e.double(), b64)
+    assert_rms_close(out, expected, dtype, what="signals")
+    assert_max_rel_close(out, expected, dtype, what="signals")
+    if kind == "shared":
+        assert torch.equal(out[1], out[0]) and torch.equal(out[2], out[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("storage", ["seeded", "stored float32", "stored in dtype"])
+def test_half_types(backend, dtype, storage):
+    """Half errors give half signals, accumulated in float32 and rounded once: within a rounding
+    of the float64 result, and at most 2× as far from it as the same einsum in plain PyTorch."""
+    spec = FeedbackSpec(3, 24, 40, seed=5)
+    b = materialize_feedback(spec)
+    feedback = {"seeded": spec, "stored float32": b, "stored in dtype": b.to(dtype)}[storage]
+    e = _error(17, 40).to(dtype)
+    out = okadfa.dfa_feedback(backend.put(e, dtype=dtype), backend.put(feedback) if storage != "seeded" else spec,
+                              backend=backend.name)
+    assert out.dtype == dtype and out.shape == (3, 17, 24)
+    b64 = (b if storage != "stored in dtype" else b.to(dtype)).double()
+    expected = ref_feedback(e.double(), b64)
+    plain = torch.einsum("ne,pde->pnd", e, b64.to(dtype))
+    assert_half_close(out, expected, plain, dtype, what="signals")
+    assert_max_rel_close(out, expected, dtype, what="signals")
+
+
+@pytest.mark.parametrize("N,P,d,E", [(1, 1, 1, 1), (33, 5, 12, 20), (64, 2, 9, 50)], ids=lambda v: str(v))
+@pytest.mark.parametrize("stored", [True, False], ids=["stored", "seeded"])
+def test_reference_matches_einsum(N, P, d, E, stored):
+    spec = FeedbackSpec(P, d, E, seed=4)
+    e = _error(N, E, seed=N)
+    b64 = materialize_feedback(spec, dtype=torch.float64)
+    out = ref_feedback(e, b64 if stored else spec)
+    assert out.shape == (P, N, d) and out.dtype == torch.float64
+    assert_close(out, torch.stack([e @ b64[p].T for p in range(P)]), REORDERED)
+
+
+@pytest.mark.parametrize("N", [0, 1])
+def test_empty_and_single_row(backend, N):
+    spec = FeedbackSpec(2, 3, 5, seed=9)
+    e = _error(N, 5, seed=4)
+    out = okadfa.dfa_feedback(backend.put(e), spec, backend=backend.name)
+    assert out.shape == (2, N, 3)
+    assert_max_rel_close(out, ref_feedback(e.to(backend.exact).double(), spec), backend.exact)
+
+
+def test_deterministic(backend):
+    e = backend.put(_error(120, 200), dtype=torch.float32)
+    spec = FeedbackSpec(5, 70, 200, seed=9)
+    assert torch.equal(okadfa.dfa_feedback(e, spec, backend=backend.name),
+                       okadfa.dfa_feedback(e, spec, backend=backend.name))
+
+
+@pytest.mark.triton
+def test_triton_refuses_float64_before_any_kernel():
+    triton = backend_info("triton")
+    with pytest.raises(TypeError, match="float64"):
+        okadfa.dfa_feedback(torch.randn(3, 4, dtype=torch.float64, device=triton.device), FeedbackSpec(2, 4, 4),
+                            backend="triton")
+
+
+@pytest.mark.parametrize("error,feedback,exc,match", [
+    (torch.randn(4, 6).long(), FeedbackSpec(2, 3, 6), TypeError, "error must be a floating-point"),
+    ([[1.0]], FeedbackSpec(2, 3, 6), TypeError, "error must be a torch.Tensor"),
+    (torch.randn(3), FeedbackSpec(1, 2, 3), ValueError, r"error must have shape \(N, E\)"),
+    (torch.randn(4, 6), FeedbackSpec(2, 3, 5), ValueError, "feedback.error_dim is 5 but the error has 6 columns"),
+    (torch.randn(4, 6), torch.randn(2, 3, 5), ValueError, r"feedback must have shape \(P, d, 6\)"),
+    (torch.randn(4, 6), torch.randn(3, 6), ValueError, r"feedback must have shape \(P, d, 6\)"),
+    (torch.randn(4, 6), torch.ones(2, 3, 6, dtype=torch.int64), TypeError, "feedback must be a floating-point"),
+    (torch.randn(4, 6), [[[1.0]]], TypeError, "feedback must be a FeedbackSpec or a tensor"),
+    (torch.randn(4, 6), torch.empty(2, 3, 6, device="meta"), ValueError, "feedback is on meta"),
+])
+@pytest.mark.parametrize("name", ["reference", "auto"])
+def test_bad_input(error, feedback, exc, match, name):
+    """The op validates before dispatching (the reference does not validate)."""
+    with pytest.raises(exc, match=match):
+        okadfa.dfa_feedback(error, feedback, backend=name)
+
+
+def test_native_raw_op_rejects_bad_arguments(native):
+    """torch.ops.okadfa.dfa_feedback called directly skips the Python checks: the kernels still refuse."""
+    with pytest.raises(RuntimeError, match="dist must be"):
+        torch.ops.okadfa.dfa_feedback(native.put(torch.randn(2, 3), dtype=torch.float32), None, 1, 3, 0, 2, False)
+
+
+@pytest.mark.parametrize("storage", ["seeded", "stored"])
+def test_opcheck(backend, storage):
+    """Schema, fake tensors (their shapes and dtypes are the real ones, half and mixed dtypes
+    included), autograd registration and AOT dispatch (not for the Triton op under
+    TRITON_INTERPRET=1: see test_favor_attention.test_opcheck)."""
+    op = backend.op("dfa_feedback")
+    utils = ("test_schema", "test_faketensor")
+    if backend.name != "triton" or backend.device == "cuda":
+        utils += ("test_autograd_registration", "test_aot_dispatch_dynamic")
+    e = backend.put(torch.randn(6, 12), dtype=torch.float16)
+    args = ((e, None, 2, 7, 1, 0, False) if storage == "seeded" else
+            (e, backend.put(torch.randn(3, 5, 12), dtype=torch.float32), 0, 0, 0, 0, False))
+    torch.library.opcheck(op, args, test_utils=utils)
