@@ -21,6 +21,7 @@
 //   3. fused backward: dq = √s dlq W, dk = √s dlk W − s(Σ_m dlk)k, dW per head then summed.
 #include <cmath>
 #include <limits>
+#include <utility>
 
 #include "common.cuh"
 #include "launchers.h"
@@ -413,11 +414,15 @@ T tiny_normal() {
   return std::pow(std::numeric_limits<T>::min(), T(0.8));   // as chunked_attention.h's kTiny
 }
 
-// Features of `g` heads starting at q, k: fq, aq, fk (relative to c), c. Given features: nothing to do.
+// The inputs of `g` heads starting at q, k, v in the kernels' layout: vx = [v | 1] and the
+// features (fq, fk): when fused computed from q, k and w (with aq and the key reference c, fk
+// relative to c), otherwise q and k themselves.
 template <typename T>
-void features(const AttentionShape& s, int64_t g, const T* q, const T* k, const T* w, Work<T>& ws,
-              cudaStream_t stream) {
+std::pair<const T*, const T*> prepare_group(const AttentionShape& s, int64_t g, const T* q, const T* k, const T* v,
+                                            const T* w, Work<T>& ws, cudaStream_t stream) {
   const int64_t rows = g * s.tn;
+  values_kernel<T><<<grid_for(rows * (s.dv + 1)), kThreads, 0, stream>>>(v, ws.vx, rows, s.dv);
+  if (!s.fused) return {q, k};
   const T ss = static_cast<T>(s.sqrt_scale);
   gemm<T>(stream, 1, rows, s.m, s.dq, ss, Strided<T>{q, s.dq, 0, false}, Strided<T>{w, s.dq, 0, true}, T(0), ws.fq,
           s.m, 0);
@@ -428,6 +433,7 @@ void features(const AttentionShape& s, int64_t g, const T* q, const T* k, const 
   key_rows_kernel<T><<<row_grid, kThreads, 0, stream>>>(ws.fk, ws.rk, k, rows, s.m, s.dq, ss * ss / 2);
   key_reference_kernel<T><<<grid_for(g, kThreads / 32), kThreads, 0, stream>>>(ws.rk, ws.c, g, s.tn, s.causal);
   key_exp_kernel<T><<<grid_for(rows * s.m), kThreads, 0, stream>>>(ws.fk, ws.c, rows, s.m);
+  return {ws.fq, ws.fk};
 }
 
 }  // namespace
@@ -449,17 +455,9 @@ cudaError_t attention_forward(const AttentionShape& s, const T* q, const T* k, c
   const int64_t W = s.dv + 1, M = s.m;
   for (int64_t h0 = 0; h0 < s.bh; h0 += group) {
     const int64_t g = std::min(group, s.bh - h0), rows = g * s.tn;
-    const T* qh = q + h0 * s.tn * s.dq;
-    const T* kh = k + h0 * s.tn * s.dq;
     Work<T> ws(s, false, g, workspace);
-    const T* fq = qh;
-    const T* fk = kh;
-    if (s.fused) {
-      features(s, g, qh, kh, w, ws, stream);
-      fq = ws.fq;
-      fk = ws.fk;
-    }
-    values_kernel<T><<<grid_for(rows * W), kThreads, 0, stream>>>(v + h0 * s.tn * s.dv, ws.vx, rows, s.dv);
+    const auto [fq, fk] = prepare_group(s, g, q + h0 * s.tn * s.dq, k + h0 * s.tn * s.dq, v + h0 * s.tn * s.dv, w,
+                                        ws, stream);
     T* num = ws.ext;
     if (s.causal) {
       causal_prefix_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(fq, fk, ws.c, ws.vx, nullptr, num,
@@ -496,14 +494,7 @@ cudaError_t attention_backward(const AttentionShape& s, const T* grad_out, const
     const T* qh = q + qoff;
     const T* kh = k + qoff;
     Work<T> ws(s, true, g, workspace);
-    const T* fq = qh;
-    const T* fk = kh;
-    if (s.fused) {
-      features(s, g, qh, kh, w, ws, stream);
-      fq = ws.fq;
-      fk = ws.fk;
-    }
-    values_kernel<T><<<grid_for(rows * W), kThreads, 0, stream>>>(v + voff, ws.vx, rows, s.dv);
+    const auto [fq, fk] = prepare_group(s, g, qh, kh, v + voff, w, ws, stream);
     output_grads_kernel<T><<<grid_for(rows, kThreads / 32), kThreads, 0, stream>>>(
         grad_out + voff, out + voff, lognorm + h0 * s.tn, ws.aq, ws.c, ws.ext, rows, s.dv);
     // Feature gradients: fused → dlogits (f ⊙ df) in dlq/dlk; given features → dq, dk directly.
