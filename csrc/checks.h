@@ -81,6 +81,7 @@ inline void check_head_inputs(const at::Tensor& h, const at::Tensor& w_dec, cons
   TORCH_CHECK(chunk_size >= 1, "okadfa: chunk_size must be positive, got ", chunk_size);
 }
 
+// 1024 = okadfa.validation.MAX_CHUNK (tests/test_favor_attention.py checks that they agree).
 inline int64_t check_chunk(int64_t chunk) {
   TORCH_CHECK(chunk >= 1 && chunk <= 1024, "okadfa: chunk_size must be in [1, 1024], got ", chunk);
   return chunk;

@@ -300,6 +300,17 @@ def test_native_raw_op_rejects_bad_input_clearly(native):
         fwd(*(x.half() for x in (q, k, v, w)), True, 0.5, 64)
 
 
+def test_chunk_size_limit_is_one_in_python_and_cpp(native):
+    """okadfa.validation.MAX_CHUNK and the raw ops' check (csrc/checks.h) are the same number."""
+    from okadfa.validation import MAX_CHUNK
+    q, k, v, w = native.put(*make_inputs(1, 1, 8, 4, 4, 6), dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"chunk_size must be in \[1, {MAX_CHUNK}\]"):
+        okadfa.favor_attention(q, k, v, w, backend=native.name, chunk_size=MAX_CHUNK + 1)
+    with pytest.raises(RuntimeError, match=rf"chunk_size must be in \[1, {MAX_CHUNK}\]"):
+        torch.ops.okadfa.favor_attention_fwd(q, k, v, w, True, 0.5, MAX_CHUNK + 1)
+    torch.ops.okadfa.favor_attention_fwd(q, k, v, w, True, 0.5, MAX_CHUNK)
+
+
 @pytest.mark.triton
 def test_triton_refuses_float64_before_any_kernel():
     triton = backend_info("triton")
