@@ -228,13 +228,13 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
     _train(model, range(3))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     _train(model, range(3, 5), opt)
-    save_checkpoint(tmp_path / "ck.pt", model, opt, step=5)
+    save_checkpoint(tmp_path / "ck.safetensors", model, opt, step=5)
     expected = _train(model, range(5, 8), opt)
     final = {k: v.clone() for k, v in model.state_dict().items()}
 
     fresh = _model(redraw_interval=2)
     fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
-    info = load_checkpoint(tmp_path / "ck.pt", fresh, fresh_opt)
+    info = load_checkpoint(tmp_path / "ck.safetensors", fresh, fresh_opt)
     assert info["step"] == 5
     assert _train(fresh, range(5, 8), fresh_opt) == expected
     for k, v in fresh.state_dict().items():
@@ -242,7 +242,7 @@ def test_checkpoint_resume_is_bit_identical(tmp_path):
 
     other = _model(feedback_seed=1, redraw_interval=2)
     with pytest.raises(ValueError, match="config mismatch.*feedback_seed"):
-        load_checkpoint(tmp_path / "ck.pt", other)
+        load_checkpoint(tmp_path / "ck.safetensors", other)
 
 
 def test_training_reduces_loss_and_diagnostics():

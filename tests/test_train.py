@@ -50,7 +50,7 @@ def test_train_writes_well_formed_metrics(tmp_path, capsys):
     assert all(-1 <= c <= 1 for c in aligns[0]["cosine"].values())
     assert summary["step"] == 6 and not summary["interrupted"] and summary["tokens"] == 6 * 4 * 32
     assert summary["tokens_per_s"] > 0 and summary["peak_mem_mb"] > 0
-    assert (tmp_path / "checkpoint.pt").exists() and (tmp_path / "sample.txt").read_text()
+    assert (tmp_path / "checkpoint.safetensors").exists() and (tmp_path / "sample.txt").read_text()
     assert "sample" in capsys.readouterr().out
 
 
@@ -80,6 +80,24 @@ def test_bad_arguments_fail_clearly(tmp_path):
         train_mod.main(SMALL + ["--resume", "--out", str(tmp_path / "empty")])
     with pytest.raises(SystemExit):
         train_mod.main(SMALL + ["--steps", "0", "--out", str(tmp_path)])
+
+
+def test_resume_refuses_pickles_and_corrupted_checkpoints_in_one_line(tmp_path):
+    """--resume never unpickles: an old checkpoint.pt is named, not loaded; a corrupted
+    checkpoint.safetensors is a one-line error (SystemExit), not a traceback."""
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"format": 1}, old / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="checkpoint.pt is a pickle checkpoint of an older okadfa"):
+        train_mod.main(SMALL + ["--resume", "--out", str(old)])
+    bad = tmp_path / "bad"
+    train_mod.main(SMALL + ["--steps", "2", "--out", str(bad)])
+    path = bad / "checkpoint.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(SystemExit, match="--resume: .*checksum mismatch"):
+        train_mod.main(SMALL + ["--steps", "4", "--resume", "--out", str(bad)])
 
 
 def _interrupt_at(monkeypatch, at_step):

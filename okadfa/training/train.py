@@ -1,7 +1,7 @@
 """`okadfa train` / `python -m okadfa.training.train`: train an OKADFA language model on text.
 
     okadfa train --preset tiny --attention favor --training dfa --steps 500 --out runs/tiny
-    okadfa train --out runs/tiny --resume                       # continue from runs/tiny/checkpoint.pt
+    okadfa train --out runs/tiny --resume                       # continue from runs/tiny/checkpoint.safetensors
     torchrun --nproc-per-node 2 -m okadfa.training.train ...             # DistributedDataParallel (gloo/nccl)
 
 Data (okadfa.training.data): `--data stdlib` (default: the Python standard library's own
@@ -19,7 +19,7 @@ Writes to --out: metrics.jsonl (one JSON object per line: "config", "baselines"
 (unigram and bigram levels of the evaluated tokens), "train", "val", "norms"
 (activation norms per feedback point and block, at every evaluation), "align"
 (DFA/BP cosine per block: all parameters, residual writers, matrices, LayerNorm and
-biases), "summary" records), checkpoint.pt (every --ckpt-every steps, at
+biases), "summary" records), checkpoint.safetensors (every --ckpt-every steps, at
 the end and on Ctrl-C / SIGTERM: the first signal stops after the current step),
 sample.txt (generated text). Validation reports loss, perplexity and bits per
 byte (exact for byte data; for BPE from the split's bytes per token).
@@ -40,7 +40,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import get_batch, load_corpus, ngram_levels, val_batches
 from ..diagnostics import activation_norms, mean_alignment
 from ..models import OKADFAConfig, OKADFAModel
@@ -87,7 +87,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     p.add_argument("--out", default="runs/okadfa", help="output directory")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="resume from CHECKPOINT (default: OUT/checkpoint.pt)")
+                   help="resume from CHECKPOINT (default: OUT/checkpoint.safetensors)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--eval-every", type=int, default=100)
     p.add_argument("--eval-batches", type=int, default=8)
@@ -284,13 +284,19 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
     model = OKADFAModel(config).to(device)
     optimizer = _optimizer(model, args)
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    ckpt_path = os.path.join(args.out, "checkpoint.safetensors")
     step, train_s, tokens = 0, 0.0, 0
     if args.resume:
         path = ckpt_path if args.resume == "auto" else args.resume
         if not os.path.exists(path):
-            raise SystemExit(f"--resume: no checkpoint at {path}")
-        state = load_checkpoint(path, model, optimizer)
+            old = os.path.join(args.out, "checkpoint.pt")
+            hint = (f" ({old} is a pickle checkpoint of an older okadfa, which is not loaded because unpickling "
+                    f"can run code)" if args.resume == "auto" and os.path.exists(old) else "")
+            raise SystemExit(f"--resume: no checkpoint at {path}{hint}")
+        try:
+            state = load_checkpoint(path, model, optimizer)
+        except CheckpointError as exc:
+            raise SystemExit(f"--resume: {exc}") from None
         step, train_s, tokens = state["step"], state["extra"]["train_s"], state["extra"]["tokens"]
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if ddp.main else None
