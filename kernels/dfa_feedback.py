@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import INTERPRETED, check_dtypes, dot_f32, fp32_dot, pow2, triton_op, wrap_triton
+from ._utils import INTERPRETED, check_dtypes, check_tensor, dot_f32, fp32_dot, pow2, triton_op, wrap_triton
 
 try:
     from triton.language.extra import libdevice
@@ -142,10 +142,6 @@ def launch_feedback(e: Tensor, feedback: Optional[Tensor], out: Tensor, seed: in
     if n == 0 or P == 0 or D == 0:
         return
     stored = feedback is not None
-    if stored:
-        check_dtypes(feedback=feedback)
-    elif dist not in (0, 1):
-        raise ValueError(f"okadfa: dist must be 0 (normal) or 1 (uniform), got {dist}")
     shared = shared and not stored
     k0, k1 = _key_words(seed)
     # the interpreter truncates float32 -> 16-bit casts (GPUs round to nearest even): round with torch
@@ -166,12 +162,26 @@ def signal_shape(feedback: Optional[Tensor], points: int, dim: int) -> Tuple[int
     return (points, dim) if feedback is None else (feedback.shape[0], feedback.shape[1])
 
 
+def check_feedback(feedback: Optional[Tensor], points: int, dim: int, dist: int, E: int, like: Tensor) -> None:
+    """A stored (P, D, E) feedback tensor on like's device, or the seeded one's points in
+    [0, 2³²), dim ≥ 0 (as the native ops: 0 gives an empty result) and dist 0 (normal) or 1 (uniform)."""
+    if feedback is not None:
+        check_dtypes(feedback=feedback)
+        check_tensor(feedback, "feedback", (None, None, E), like)
+    elif not 0 <= points < 2 ** 32 or dim < 0:
+        raise ValueError(f"okadfa: seeded feedback needs points in [0, 2**32) and dim >= 0, got {points} and {dim}")
+    elif dist not in (0, 1):
+        raise ValueError(f"okadfa: dist must be 0 (normal) or 1 (uniform), got {dist}")
+
+
 @triton_op("okadfa::triton_dfa_feedback", mutates_args=())
 def triton_dfa_feedback(error: Tensor, feedback: Optional[Tensor], points: int, dim: int, seed: int, dist: int,
                         shared: bool) -> Tensor:
     """out[p] = error B_pᵀ (P, N, dim) in error's dtype, float32 accumulation; feedback stored
     (P, dim, E) or None (seeded by (points, dim, seed, dist, shared), generated in the kernel)."""
     check_dtypes(error=error)
+    check_tensor(error, "error", (None, None), error)
+    check_feedback(feedback, points, dim, dist, error.shape[1], error)
     P, D = signal_shape(feedback, points, dim)
     out = error.new_empty((P, error.shape[0], D))
     launch_feedback(error, feedback, out, seed, dist, shared)

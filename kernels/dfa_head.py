@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check_dtypes, check_positive, dot_f32, fp32_dot, pow2, triton_op, wrap_triton
-from .dfa_feedback import launch_feedback, signal_shape
+from ._utils import (check_dtypes, check_positive, check_tensor, dot_f32, fp32_dot, holds_data, pow2, triton_op,
+                     wrap_triton)
+from .dfa_feedback import check_feedback, launch_feedback, signal_shape
 
 
 @triton.jit
@@ -102,8 +103,20 @@ def triton_dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback: Optiona
     """(loss, grad_h, grad_w_dec, signals) of reference.dfa_head, chunk_size rows at a time
     (module docstring); loss float32, grad_h and signals in h's dtype, grad_w_dec in w_dec's."""
     check_dtypes(h=h, w_dec=w_dec)
+    check_tensor(h, "h", (None, None), h)
+    check_tensor(w_dec, "w_dec", (None, h.shape[1]), h)
+    check_tensor(targets, "targets", (h.shape[0],), h)
+    if targets.dtype != torch.int64:
+        raise TypeError(f"okadfa: targets must be int64, got {targets.dtype}")
     check_positive("chunk_size", chunk_size)
     (N, d), V = h.shape, w_dec.shape[0]
+    check_feedback(feedback, points, dim, dist, V if logits_error else d, h)
+    if holds_data(targets):      # one host sync; out-of-range targets would give a loss
+        kept = targets[targets != ignore_index]
+        bad = kept[(kept < 0) | (kept >= V)]
+        if bad.numel():
+            raise ValueError(f"okadfa: targets must be in [0, {V}) or equal ignore_index={ignore_index}, "
+                             f"found {bad[0].item()}")
     P, D = signal_shape(feedback, points, dim)
     f32 = torch.float32
     n_valid = (targets != ignore_index).sum()

@@ -5,7 +5,7 @@ from typing import Tuple
 
 from torch import Tensor
 
-from ._utils import check_dtypes, triton_op
+from ._utils import check_attention, check_dtypes, check_saved, triton_op
 from .chunked_attention import FAVOR, Launch, backward, forward
 
 
@@ -15,6 +15,7 @@ def triton_favor_attention_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tens
     """FAVOR+ attention (out in v's dtype, lognorm float32 (B, H, T)); q, k (B, H, T, Dk),
     v (B, H, T, Dv), projection (M, Dk), all contiguous, float32/float16/bfloat16."""
     check_dtypes(q=q, k=k, v=v, projection=projection)
+    check_attention(q, k, v, chunk_size, projection, scale)
     launch = Launch(q, v, projection.shape[0], causal, chunk_size, FAVOR)
     return forward(q, k, v, projection, launch, scale ** 0.5)
 
@@ -26,5 +27,7 @@ def triton_favor_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor
     """(dq, dk, dv, dprojection) of triton_favor_attention_fwd; dprojection is zeros unless
     projection_grad."""
     check_dtypes(grad_out=grad_out, q=q, k=k, v=v, projection=projection)
+    check_attention(q, k, v, chunk_size, projection, scale)
+    check_saved(grad_out, q, v, out, lognorm)
     launch = Launch(q, v, projection.shape[0], causal, chunk_size, FAVOR)
     return backward(grad_out, q, k, v, projection, out, lognorm, launch, scale ** 0.5, projection_grad)

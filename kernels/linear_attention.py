@@ -5,7 +5,7 @@ from typing import Tuple
 
 from torch import Tensor
 
-from ._utils import check_dtypes, triton_op
+from ._utils import check_attention, check_dtypes, check_saved, triton_op
 from .chunked_attention import GIVEN, Launch, backward, forward
 
 
@@ -14,6 +14,7 @@ def triton_linear_attention_fwd(q_feat: Tensor, k_feat: Tensor, v: Tensor, causa
                                 chunk_size: int) -> Tuple[Tensor, Tensor]:
     """Normalised linear attention on given features q_feat, k_feat (B, H, T, M); v (B, H, T, Dv)."""
     check_dtypes(q_feat=q_feat, k_feat=k_feat, v=v)
+    check_attention(q_feat, k_feat, v, chunk_size)
     launch = Launch(q_feat, v, q_feat.shape[3], causal, chunk_size, GIVEN)
     return forward(q_feat, k_feat, v, q_feat, launch, 1.0)
 
@@ -23,6 +24,8 @@ def triton_linear_attention_bwd(grad_out: Tensor, q_feat: Tensor, k_feat: Tensor
                                 lognorm: Tensor, causal: bool, chunk_size: int) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq_feat, dk_feat, dv) of triton_linear_attention_fwd."""
     check_dtypes(grad_out=grad_out, q_feat=q_feat, k_feat=k_feat, v=v)
+    check_attention(q_feat, k_feat, v, chunk_size)
+    check_saved(grad_out, q_feat, v, out, lognorm)
     launch = Launch(q_feat, v, q_feat.shape[3], causal, chunk_size, GIVEN)
     dq, dk, dv, _ = backward(grad_out, q_feat, k_feat, v, q_feat, out, lognorm, launch, 1.0, False)
     return dq, dk, dv

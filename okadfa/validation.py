@@ -136,12 +136,12 @@ def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
 
 
 def native_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The native attention kernels (cpu, cuda) compute half types in float32."""
+    """The native attention kernels (cpu, cuda) and the reference compute half types in float32."""
     return dtype if dtype in NATIVE_DTYPES else torch.float32
 
 
 def same_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The triton and reference attention paths compute in the input dtype (float32 inside)."""
+    """The Triton kernels and the DFA ops take the input dtype as it is (and accumulate in float32)."""
     return dtype
 
 
@@ -202,3 +202,107 @@ def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, err
     E = h.shape[1] if error == "hidden" else V
     check_feedback(feedback, E, h.device, f"error={error!r} needs E = {'d' if error == 'hidden' else 'V'} = {E}")
     return E
+
+
+# ------------------------------------------------------------------------------ allocation sizes
+# Sizes that come from arguments (a FeedbackSpec, num_features × head_dim, ...) are checked
+# before any work, against two limits:
+#   * the entries must be countable by an int64 (torch's sizes and every kernel's indices);
+#   * the bytes of the allocation must not exceed the *total* memory of the device it lands on
+#     (physical RAM, or the cgroup limit if lower, for the CPU; the GPU's total memory for
+#     CUDA). Such a request can never succeed, whatever else is freed, so refusing it loses
+#     nothing; the total (not the currently free) memory keeps the verdict the same from call to
+#     call. Linux lets a too-large CPU allocation "succeed" lazily (overcommit) and kills the
+#     process when it is touched: the check turns that into a ValueError up front.
+MAX_ENTRIES = 2 ** 63 - 1
+
+
+def _cpu_memory() -> int | None:
+    import os
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        total = None
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                limit = int(f.read().strip())
+        except (OSError, ValueError):       # absent, or "max"
+            continue
+        total = limit if total is None else min(total, limit)
+    return total
+
+
+def device_memory(device) -> int | None:
+    """Total bytes of memory of `device` (None: the CPU): the ceiling no allocation there can
+    pass. None where there is none to exhaust or it is unknown (meta, other device types)."""
+    device = torch.device("cpu") if device is None else torch.device(device)
+    if device.type in ("cpu", "mps"):                  # mps: unified memory
+        return _cpu_memory()
+    if device.type == "cuda" and torch.cuda.is_available():
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return torch.cuda.get_device_properties(index).total_memory
+    return None
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if n < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} PiB"
+
+
+def check_allocation(what: str, shape, dtype: torch.dtype, device=None, *, copies: int = 1,
+                     hint: str = "") -> int:
+    """Refuse, before any work, `copies` tensors of `shape` and `dtype` on `device` that could
+    never be allocated: more entries than an int64 counts, or more bytes than the device's total
+    memory (`device_memory`). `what` names the tensor and the arguments its size comes from;
+    `hint` says what to change. Sizes are Python ints: nothing overflows. Returns the bytes."""
+    entries = math.prod(int(s) for s in shape)
+    itemsize = dtype.itemsize
+    nbytes = entries * itemsize * copies
+    dims = " × ".join(str(int(s)) for s in shape)
+    if entries > MAX_ENTRIES:
+        raise ValueError(f"{what} would have {dims} = {entries} entries, more than an int64 can count "
+                         f"(2**63 - 1){hint}")
+    limit = device_memory(device)
+    if limit is not None and nbytes > limit:
+        dev = torch.device("cpu") if device is None else torch.device(device)
+        times = f"{copies} × " if copies > 1 else ""
+        raise ValueError(f"{what} would need {format_bytes(nbytes)} ({times}{dims} {str(dtype).replace('torch.', '')}"
+                         f"), more than the {format_bytes(limit)} of memory the {dev} device has in all{hint}")
+    return nbytes
+
+
+def check_projection_size(num_features: int, head_dim: int, dtype: torch.dtype, device=None, *,
+                          who: str = "random_features: the projection", names: tuple[str, str] = ("num_features", "head_dim")) -> None:
+    """The (num_features, head_dim) FAVOR+ projection: sampled on the CPU in float64 (the rows
+    and, with scaling="chi", the Gaussian draw of their norms: 2 copies), then cast to `dtype`
+    on `device`."""
+    what = f"{who} ({names[0]}={num_features}, {names[1]}={head_dim})"
+    hint = f"; use fewer features ({names[0]}) or a smaller {names[1]}"
+    check_allocation(what + " sampled in float64 on the CPU", (num_features, head_dim), torch.float64, "cpu",
+                     copies=2, hint=hint)
+    check_allocation(what, (num_features, head_dim), dtype, device, hint=hint)
+
+
+def check_feedback_size(feedback, rows: int, dtype: torch.dtype, device, *, who: str = "dfa_feedback") -> None:
+    """The (P, rows, d) signals of `feedback` (a FeedbackSpec or a stored tensor) for an error of
+    `rows` rows, in `dtype` on `device`: refused before any work if they could never be
+    allocated (`check_allocation`). For every backend, before dispatch."""
+    P, d = (feedback.points, feedback.dim) if isinstance(feedback, FeedbackSpec) else feedback.shape[:2]
+    check_allocation(f"{who}: the signals (P={P}, N={rows}, d={d})", (P, rows, d), dtype, device,
+                     hint="; use fewer feedback points, a narrower dim or fewer rows")
+
+
+def check_seeded_generation(spec: FeedbackSpec, device=None, *, who: str = "materialize_feedback") -> None:
+    """The matrices a reference (Python) generation of `spec` computes and holds on `device`
+    (None: the CPU): one (dim, error_dim) float32 matrix if spec.shared, else points of them.
+    Refused before any is generated if they could never be stored (which also bounds the
+    work: the reference's CPU Philox runs at millions, not billions, of entries a second)."""
+    n = 1 if spec.shared else spec.points
+    what = (f"{who}: the seeded feedback ({'1 shared matrix' if spec.shared else f'points={spec.points} matrices'}"
+            f" of dim={spec.dim} × error_dim={spec.error_dim})")
+    check_allocation(what, (n, spec.dim, spec.error_dim), torch.float32, device,
+                     hint="; use fewer points, a narrower dim or error_dim, or shared=True")

@@ -114,6 +114,19 @@ def check_against_float64(op, naive, backend, inputs, dtype, causal, grad_names,
         assert_rms_close(a, e, dtype, grad=True, what=name)
 
 
+def assert_refused_or_same(call, reference_call, name):
+    """A raw op given a strided (non-contiguous) input either refuses it, naming the argument, or
+    reads it correctly: the same result as on the contiguous input."""
+    try:
+        got = call()
+    except (RuntimeError, ValueError, TypeError) as exc:
+        assert f"okadfa: {name}" in str(exc), exc
+        return
+    want = reference_call()
+    for a, b in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        assert torch.equal(a, b), f"{name}: a strided input gave a different result"
+
+
 def shape_id(shape):
     B, H, T, Dk, Dv, M, C = shape
     return f"B{B}-H{H}-T{T}-Dk{Dk}-Dv{Dv}-M{M}-C{C}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import okadfa
-from conftest import FEEDBACK_KINDS, backend_info, make_feedback
+from conftest import FEEDBACK_KINDS, assert_refused_or_same, backend_info, make_feedback
 from okadfa.feedback import FeedbackSpec, materialize_feedback
 from okadfa.reference import dfa_feedback as ref_feedback
 from tolerances import (REORDERED, assert_close, assert_half_close, assert_max_rel_close,
@@ -105,10 +105,32 @@ def test_bad_input(error, feedback, exc, match, name):
         okadfa.dfa_feedback(error, feedback, backend=name)
 
 
-def test_native_raw_op_rejects_bad_arguments(native):
-    """torch.ops.okadfa.dfa_feedback called directly skips the Python checks: the kernels still refuse."""
-    with pytest.raises(RuntimeError, match="dist must be"):
-        torch.ops.okadfa.dfa_feedback(native.put(torch.randn(2, 3), dtype=torch.float32), None, 1, 3, 0, 2, False)
+def _strided(x):
+    return x.T.contiguous().T
+
+
+def test_raw_op_rejects_bad_input_before_any_kernel(backend):
+    """torch.ops.okadfa.(triton_)dfa_feedback called directly skips the Python checks: the op
+    itself refuses shapes, strides, devices and arguments that would make a kernel read or
+    write out of bounds."""
+    op = backend.op("dfa_feedback")
+    e = backend.put(torch.randn(5, 6), dtype=torch.float32)
+    b = backend.put(torch.randn(2, 3, 6), dtype=torch.float32)
+    calls = [
+        ("error", lambda: op(e[0], None, 1, 3, 0, 0, False)),
+        ("feedback", lambda: op(e, b[..., :5].contiguous(), 0, 0, 0, 0, False)),
+        ("dist", lambda: op(e, None, 1, 3, 0, 2, False)),
+        ("points", lambda: op(e, None, -1, 3, 0, 0, False)),
+        ("dim", lambda: op(e, None, 1, -2, 0, 0, False)),
+        ("one device", lambda: op(e, b.to("meta"), 0, 0, 0, 0, False)),
+    ]
+    for name, call in calls:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"okadfa: .*({name})"):
+            call()
+    strided = b.transpose(0, 1).contiguous().transpose(0, 1)
+    assert_refused_or_same(lambda: op(e, strided, 0, 0, 0, 0, False), lambda: op(e, b, 0, 0, 0, 0, False), "feedback")
+    assert_refused_or_same(lambda: op(_strided(e), b, 0, 0, 0, 0, False), lambda: op(e, b, 0, 0, 0, 0, False),
+                           "error")
 
 
 @pytest.mark.parametrize("storage", ["seeded", "stored"])

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import okadfa
-from conftest import FEEDBACK_KINDS, HALF, backend_info, make_feedback, make_head_inputs
+from conftest import FEEDBACK_KINDS, HALF, assert_refused_or_same, backend_info, make_feedback, make_head_inputs
 from okadfa.feedback import FeedbackSpec, materialize_feedback
 from okadfa.reference import dfa_head as ref_head
 from tolerances import (F32_ACCUMULATED, REORDERED, assert_close, assert_half_close, assert_max_rel_close,
@@ -202,18 +202,31 @@ def test_bad_input(index, monkeypatch):
         okadfa.dfa_head(**{**good, **change})
 
 
-def test_native_raw_op_rejects_bad_arguments(native):
-    """torch.ops.okadfa.dfa_head called directly skips the Python checks: the kernels still refuse."""
-    h, w = native.put(torch.randn(4, 3), torch.randn(5, 3), dtype=torch.float32)
-    t = lambda *x: torch.tensor(x, device=native.device)    # noqa: E731
-    head = torch.ops.okadfa.dfa_head
-    with pytest.raises(RuntimeError, match="targets must be in"):
-        head(h, w, t(0, 1, 9, 2), None, 1, 3, 0, 0, False, -100, False, 2)
-    with pytest.raises(RuntimeError, match="feedback must have shape"):
-        head(h, w, t(0, 1, 2, 2), native.put(torch.randn(1, 3, 4), dtype=torch.float32), 1, 3, 0, 0, False, -100,
-             False, 2)
-    with pytest.raises(RuntimeError, match="chunk_size must be positive"):
-        head(h, w, t(0, 1, 2, 2), None, 1, 3, 0, 0, False, -100, False, 0)
+def test_raw_op_rejects_bad_input_before_any_kernel(backend):
+    """torch.ops.okadfa.(triton_)dfa_head called directly skips the Python checks: the op itself
+    refuses out-of-range targets (which would give a loss or read out of bounds), shapes,
+    strides, devices and arguments."""
+    head = backend.op("dfa_head")
+    h, w = backend.put(torch.randn(4, 3), torch.randn(5, 3), dtype=torch.float32)
+    t = lambda *x: torch.tensor(x, device=backend.device)    # noqa: E731
+    ok = t(0, 1, 2, 2)
+    stored = backend.put(torch.randn(1, 3, 4), dtype=torch.float32)
+    calls = [
+        ("targets", lambda: head(h, w, t(0, 1, 9, 2), None, 1, 3, 0, 0, False, -100, False, 2)),
+        ("targets", lambda: head(h, w, t(0, -2, 1, 2), None, 1, 3, 0, 0, False, -100, False, 2)),
+        ("targets", lambda: head(h, w, ok[:3], None, 1, 3, 0, 0, False, -100, False, 2)),
+        ("targets", lambda: head(h, w, ok.int(), None, 1, 3, 0, 0, False, -100, False, 2)),
+        ("w_dec", lambda: head(h, w[:, :2].contiguous(), ok, None, 1, 3, 0, 0, False, -100, False, 2)),
+        ("feedback", lambda: head(h, w, ok, stored, 1, 3, 0, 0, False, -100, False, 2)),
+        ("chunk_size", lambda: head(h, w, ok, None, 1, 3, 0, 0, False, -100, False, 0)),
+        ("one device", lambda: head(h, w.to("meta"), ok, None, 1, 3, 0, 0, False, -100, False, 2)),
+    ]
+    for name, call in calls:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"okadfa: .*{name}"):
+            call()
+    args = (ok, None, 1, 3, 0, 0, False, -100, False, 2)
+    for name, strided in (("h", (h.T.contiguous().T, w)), ("w_dec", (h, w.T.contiguous().T))):
+        assert_refused_or_same(lambda: head(*strided, *args), lambda: head(h, w, *args), name)
 
 
 @pytest.mark.parametrize("storage", ["seeded", "stored"])

@@ -69,6 +69,21 @@ def test_gradcheck(backend, causal):
     assert torch.autograd.gradcheck(fn, (q, k, v, w))
 
 
+def test_double_backward_is_exact_or_refused(backend):
+    """create_graph=True: the reference (plain PyTorch) gives exact second derivatives
+    (gradgradcheck); the kernels' backward is not differentiable, so they refuse, never a
+    silent 0."""
+    inputs = backend.put(*make_inputs(1, 2, 7, 3, 2, 5, seed=3), grad=True)
+    fn = lambda *x: okadfa.favor_attention(*x, causal=True, backend=backend.name)    # noqa: E731
+    if backend.name == "reference":
+        assert torch.autograd.gradgradcheck(fn, inputs)
+        return
+    g, = torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=False)
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)
+
+
 def _dominating_future(q, k, v, w, t, scale):
     """Keys of norm 32 (log-features far below 0), then future keys aligned with
     the longest feature row w_m, scaled to maximise w_m·k̂ − ‖k̂‖²/2 = ‖w_m‖²/2 > 0:
@@ -150,6 +165,19 @@ def test_extreme_magnitude_float32_stays_finite(backend, causal):
     out = okadfa.favor_attention(q, k, v, backend.put(w, dtype=torch.float32), causal=causal, backend=backend.name)
     assert torch.isfinite(out).all()
     assert all(torch.isfinite(g).all() for g in _grads(out, (q, k, v), torch.randn_like(out)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_inputs_with_large_logits_are_computed_in_float32(backend, dtype):
+    """q, k entries of std 4: feature logits far outside float16's exponent range. Every backend
+    computes half types in float32 (the reference too: it is the fallback without okadfa._C),
+    so no row underflows to 0 and the result is as accurate as the dtype's rounding allows."""
+    backend.skip_unless(dtype)
+    q, k, v, w = (x.to(dtype).double() for x in make_inputs(1, 2, 40, 16, 8, 32, seed=6, magnitude=4.0))
+    expected = favor_attention_naive(q, k, v, w, causal=True)
+    out = okadfa.favor_attention(*backend.put(q, k, v, w, dtype=dtype), causal=True, backend=backend.name)
+    assert out.dtype == dtype and (out.abs().sum(-1) > 0).all()
+    assert_rms_close(out, expected, dtype)
 
 
 def test_approximation_of_softmax_improves_with_features():
@@ -288,16 +316,39 @@ def test_torch_compile_fullgraph(backend):
         assert_close(a, e, REORDERED_GRAD)
 
 
-def test_native_raw_op_rejects_bad_input_clearly(native):
-    """torch.ops.okadfa.* called directly skip the Python checks: the C++ side still refuses."""
-    q, k, v, w = native.put(*make_inputs(1, 1, 8, 4, 4, 6), dtype=torch.float32)
-    fwd = torch.ops.okadfa.favor_attention_fwd
-    with pytest.raises(RuntimeError, match="q must be contiguous"):
-        fwd(q.transpose(2, 3), k, v, w, True, 0.5, 64)
-    with pytest.raises(RuntimeError, match="projection has size"):
-        fwd(q, k, v, w[:, :3].contiguous(), True, 0.5, 64)
-    with pytest.raises(RuntimeError, match="float32 or float64"):
-        fwd(*(x.half() for x in (q, k, v, w)), True, 0.5, 64)
+def _strided(x):
+    """x's values in a non-contiguous layout of the same shape."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+def test_raw_ops_reject_bad_input_before_any_kernel(backend):
+    """torch.ops.okadfa.* called directly skip the Python layer: each native and Triton op still
+    checks shapes, contiguity, devices, dtypes and arguments itself (csrc/checks.h,
+    kernels/_utils.py) and raises naming the argument, before a kernel reads out of bounds."""
+    fwd, bwd = backend.op("favor_attention_fwd"), backend.op("favor_attention_bwd")
+    q, k, v, w = backend.put(*make_inputs(1, 2, 8, 4, 3, 6), dtype=torch.float32)
+    bad_dtype = torch.float64 if backend.name == "triton" else torch.float16
+    calls = [
+        ("q", lambda: fwd(_strided(q), k, v, w, True, 0.5, 16)),
+        ("k", lambda: fwd(q, k[:, :, :7].contiguous(), v, w, True, 0.5, 16)),
+        ("v", lambda: fwd(q, k, v.expand(2, -1, -1, -1).contiguous(), w, True, 0.5, 16)),
+        ("projection", lambda: fwd(q, k, v, w[:, :3].contiguous(), True, 0.5, 16)),
+        ("chunk_size", lambda: fwd(q, k, v, w, True, 0.5, 0)),
+        ("chunk_size", lambda: fwd(q, k, v, w, True, 0.5, 2000)),
+        ("scale", lambda: fwd(q, k, v, w, True, -1.0, 16)),
+        ("one device", lambda: fwd(q.to("meta"), k, v, w, True, 0.5, 16)),
+        ("float", lambda: fwd(*(x.to(bad_dtype) for x in (q, k, v, w)), True, 0.5, 16)),
+    ]
+    out, lognorm = fwd(q, k, v, w, True, 0.5, 16)
+    g = torch.randn_like(out)
+    calls += [
+        ("grad_out", lambda: bwd(g[:, :1].contiguous(), q, k, v, w, out, lognorm, True, 0.5, 16, True)),
+        ("lognorm", lambda: bwd(g, q, k, v, w, out, lognorm[:, :, :5].contiguous(), True, 0.5, 16, True)),
+        ("k", lambda: bwd(g, q, _strided(k), v, w, out, lognorm, True, 0.5, 16, True)),
+    ]
+    for name, call in calls:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"okadfa: .*{name}"):
+            call()
 
 
 def test_chunk_size_limit_is_one_in_python_and_cpp(native):

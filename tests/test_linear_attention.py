@@ -7,7 +7,7 @@ import torch
 import okadfa
 from conftest import backend_info, check_against_float64, make_features, shape_id
 from okadfa.reference import linear_attention_naive
-from tolerances import REORDERED_GRAD, UNCHANGED, assert_close, assert_rms_close
+from tolerances import EXACT, REORDERED_GRAD, UNCHANGED, assert_close, assert_rms_close
 
 CAUSAL = pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 GRADS = ("dq_feat", "dk_feat", "dv")
@@ -55,6 +55,21 @@ def test_gradcheck(backend, causal):
         (fq, fk, v))
 
 
+def test_double_backward_is_exact_or_refused(backend):
+    """create_graph=True: the reference (plain PyTorch) gives exact second derivatives
+    (gradgradcheck); the kernels' backward is not differentiable, so they refuse, never a
+    silent 0."""
+    inputs = backend.put(*make_features(1, 2, 7, 4, 2, seed=3), grad=True)
+    fn = lambda *x: okadfa.linear_attention(*x, causal=True, backend=backend.name)    # noqa: E731
+    if backend.name == "reference":
+        assert torch.autograd.gradgradcheck(fn, inputs)
+        return
+    g, = torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=False)
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)
+
+
 def test_causality(backend):
     """Huge later features and values change nothing before them."""
     fq, fk, v = make_features(1, 2, 80, 16, 8, seed=3)
@@ -89,6 +104,25 @@ def test_triton_refuses_float64_before_any_kernel():
     fq, fk, v = (x.to(triton.device) for x in make_features(1, 1, 8, 4, 4))
     with pytest.raises(TypeError, match="triton backend supports float32, float16 and bfloat16.*float64"):
         okadfa.linear_attention(fq, fk, v, backend="triton")
+
+
+def test_raw_ops_reject_bad_input_before_any_kernel(backend):
+    """As test_favor_attention's: the registered ops check their own arguments."""
+    fwd, bwd = backend.op("linear_attention_fwd"), backend.op("linear_attention_bwd")
+    fq, fk, v = backend.put(*make_features(1, 2, 8, 5, 3), dtype=torch.float32)
+    calls = [
+        ("q_feat|q", lambda: fwd(fq.transpose(-1, -2).contiguous().transpose(-1, -2), fk, v, True, 16)),
+        ("k_feat|k", lambda: fwd(fq, fk[..., :4].contiguous(), v, True, 16)),
+        ("v", lambda: fwd(fq, fk, v[:, :, :7].contiguous(), True, 16)),
+        ("chunk_size", lambda: fwd(fq, fk, v, True, 0)),
+        ("one device", lambda: fwd(fq, fk.to("meta"), v, True, 16)),
+    ]
+    out, lognorm = fwd(fq, fk, v, True, 16)
+    calls += [("lognorm", lambda: bwd(torch.randn_like(out), fq, fk, v, out, lognorm[:, :1].contiguous(), True, 16)),
+              ("grad_out", lambda: bwd(torch.randn_like(out)[..., :2].contiguous(), fq, fk, v, out, lognorm, True, 16))]
+    for name, call in calls:
+        with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"okadfa: .*({name})"):
+            call()
 
 
 @CAUSAL
@@ -132,3 +166,14 @@ def test_reference_ladder_naive_recurrent_chunked():
     for chunk in (1, 8, 64):
         assert_rms_close(okadfa.reference.linear_attention(fq, fk, v, causal=True, chunk_size=chunk), naive,
                          torch.float64, what=f"chunked {chunk}")
+
+
+def test_autocast_does_not_change_the_computation(backend):
+    """linear_attention takes its inputs' dtype under torch.autocast too: every backend,
+    the plain-PyTorch reference included, computes as without autocast."""
+    fq, fk, v = backend.put(*make_features(1, 2, 30, 8, 6, seed=9), dtype=torch.float32)
+    expected = okadfa.linear_attention(fq, fk, v, causal=True, backend=backend.name)
+    with torch.autocast(backend.device, dtype=torch.bfloat16):
+        out = okadfa.linear_attention(fq, fk, v, causal=True, backend=backend.name)
+    assert out.dtype == torch.float32
+    assert_close(out, expected, EXACT)

@@ -9,6 +9,8 @@ non-tensor arguments; the backward op takes (grad_out, *tensors, out, lognorm, *
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import validation
@@ -26,10 +28,23 @@ def register(name: str, fake, *, backward: str | None = None, backward_fake=None
         # For the Triton ops this replaces the fake that triton_op derives from the launcher:
         # under TRITON_INTERPRET=1 wrap_triton returns the plain interpreted kernel, which
         # cannot run on fake tensors.
-        torch.library.register_fake(f"okadfa::{prefix}{name}")(fake)
+        torch.library.register_fake(f"okadfa::{prefix}{name}")(_on_one_device(fake))
         if backward is not None:
-            torch.library.register_fake(f"okadfa::{prefix}{backward}")(backward_fake)
+            torch.library.register_fake(f"okadfa::{prefix}{backward}")(_on_one_device(backward_fake))
             _register_autograd(prefix + name, prefix + backward, num_tensors, weight_grad)
+
+
+def _on_one_device(fake):
+    """fake, first checking that every tensor argument is on one device. A meta tensor among CPU
+    tensors dispatches to the fake (the Meta key wins): without the check such a call would
+    return uninitialised CPU tensors instead of an error."""
+    @functools.wraps(fake)
+    def checked(*args):
+        devices = sorted({str(a.device) for a in args if isinstance(a, torch.Tensor)})
+        if len(devices) > 1:
+            raise ValueError(f"okadfa: every tensor argument must be on one device, got {', '.join(devices)}")
+        return fake(*args)
+    return checked
 
 
 def _register_autograd(fwd: str, bwd: str, num_tensors: int, weight_grad: bool) -> None:
@@ -44,6 +59,11 @@ def _register_autograd(fwd: str, bwd: str, num_tensors: int, weight_grad: bool) 
         ctx.args = tuple(inputs[num_tensors:])
 
     def backward(ctx, grad_out, grad_lognorm):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            # create_graph=True: the backward kernels are not differentiable, so second
+            # derivatives through them would silently be 0.
+            raise RuntimeError(f"okadfa: okadfa::{fwd} has no double backward (create_graph=True / "
+                               f"gradgradcheck); use backend='reference', whose plain-PyTorch ops support it")
         flag = (ctx.needs_input_grad[num_tensors - 1],) if weight_grad else ()
         grads = getattr(torch.ops.okadfa, bwd)(grad_out.contiguous(), *ctx.saved_tensors, *ctx.args, *flag)
         if weight_grad and not flag[0]:
@@ -55,11 +75,12 @@ def _register_autograd(fwd: str, bwd: str, num_tensors: int, weight_grad: bool) 
 
 def attention_implementations(forward: str, reference_forward) -> dict:
     """The IMPLEMENTATIONS table of an attention op whose registered forward is okadfa::<forward>
-    (cpu, cuda) and okadfa::triton_<forward>: the native kernels compute half types in float32,
-    the Triton kernels and the reference in the input dtype; every call returns the output."""
+    (cpu, cuda) and okadfa::triton_<forward>: the native kernels and the reference compute half
+    types in float32 (cast in, the output cast back), the Triton kernels read them as they are
+    and compute in float32; every call returns the output."""
     return {
         "cpu": (validation.native_dtype, registered(forward, output=0)),
         "cuda": (validation.native_dtype, registered(forward, output=0)),
         "triton": (validation.same_dtype, registered(f"triton_{forward}", output=0)),
-        "reference": (validation.same_dtype, reference_forward),
+        "reference": (validation.native_dtype, reference_forward),
     }

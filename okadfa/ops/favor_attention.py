@@ -66,8 +66,8 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         chunk_size: positions per chunk of the native kernels (default 64; the triton
             backend rounds it to a power of two in [16, 128], smaller for large M).
     Returns:
-        (B, H, L, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32; the
-        triton backend reads them as they are (float32 arithmetic) and rejects float64. Under
+        (B, H, L, Dv) in v's dtype. The cpu, cuda and reference backends compute float16/bfloat16
+        in float32; the triton backend reads them as they are (float32 arithmetic) and rejects float64. Under
         `torch.autocast` float32 inputs are first cast to the autocast dtype, as SDPA does.
 
     Example:
@@ -98,4 +98,6 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         forward = _reference
     dtype = compute(v.dtype)
     q, k, v_c = (validation.prepare(x, batch, dtype) for x in (q, k, v))
-    return forward(q, k, v_c, projection.to(dtype).contiguous(), causal, scale, chunk).to(v.dtype)
+    with torch.autocast(q.device.type, enabled=False):     # the plain-PyTorch paths compute in `dtype`
+        out = forward(q, k, v_c, projection.to(dtype).contiguous(), causal, scale, chunk)
+    return out.to(v.dtype)

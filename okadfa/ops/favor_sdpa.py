@@ -23,10 +23,14 @@ _PROJECTIONS: dict[tuple, Tensor] = {}
 def cached_projection(head_dim: int, num_features: int, seed: int, device, dtype: torch.dtype) -> Tensor:
     """The projection favor_sdpa uses when none is given: `random_features(num_features,
     head_dim)` drawn from `seed`, made once per (head_dim, num_features, seed, device,
-    dtype) and reused (it does not require grad)."""
+    dtype) and reused (it does not require grad). Its size is checked before it is drawn
+    (ValueError naming num_features and E if it could never be allocated); drawing it costs
+    O(num_features·E·min(num_features, E)), not a full E×E QR."""
     key = (head_dim, num_features, seed, torch.device(device), dtype)
     w = _PROJECTIONS.get(key)
     if w is None:
+        validation.check_projection_size(num_features, head_dim, dtype, device, who="favor_sdpa: the default projection",
+                                         names=("num_features", "E"))
         g = torch.Generator().manual_seed(seed)
         w = _PROJECTIONS[key] = reference.random_features(num_features, head_dim, generator=g, device=device,
                                                           dtype=dtype)

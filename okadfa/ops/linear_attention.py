@@ -77,4 +77,6 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     compute, forward = dispatch(IMPLEMENTATIONS, backend, q_feat.device)
     dtype = compute(v.dtype)
     q_feat, k_feat, v_c = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
-    return forward(q_feat, k_feat, v_c, causal, chunk).to(v.dtype)
+    with torch.autocast(v.device.type, enabled=False):     # the reference computes in `dtype`
+        out = forward(q_feat, k_feat, v_c, causal, chunk)
+    return out.to(v.dtype)
