@@ -264,7 +264,7 @@ class ChunkedAttention {
       // intra-chunk: (fq fkᵀ ⊙ decay) vx
       gemm(false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), ws.a.data(), n);
       causal_decay(ws.a.data(), n, n, ws.c.data(), !p_.fused);
-      gemm(false, false, n, W, n, T(1), ws.a.data(), n, ws.vx.data(), W, T(0), num, W);
+      lower_product(n, W, ws, num);
       // carried state: exp(P - c_t) fq_t S
       if (pref != kNegInf) {
         const Span& fq = ws.fq;
@@ -278,6 +278,29 @@ class ChunkedAttention {
       finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
       update_state(n, W, pref, pnew, ws);
       pref = pnew;
+    }
+  }
+
+  // num = A vx for the lower-triangular A (n × n) and vx (n × W), row i reading only the values of
+  // rows j ≤ i: in the plain product a later row's NaN/Inf times its exact-0 weight is NaN and
+  // would reach row i. When the chunk has non-finite values, its finite values go through the
+  // product and the non-finite ones are summed in down the rows (as a product with positive
+  // weights sums them), so rows before them are untouched (reference.attention.lower_product).
+  void lower_product(int64_t n, int64_t W, Workspace& ws, T* num) const {
+    const T* vx = ws.vx.data();
+    if (std::all_of(vx, vx + n * W, [](T x) { return std::isfinite(x); })) {
+      gemm(false, false, n, W, n, T(1), ws.a.data(), n, vx, W, T(0), num, W);
+      return;
+    }
+    T* finite = ws.f.data();   // free in the forward pass
+    for (int64_t i = 0; i < n * W; ++i) finite[i] = std::isfinite(vx[i]) ? vx[i] : T(0);
+    gemm(false, false, n, W, n, T(1), ws.a.data(), n, finite, W, T(0), num, W);
+    for (int64_t j = 0; j < W; ++j) {
+      T bad = 0;
+      for (int64_t i = 0; i < n; ++i) {
+        if (!std::isfinite(vx[i * W + j])) bad += vx[i * W + j];
+        num[i * W + j] += bad;
+      }
     }
   }
 

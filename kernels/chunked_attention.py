@@ -140,6 +140,16 @@ def _causal_weights(c, BLOCK_T: tl.constexpr):
 
 
 @triton.jit
+def _lower_product(a, v, PRECISION: tl.constexpr):
+    """a v for a lower-triangular a [BLOCK_T, BLOCK_T], row t reading only the values of rows
+    s ≤ t: in a plain product a later row's NaN/Inf times its exact-0 weight is NaN. The finite
+    values go through the product; the non-finite ones are summed in down the rows (as a product
+    with positive weights sums them), so rows before them are untouched."""
+    finite = (v == v) & (tl.abs(v) < float("inf"))
+    return _dot(a, tl.where(finite, v, 0.0), PRECISION) + tl.cumsum(tl.where(finite, 0.0, v), axis=0)
+
+
+@triton.jit
 def _initial_reference(FEATURE_MAP: tl.constexpr, BLOCK_T: tl.constexpr):
     """The state's reference P before any key, as a float32 scalar: −inf for FAVOR+ logits,
     0 for given features (their shift c is 0 throughout)."""
@@ -250,9 +260,13 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, out_ptr, ln_ptr, T, M, DQ, DV, sqrt_
                                       PRECISION)                        # lk [BLOCK_T, M_PAD]
             c, fk = _key_features(lk, rmax, P, True, FEATURE_MAP, BLOCK_T)   # c [BLOCK_T], fk [BLOCK_T, M_PAD]
             v = _tile(v_ptr, rows, cols, T, DV)                         # [BLOCK_T, BLOCK_DV]
-            a = _dot(fq, tl.trans(fk), PRECISION) * _causal_weights(c, BLOCK_T)   # [BLOCK_T, BLOCK_T]
+            t = tl.arange(0, BLOCK_T)
+            # Selected, not multiplied, to 0 above the diagonal: a later key's NaN/Inf times 0 is
+            # NaN, and would reach earlier queries.
+            a = tl.where(t[None, :] <= t[:, None], _dot(fq, tl.trans(fk), PRECISION) * _causal_weights(c, BLOCK_T),
+                         0.0)                                           # [BLOCK_T, BLOCK_T]
             carry = tl.exp(P - c)                                       # [BLOCK_T], e^{P − c_t} ≤ 1
-            num = _dot(a, v, PRECISION) + carry[:, None] * _dot(fq, S, PRECISION)   # [BLOCK_T, BLOCK_DV]
+            num = _lower_product(a, v, PRECISION) + carry[:, None] * _dot(fq, S, PRECISION)   # [BLOCK_T, BLOCK_DV]
             den = tl.sum(a, axis=1) + carry * tl.sum(fq * z[None, :], axis=1)    # [BLOCK_T]
             _finish(out_ptr, ln_ptr, rows, cols, num, den, aq + c, T, DV, tiny, ln_rows, FEATURE_MAP)
             S, z, P = _fold_keys(S, z, P, fk, c, v, PRECISION)

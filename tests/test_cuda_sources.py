@@ -253,6 +253,38 @@ def _rel(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-3)).item()
 
 
+def _run_emulated(emulated, q, k, v, w, go, M, fused, causal, scale):
+    """The emulated CUDA forward and backward (heads in groups of 2): out, lognorm, dq, dk, dv, dw."""
+    B, H, T, Dv = v.shape
+    out, ln = torch.empty_like(v), torch.empty(B, H, T, dtype=torch.float64)
+    gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    gw = torch.full_like(w, 5.0) if fused else None
+    rc = emulated.attention(ctypes.c_long(B * H), ctypes.c_long(T), ctypes.c_long(q.shape[-1]), ctypes.c_long(M),
+                            ctypes.c_long(Dv), ctypes.c_int(fused), ctypes.c_int(causal),
+                            ctypes.c_double(math.sqrt(scale) if fused else 1.0), ctypes.c_long(2),
+                            _ptr(q), _ptr(k), _ptr(v), _ptr(w), _ptr(out), _ptr(ln), _ptr(go), _ptr(gq), _ptr(gk),
+                            _ptr(gv), _ptr(gw))
+    assert rc == 0
+    return out, ln, gq, gk, gv, gw
+
+
+@pytest.mark.parametrize("where", ["v", "k"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_emulated_causal_attention_keeps_non_finite_future_out_of_the_past(emulated, where, bad):
+    """A NaN/Inf value or key at position 20 (inside the first chunk of 32) changes no output before it."""
+    g = torch.Generator().manual_seed(2)
+    B, H, T, Dk, M, Dv = 1, 2, 45, 6, 10, 4
+    q, k = (torch.randn(B, H, T, Dk, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    w = random_features(M, Dk, generator=g, dtype=torch.float64)
+    go = torch.zeros_like(v)
+    clean = _run_emulated(emulated, q, k, v, w, go, M, True, True, 0.4)[0]
+    (v if where == "v" else k)[:, :, 20] = bad
+    poisoned = _run_emulated(emulated, q, k, v, w, go, M, True, True, 0.4)[0]
+    assert torch.equal(poisoned[:, :, :20], clean[:, :, :20])
+    assert not torch.isfinite(poisoned[:, :, 20]).all()
+
+
 @pytest.mark.parametrize("fused", [True, False], ids=["favor", "linear"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_emulated_attention_matches_reference(emulated, fused, causal):
@@ -267,15 +299,7 @@ def test_emulated_attention_matches_reference(emulated, fused, causal):
         q, k = (torch.rand(B, H, T, M, generator=g, dtype=torch.float64) + 0.05 for _ in range(2))
         w, scale = None, 1.0
     go = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
-    out, ln = torch.empty_like(v), torch.empty(B, H, T, dtype=torch.float64)
-    gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    gw = torch.full_like(w, 5.0) if fused else None
-    rc = emulated.attention(ctypes.c_long(B * H), ctypes.c_long(T), ctypes.c_long(q.shape[-1]), ctypes.c_long(M),
-                            ctypes.c_long(Dv), ctypes.c_int(fused), ctypes.c_int(causal),
-                            ctypes.c_double(math.sqrt(scale) if fused else 1.0), ctypes.c_long(2),  # groups of 2 heads
-                            _ptr(q), _ptr(k), _ptr(v), _ptr(w), _ptr(out), _ptr(ln), _ptr(go), _ptr(gq), _ptr(gk),
-                            _ptr(gv), _ptr(gw))
-    assert rc == 0
+    out, ln, gq, gk, gv, gw = _run_emulated(emulated, q, k, v, w, go, M, fused, causal, scale)
     leaves = [x.clone().requires_grad_() for x in ((q, k, v, w) if fused else (q, k, v))]
     if fused:
         ref = favor_attention(*leaves, causal=causal, scale=scale)

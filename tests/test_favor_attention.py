@@ -122,6 +122,19 @@ def test_causality_with_dominating_future_keys(backend, dtype):
         assert_close(g1[..., : t + 1, :], g0[..., : t + 1, :], UNCHANGED)
 
 
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_causality_with_non_finite_future_inputs(backend, where, bad):
+    """A NaN or ±Inf at position 21 (inside a chunk of 32) leaves every output before it as it
+    was: in a plain within-chunk product it would meet its exact-0 weight, and 0·NaN is NaN."""
+    q, k, v, w = make_inputs(1, 2, 40, 8, 4, 16, seed=13)
+    clean = okadfa.favor_attention(*backend.put(q, k, v, w), causal=True, backend=backend.name, chunk_size=32)
+    {"q": q, "k": k, "v": v}[where][:, :, 21] = bad
+    out = okadfa.favor_attention(*backend.put(q, k, v, w), causal=True, backend=backend.name, chunk_size=32)
+    assert_close(out[:, :, :21], clean[:, :, :21], UNCHANGED)
+    assert not torch.isfinite(out[:, :, 21]).all()
+
+
 def test_causality_check_detects_a_sequence_wide_stabiliser():
     """The setting above really separates the two: with one maximum over the whole
     sequence (what causality forbids) the past outputs change."""

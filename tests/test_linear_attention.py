@@ -1,6 +1,8 @@
 """linear_attention (features given) on every backend (the `backend` fixture) against the float64
 brute force okadfa.reference.linear_attention_naive, forward and backward; the registered ops
 behind it; and the reference ladder naive → recurrent → chunked. Tolerances: tests/tolerances.py."""
+import math
+
 import pytest
 import torch
 
@@ -80,6 +82,18 @@ def test_causality(backend):
     a, b = (okadfa.linear_attention(*backend.put(fq, kk, vv), causal=True, backend=backend.name, chunk_size=32)
             for kk, vv in ((fk, v), (fk2, v2)))
     assert_close(b[..., : t + 1, :], a[..., : t + 1, :], UNCHANGED)
+
+
+@pytest.mark.parametrize("where", ["q_feat", "k_feat", "v"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "inf"])
+def test_causality_with_non_finite_future_inputs(backend, where, bad):
+    """A NaN or Inf at position 21 (inside a chunk of 32) leaves every output before it as it was."""
+    fq, fk, v = make_features(1, 2, 40, 8, 4, seed=13)
+    clean = okadfa.linear_attention(*backend.put(fq, fk, v), causal=True, backend=backend.name, chunk_size=32)
+    {"q_feat": fq, "k_feat": fk, "v": v}[where][:, :, 21] = bad
+    out = okadfa.linear_attention(*backend.put(fq, fk, v), causal=True, backend=backend.name, chunk_size=32)
+    assert_close(out[:, :, :21], clean[:, :, :21], UNCHANGED)
+    assert not torch.isfinite(out[:, :, 21]).all()
 
 
 def test_zero_feature_rows_are_zero(backend):

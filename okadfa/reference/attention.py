@@ -38,6 +38,8 @@ import math
 import torch
 from torch import Tensor
 
+from .. import validation
+
 __all__ = ["random_features", "favor_features", "favor_attention", "linear_attention", "favor_attention_naive",
            "linear_attention_naive", "favor_attention_recurrent", "linear_attention_recurrent"]
 
@@ -48,41 +50,52 @@ def random_features(num_features: int, head_dim: int, *, orthogonal: bool = True
                     generator: torch.Generator | None = None, device=None, dtype=None) -> Tensor:
     """Draw a FAVOR+ projection W of shape (num_features, head_dim).
 
-    orthogonal=True stacks ⌈M/Dk⌉ blocks of Dk mutually orthogonal rows (QR of a
-    Gaussian matrix, with the signs of R's diagonal folded in so Q is Haar
-    distributed), keeping the first M rows. Row norms: scaling="chi" draws each
-    from the norm of an independent N(0, I_Dk) vector (so each row is marginally
-    N(0, I) and the estimator stays unbiased); scaling="sqrt" fixes them to √Dk.
-    orthogonal=False gives i.i.d. N(0, I) rows (scaling is then ignored).
+    orthogonal=True stacks ⌈M/Dk⌉ blocks of mutually orthogonal rows: Dk rows per block,
+    the last one min(M − Dk·⌊M/Dk⌋, Dk) rows. A block of k rows is the transposed Q of the
+    reduced QR of a Dk×k Gaussian matrix, with the signs of R's diagonal folded in, so its
+    rows are a Haar-distributed (uniform) set of k orthonormal directions: the first k rows
+    of a Haar orthogonal matrix, without the Dk×Dk matrix (time O(M·Dk·min(M, Dk)), memory
+    O(M·Dk)). Row norms: scaling="chi" draws each from the norm of an independent N(0, I_Dk)
+    vector (so each row is marginally N(0, I) and the estimator stays unbiased);
+    scaling="sqrt" fixes them to √Dk. orthogonal=False gives i.i.d. N(0, I) rows (scaling is
+    then ignored).
 
-    Sampling happens on the CPU in float64 with `generator`, so a seed gives the
-    same matrix on every device; the result is moved to `device`/`dtype`.
+    Sampling happens on the CPU in float64 with `generator`, so a seed gives the same matrix
+    on every device; the result is moved to `device`/`dtype`. Sizes are checked first: a
+    projection that could never be allocated (more than the CPU's memory in float64, or the
+    device's in `dtype`) raises ValueError before any sampling.
+
+    Random stream: for M a multiple of Dk the draws are those of earlier versions (one Dk×Dk
+    Gaussian per block, then the norms). A partial last block (M mod Dk ≠ 0, e.g. M < Dk)
+    now draws a Dk×k Gaussian instead of a Dk×Dk one: same distribution, but that block and
+    the chi norms differ from earlier versions for the same generator.
 
     Example:
         >>> g = torch.Generator().manual_seed(0)
         >>> w = random_features(256, 64, generator=g)   # (256, 64)
     """
-    if not isinstance(num_features, int) or num_features < 1:
+    if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
         raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-    if not isinstance(head_dim, int) or head_dim < 1:
+    if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     if scaling not in ("chi", "sqrt"):
         raise ValueError(f"scaling must be 'chi' or 'sqrt', got {scaling!r}")
     dtype = dtype if dtype is not None else torch.get_default_dtype()
+    validation.check_projection_size(num_features, head_dim, dtype, device)
     kw = dict(generator=generator, dtype=torch.float64)
     if not orthogonal:
         return torch.randn(num_features, head_dim, **kw).to(device=device, dtype=dtype)
-    blocks = []
-    for _ in range(-(-num_features // head_dim)):
-        q, r = torch.linalg.qr(torch.randn(head_dim, head_dim, **kw))
-        q = q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, torch.ones(()).double())
-        blocks.append(q.T)
-    w = torch.cat(blocks)[:num_features]
+    w = torch.empty(num_features, head_dim, dtype=torch.float64)
+    for start in range(0, num_features, head_dim):
+        k = min(head_dim, num_features - start)         # rows this block needs
+        q, r = torch.linalg.qr(torch.randn(head_dim, k, **kw))    # reduced: q (Dk, k), r (k, k)
+        diag = torch.diagonal(r)
+        w[start:start + k] = (q * torch.sign(diag).where(diag != 0, torch.ones((), dtype=torch.float64))).T
     if scaling == "chi":
-        norms = torch.randn(num_features, head_dim, **kw).norm(dim=1)
+        w *= torch.randn(num_features, head_dim, **kw).norm(dim=1)[:, None]
     else:
-        norms = torch.full((num_features,), math.sqrt(head_dim), dtype=torch.float64)
-    return (w * norms[:, None]).to(device=device, dtype=dtype)
+        w *= math.sqrt(head_dim)
+    return w.to(device=device, dtype=dtype)
 
 
 def favor_features(x: Tensor, projection: Tensor, *, scale: float | None = None) -> Tensor:
@@ -116,6 +129,15 @@ def _normalise(num: Tensor, den: Tensor, stabilised: bool) -> Tensor:
     return torch.where(small[..., None], torch.zeros((), dtype=num.dtype), out)
 
 
+def lower_product(weights: Tensor, v: Tensor) -> Tensor:
+    """weights @ v for lower-triangular weights (..., n, n), row t reading only the values of rows
+    s ≤ t: in a plain product a later row's NaN/Inf times its exact-0 weight is NaN and reaches
+    row t. The finite values go through the product; the non-finite ones are summed in down the
+    rows (as a product with positive weights sums them), so rows before them are untouched."""
+    finite = torch.isfinite(v)
+    return weights @ torch.where(finite, v, 0) + torch.where(finite, 0, v).cumsum(-2)
+
+
 def causal_chunk(q_c: Tensor, k_c: Tensor, v_c: Tensor, c_c: Tensor, carried: tuple | None,
                  stabilised: bool = True) -> tuple[Tensor, tuple]:
     """One chunk of the causal prefix-sum form: its outputs and the state it passes on.
@@ -131,7 +153,7 @@ def causal_chunk(q_c: Tensor, k_c: Tensor, v_c: Tensor, c_c: Tensor, carried: tu
     mask = torch.ones(n, n, dtype=torch.bool, device=v_c.device).tril()
     decay = torch.exp((c_c[..., None, :] - c_c[..., :, None]).masked_fill(~mask, -math.inf))
     weights = ((q_c @ k_c.transpose(-1, -2)) * decay).masked_fill(~mask, 0.0)
-    num, den = weights @ v_c, weights.sum(-1)
+    num, den = lower_product(weights, v_c), weights.sum(-1)
     new_ref = c_c[..., -1]
     key_w = k_c * torch.exp(c_c - new_ref[..., None])[..., None]    # relative to the new reference
     state, zsum = key_w.transpose(-1, -2) @ v_c, key_w.sum(-2)
@@ -217,9 +239,10 @@ def linear_attention_naive(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal:
     """Rung 1, the definition: out = (A v) / (A 1) with A = q_feat k_featᵀ (T×T, lower-
     triangular if causal). O(T²) time and memory, no stabilisation: for small cases."""
     a = q_feat @ k_feat.transpose(-1, -2)
-    if causal:
-        a = a.tril()
-    return (a @ v) / a.sum(-1, keepdim=True)
+    if not causal:
+        return (a @ v) / a.sum(-1, keepdim=True)
+    a = a.tril()           # selects: a later key's NaN does not reach earlier rows
+    return lower_product(a, v) / a.sum(-1, keepdim=True)
 
 
 def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
