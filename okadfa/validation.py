@@ -3,6 +3,7 @@ TypeError (wrong kind of object or dtype) or ValueError (shape, device, value)
 naming the argument and what was expected."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -13,6 +14,45 @@ from .feedback import FeedbackSpec
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 NATIVE_DTYPES = (torch.float32, torch.float64)
 MAX_CHUNK = 1024
+
+
+# ------------------------------------------------------------------ errors under torch.compile
+# Inside torch.compile(fullgraph=True) an exception raised while tracing surfaces as Dynamo's
+# `Unsupported: Observed exception`, not as the ValueError/TypeError eager mode raises. The public
+# ops therefore catch their validation errors while compiling and put this op in the graph
+# instead: it raises the same exception, with the same message, when the compiled code runs.
+_ERRORS = {"ValueError": ValueError, "TypeError": TypeError}
+
+
+@torch.library.custom_op("okadfa::raise_error", mutates_args=())
+def _raise_error(like: Tensor, kind: str, message: str) -> Tensor:
+    raise _ERRORS[kind](message)
+
+
+@_raise_error.register_fake
+def _(like, kind, message):
+    return torch.empty_like(like)
+
+
+def errors_as_in_eager(outputs: int = 1):
+    """Decorator of a public op (returning one tensor, or a tuple of `outputs` tensors): under
+    torch.compile a ValueError/TypeError it raises while being traced is raised by the compiled
+    code instead, as in eager mode (above)."""
+    def wrap(op):
+        @functools.wraps(op)
+        def checked(*args, **kwargs):
+            try:
+                return op(*args, **kwargs)
+            except (ValueError, TypeError) as exc:
+                if not torch.compiler.is_compiling():
+                    raise
+                kind, message = "TypeError" if isinstance(exc, TypeError) else "ValueError", str(exc)
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+            like = tensors[0] if tensors else torch.empty(0)
+            failed = [_raise_error(like, kind, message) for _ in range(outputs)]
+            return failed[0] if outputs == 1 else tuple(failed)
+        return checked
+    return wrap
 
 
 def check_tensor(x, name: str, ndim: int, layout: str) -> None:

@@ -1,5 +1,6 @@
 """Bad input is rejected before any kernel runs, with the argument named; dispatch rules."""
 import os
+import re
 import subprocess
 import sys
 
@@ -118,3 +119,33 @@ def test_native_extension_present_when_required():
         pytest.skip("OKADFA_REQUIRE_NATIVE is not set (a run outside make test)")
     status = okadfa.backends()["cpu"]
     assert status["available"], status["reason"]
+
+
+def _compile_cases():
+    q, k, v, w = make_inputs(1, 2, 8, 4, 3, 6, dtype=torch.float32)
+    fq = q.abs()
+    spec = okadfa.FeedbackSpec(2, 3, 5)
+    return [
+        (lambda q: okadfa.favor_attention(q[0], k, v, w), q),
+        (lambda q: okadfa.favor_attention(q, k.double(), v, w), q),
+        (lambda q: okadfa.favor_attention(q, k, v, w[:, :3].contiguous(), causal=True), q),
+        (lambda q: okadfa.favor_attention(q, k, v, w, chunk_size=0), q),
+        (lambda q: okadfa.linear_attention(q[..., 0], fq, v), fq),
+        (lambda q: okadfa.linear_attention(q, -q, v), fq),          # a data check: when the graph runs
+        (lambda e: okadfa.dfa_feedback(e, spec), torch.randn(3, 4)),
+        (lambda h: okadfa.dfa_head(h, torch.randn(5, 4), torch.tensor([0, 1]), okadfa.FeedbackSpec(2, 4, 4)),
+         torch.randn(3, 4)),
+        (lambda q: okadfa.favor_sdpa(q, k, v, dropout_p=0.5), q),
+    ]
+
+
+@pytest.mark.parametrize("index", range(len(_compile_cases())))
+def test_errors_under_torch_compile_are_the_eager_ones(index):
+    """Under torch.compile(fullgraph=True) bad input raises the ValueError/TypeError of eager mode,
+    with its message, not Dynamo's `Unsupported: Observed exception`."""
+    fn, arg = _compile_cases()[index]
+    with pytest.raises((ValueError, TypeError)) as eager:
+        fn(arg)
+    torch._dynamo.reset()
+    with pytest.raises(type(eager.value), match=re.escape(str(eager.value))):
+        torch.compile(fn, fullgraph=True)(arg)

@@ -72,6 +72,7 @@ IMPLEMENTATIONS = {
 }
 
 
+@validation.errors_as_in_eager()
 def dfa_feedback(error: Tensor, feedback, *, backend: str = "auto") -> Tensor:
     """Every DFA signal at once: out[p] = error · B_pᵀ, out[p, n, i] = Σ_j e[n, j]·B[p, i, j].
 

@@ -79,6 +79,7 @@ def _(targets, vocab_size, ignore_index):
     return torch.empty_like(targets)
 
 
+@validation.errors_as_in_eager(outputs=4)
 def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_index: int = -100,
              chunk_size: int | None = None, error: str = "hidden", backend: str = "auto"):
     """The output head with DFA signals: loss, the head's true gradients and every g_p.

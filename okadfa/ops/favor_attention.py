@@ -38,6 +38,7 @@ register("favor_attention_fwd", _fwd_fake, backward="favor_attention_bwd", backw
          weight_grad=True)
 
 
+@validation.errors_as_in_eager()
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
                     scale: float | None = None, backend: str = "auto", chunk_size: int | None = None) -> Tensor:
     """FAVOR+ attention: softmax attention approximated by positive random features.

@@ -86,6 +86,7 @@ def _to_4d(x: Tensor, batch: torch.Size) -> Tensor:
     return x.expand(*batch, *x.shape[-3:]).flatten(0, -4)
 
 
+@validation.errors_as_in_eager()
 def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
                num_features: int = 256, projection: Tensor | None = None, seed: int = 0,

@@ -37,6 +37,24 @@ register("linear_attention_fwd", _fwd_fake, backward="linear_attention_bwd", bac
          weight_grad=False)
 
 
+def _check_nonnegative(x: Tensor, name: str) -> None:
+    if bool((x < 0).any()):
+        raise ValueError(f"{name} must be non-negative (features of a positive kernel)")
+
+
+@torch.library.custom_op("okadfa::checked_nonnegative", mutates_args=())
+def checked_nonnegative(x: Tensor, name: str) -> Tensor:
+    """A copy of x once it is checked non-negative on the real data: linear_attention's check
+    inside a compiled graph, where the traced Python sees no data."""
+    _check_nonnegative(x, name)
+    return x.clone()
+
+
+checked_nonnegative.register_fake(lambda x, name: torch.empty_like(x))
+checked_nonnegative.register_autograd(lambda ctx, grad: (grad, None))
+
+
+@validation.errors_as_in_eager()
 def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
                      chunk_size: int | None = None) -> Tensor:
     """Normalised linear attention with features computed by the caller.
@@ -49,7 +67,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     keep them in a range where their products neither overflow nor underflow to
     0 (the result does not depend on their scale, but the arithmetic does). A row
     whose weights are all exactly 0 gives 0 and passes no gradient. Under
-    torch.compile the non-negativity check is skipped (it needs the data).
+    torch.compile the non-negativity check runs when the compiled code runs (on a copy).
 
     Args:
         q_feat, k_feat: (B, H, T, M), non-negative. v: (B, H, T, Dv). B, H broadcast.
@@ -71,9 +89,11 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     batch = validation.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
     causal = validation.check_causal(causal)
     chunk = validation.check_chunk(chunk_size, reference.attention.DEFAULT_CHUNK)
-    for name, x in (("q_feat", q_feat), ("k_feat", k_feat)):
-        if not torch.compiler.is_compiling() and bool((x < 0).any()):
-            raise ValueError(f"{name} must be non-negative (features of a positive kernel)")
+    if torch.compiler.is_compiling():        # checked when the compiled code runs
+        q_feat, k_feat = checked_nonnegative(q_feat, "q_feat"), checked_nonnegative(k_feat, "k_feat")
+    else:
+        _check_nonnegative(q_feat, "q_feat")
+        _check_nonnegative(k_feat, "k_feat")
     compute, forward = dispatch(IMPLEMENTATIONS, backend, q_feat.device)
     dtype = compute(v.dtype)
     q_feat, k_feat, v_c = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
