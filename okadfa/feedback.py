@@ -40,6 +40,8 @@ _MASK32 = 0xFFFFFFFF
 _PHILOX_M = (0xD2511F53, 0xCD9E8D57)   # round multipliers
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)   # Weyl key increments (golden ratio, √3 − 1)
 _BLOCK = 1 << 20                        # entries generated at a time (bounds int64 temporaries)
+MAX_POINTS = _MASK32                    # points < 2³² (p is a counter word; the native ops' range too)
+MAX_MATRIX_ENTRIES = 2 ** 63 - 1        # dim·error_dim: the flat index i·E + j is an int64
 
 
 def _mulhilo(a: int, b: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,8 +108,9 @@ def philox4x32(counter, key, rounds: int = 10) -> tuple[Tensor, Tensor, Tensor, 
     return _philox(*words, k0, k1, rounds)
 
 
-def _seeded_values(seed: int, p: int, idx: Tensor, error_dim: int, dist: str) -> Tensor:
-    """float32 entries at flat indices idx = i·E + j (int64) of point p, per the module definition."""
+def _seeded_values(seed: int, p, idx: Tensor, error_dim: int, dist: str) -> Tensor:
+    """float32 entries at flat indices idx = i·E + j (int64) of point p (an int, or an int64 tensor
+    of idx's shape), per the module definition."""
     zero = torch.zeros_like(idx)
     x0, x1, _, _ = _philox(idx & _MASK32, zero + p, idx >> 32, zero, seed & _MASK32, (seed >> 32) & _MASK32, 10)
     f32 = torch.float32
@@ -164,6 +167,13 @@ class FeedbackSpec:
             raise ValueError(f"FeedbackSpec.shared must be a bool, got {self.shared!r}")
         if self.storage not in ("seeded", "stored"):
             raise ValueError(f"FeedbackSpec.storage must be 'seeded' or 'stored', got {self.storage!r}")
+        # The definition's own range: p is one 32-bit counter word, idx = i·E + j a 64-bit integer.
+        if self.points > MAX_POINTS:
+            raise ValueError(f"FeedbackSpec.points must be at most 2**32 - 1 = {MAX_POINTS} (p is a 32-bit word of "
+                             f"the Philox counter), got {self.points}")
+        if self.dim * self.error_dim > MAX_MATRIX_ENTRIES:
+            raise ValueError(f"FeedbackSpec.dim × FeedbackSpec.error_dim must be at most 2**63 - 1 (the flat index "
+                             f"i·E + j is an int64), got {self.dim} × {self.error_dim} = {self.dim * self.error_dim}")
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -177,24 +187,51 @@ def materialize_feedback(spec: FeedbackSpec, *, device=None, dtype: torch.dtype 
     Entries follow the module definition (computed in float32 on the CPU, so the result
     does not depend on `device`), then are cast to `dtype` and moved to `device`.
     With shared=True every B[p] equals B[0]; the result is a real (contiguous) copy,
-    safe to register as a buffer.
+    safe to register as a buffer (only B[0] is generated).
+
+    The size is checked first: a B that could never be allocated (more entries than an int64
+    counts, or more bytes than `device`'s total memory) raises ValueError before anything is
+    generated. Entries are generated 2²⁰ at a time straight into B, so the memory used is B's.
     """
+    from . import validation                                # validation imports this module
     if not isinstance(spec, FeedbackSpec):
         raise TypeError(f"spec must be a FeedbackSpec, got {type(spec).__name__}")
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    device = torch.device("cpu") if device is None else torch.device(device)
     P, d, E = spec.shape
-    mats = torch.stack([seeded_matrix(spec, p) for p in range(1 if spec.shared else P)])
-    return mats.expand(P, d, E).to(device=device, dtype=dtype).contiguous()
+    validation.check_allocation(f"materialize_feedback: the matrices (points={P}, dim={d}, error_dim={E})",
+                                (P, d, E), dtype, device,
+                                hint="; use fewer points, a narrower dim or error_dim, or storage='seeded'")
+    if spec.shared:
+        return _fill(spec, 0, torch.empty(1, d, E, dtype=dtype, device=device)).expand(P, d, E).contiguous()
+    return _fill(spec, 0, torch.empty(P, d, E, dtype=dtype, device=device))
 
 
 def seeded_matrix(spec: FeedbackSpec, p: int) -> Tensor:
     """B_p alone (dim, error_dim), float32 on the CPU: generated with point 0 if spec.shared."""
+    from . import validation
     d, E = spec.dim, spec.error_dim
     if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < spec.points:
         raise ValueError(f"p must be an int in [0, {spec.points}), got {p!r}")
-    flat = torch.empty(d * E, dtype=torch.float32)
-    for start in range(0, d * E, _BLOCK):
-        idx = torch.arange(start, min(start + _BLOCK, d * E), dtype=torch.int64)
-        flat[start:start + idx.numel()] = _seeded_values(spec.seed, 0 if spec.shared else p, idx, E, spec.dist)
-    return flat.view(d, E)
+    validation.check_allocation(f"seeded_matrix: B_p (dim={d}, error_dim={E})", (d, E), torch.float32, "cpu",
+                                hint="; use a narrower dim or error_dim")
+    return _fill(spec, p, torch.empty(1, d, E, dtype=torch.float32))[0]
+
+
+def _fill(spec: FeedbackSpec, first: int, out: Tensor) -> Tensor:
+    """Write the matrices of points first, first + 1, … (point 0 for each if spec.shared) into
+    out (n, dim, error_dim), contiguous, any floating dtype and device; returns out. The entries
+    are computed on the CPU _BLOCK at a time over the flat (point, i, j) index, so many small
+    matrices cost one vectorised pass, not one Python step each."""
+    n, d, E = out.shape
+    per_point, flat = d * E, out.view(-1)
+    total = n * per_point
+    for start in range(0, total, _BLOCK):
+        f = torch.arange(start, min(start + _BLOCK, total), dtype=torch.int64, device="cpu")
+        if spec.shared or n == 1:
+            p, idx = (0 if spec.shared else first), f
+        else:
+            p, idx = f // per_point + first, f % per_point
+        flat[start:start + f.numel()] = _seeded_values(spec.seed, p, idx, E, spec.dist)
+    return out

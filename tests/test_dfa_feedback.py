@@ -146,3 +146,115 @@ def test_opcheck(backend, storage):
     args = ((e, None, 2, 7, 1, 0, False) if storage == "seeded" else
             (e, backend.put(torch.randn(3, 5, 12), dtype=torch.float32), 0, 0, 0, 0, False))
     torch.library.opcheck(op, args, test_utils=utils)
+
+
+# ------------------------------------------- reference path: sizes checked first, only what is needed
+def _within(seconds, call):
+    """call() under a SIGALRM deadline: a generation that would take hours fails the test instead."""
+    import signal
+
+    class Timeout(Exception):
+        pass
+
+    def alarm(*_):
+        raise Timeout
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return call()
+    except Timeout:
+        pytest.fail(f"still running after {seconds} s", pytrace=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("spec,match", [
+    # signals (P, N, d) of 8 TB: the old reference generated the P matrices first (hours)
+    (FeedbackSpec(10 ** 6, 10 ** 6, 8), r"dfa_feedback: the signals \(P=1000000, N=2, d=1000000\).*would need"),
+    (FeedbackSpec(10 ** 6, 10 ** 6, 8, shared=True), r"the signals.*would need"),
+    # small signals, but 4 TB of matrices to generate (1e12 entries: days on the CPU)
+    (FeedbackSpec(10 ** 4, 10 ** 4, 10 ** 4), r"dfa_feedback: the seeded feedback \(points=10000 matrices of "
+                                              r"dim=10000 × error_dim=10000\).*would need"),
+])
+def test_reference_refuses_absurd_feedback_before_generating(spec, match):
+    e = torch.randn(2 if spec.error_dim == 8 else 1, spec.error_dim)
+    for call in (lambda: ref_feedback(e, spec), lambda: okadfa.dfa_feedback(e, spec, backend="reference")):
+        with pytest.raises(ValueError, match=match):
+            _within(20, call)
+
+
+def _recording_materialize(monkeypatch):
+    import okadfa.reference.dfa as ref
+    shapes, materialize = [], ref.materialize_feedback
+
+    def recording(spec, **kwargs):
+        out = materialize(spec, **kwargs)
+        shapes.append(tuple(out.shape))
+        return out
+    monkeypatch.setattr(ref, "materialize_feedback", recording)
+    return shapes
+
+
+def test_reference_generates_one_matrix_for_shared_feedback(monkeypatch):
+    """Shared feedback: the reference generates and holds one (d, E) matrix, not P copies of it,
+    and every point's signal is that one product, bit for bit."""
+    shapes = _recording_materialize(monkeypatch)
+    spec = FeedbackSpec(64, 12, 20, seed=3, shared=True)
+    e = _error(9, 20)
+    out = ref_feedback(e, spec)
+    assert shapes == [(1, 12, 20)] and out.shape == (64, 9, 12)
+    b = materialize_feedback(spec, dtype=torch.float64)
+    assert_close(out[63], e @ b[0].T, REORDERED)
+    assert all(torch.equal(out[p], out[0]) for p in (1, 63))
+    h, w = torch.randn(9, 20, dtype=torch.float64), torch.randn(30, 20, dtype=torch.float64)
+    t = torch.randint(0, 30, (9,))
+    _, gh, _, s = okadfa.reference.dfa_head(h, w, t, spec)
+    assert shapes[1:] == [(1, 12, 20)] and s.shape == (64, 9, 12)
+    assert_close(s[40], gh @ b[0].T, REORDERED)
+
+
+@pytest.mark.parametrize("spec,match", [
+    (FeedbackSpec(10 ** 6, 10 ** 6, 8), r"dfa_head: the signals \(P=1000000, N=3, d=1000000\).*would need"),
+    (FeedbackSpec(10 ** 4, 10 ** 4, 10 ** 4), r"dfa_head: the seeded feedback.*would need"),
+])
+def test_reference_head_refuses_absurd_feedback_before_generating(spec, match):
+    E = spec.error_dim
+    h, w, t = torch.randn(3 if E == 8 else 1, E), torch.randn(5, E), torch.tensor([1, 2, 3][:3 if E == 8 else 1])
+    for call in (lambda: okadfa.reference.dfa_head(h, w, t, spec),
+                 lambda: okadfa.dfa_head(h, w, t, spec, backend="reference")):
+        with pytest.raises(ValueError, match=match):
+            _within(20, call)
+
+
+def test_reference_head_bounds_the_logits_of_a_chunk(monkeypatch):
+    """chunk_size=None: about 2²³/V rows at a time (as the native kernels), so no N×V logits of
+    arbitrary size; an explicit chunk whose logits could never fit is refused, naming chunk_size."""
+    import okadfa.reference.dfa as ref
+    rows, log_softmax = [], torch.log_softmax
+
+    def recording(x, *args, **kwargs):
+        rows.append(x.shape[0])
+        return log_softmax(x, *args, **kwargs)
+    monkeypatch.setattr(ref.torch, "log_softmax", recording)
+    monkeypatch.setattr(ref, "CHUNK_ENTRIES", 40 * 50, raising=False)   # 40 rows of V = 50 per chunk
+    h, w = torch.randn(100, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64)
+    t = torch.randint(0, 50, (100,))
+    spec = FeedbackSpec(2, 4, 50, seed=1)
+    chunked = ref.dfa_head(h, w, t, spec, error="logits")
+    assert rows == [40, 40, 20]
+    whole = ref.dfa_head(h, w, t, spec, error="logits", chunk_size=100)
+    for a, b in zip(chunked, whole):
+        assert_close(a, b, REORDERED)
+    n = 10 ** 6                                                   # 10¹² logits in one chunk: 4 TB
+    h, w, t = torch.randn(n, 1), torch.randn(n, 1), torch.zeros(n, dtype=torch.int64)
+    with pytest.raises(ValueError, match=r"dfa_head: the logits of one chunk \(chunk_size=1000000 rows, "
+                                         r"V=1000000\).*would need.*pass a smaller chunk_size"):
+        _within(20, lambda: ref.dfa_head(h, w, t, FeedbackSpec(1, 1, 1), chunk_size=n))
+
+
+def test_every_backend_refuses_signals_that_could_never_be_allocated(backend):
+    """An absurd FeedbackSpec is a ValueError naming the sizes before dispatch, on every backend."""
+    e = backend.put(torch.randn(4, 6), dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"dfa_feedback: the signals \(P=4000000000, N=4, d=2000000000\)"):
+        okadfa.dfa_feedback(e, FeedbackSpec(4_000_000_000, 2_000_000_000, 6), backend=backend.name)

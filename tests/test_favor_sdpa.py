@@ -195,3 +195,57 @@ def test_cross_attention_computes_half_types_in_float32():
     half = okadfa.favor_sdpa(q.bfloat16(), k.bfloat16(), v.bfloat16(), num_features=64)
     assert half.dtype == torch.bfloat16
     assert ((half.float() - full).norm() / full.norm()).item() < 1e-2
+
+
+# ---------------------------------------------------------------- the default projection's cost, sizes
+def _projection_cache(monkeypatch):
+    """An empty projection cache for this test (so the projection is drawn here)."""
+    import importlib
+    module = importlib.import_module("okadfa.ops.favor_sdpa")
+    monkeypatch.setattr(module, "_PROJECTIONS", {})
+
+
+def test_default_projection_of_a_wide_head_needs_no_full_qr(monkeypatch):
+    """M = 16 features of an E = 4096 head: one QR of a 4096×16 Gaussian, not a 4096×4096 one (at
+    E = 8192 the old full QR took most of a minute and 2 GB for a T = 2 call)."""
+    _projection_cache(monkeypatch)
+    shapes, qr = [], torch.linalg.qr
+
+    def recording(a, *args, **kwargs):
+        shapes.append(tuple(a.shape))
+        if a.shape[-1] > 16:
+            raise AssertionError(f"a QR of a {tuple(a.shape)} matrix for 16 features")
+        return qr(a, *args, **kwargs)
+    monkeypatch.setattr(torch.linalg, "qr", recording)
+    q, k, v = _qkv((1, 1, 2, 4096), (1, 1, 2, 4096))
+    out = okadfa.favor_sdpa(q, k, v, num_features=16, seed=3, backend="reference")
+    assert shapes == [(4096, 16)] and out.shape == (1, 1, 2, 4096)
+    w = cached_projection(4096, 16, 3, q.device, q.dtype)
+    assert_close(w, okadfa.random_features(16, 4096, generator=torch.Generator().manual_seed(3),
+                                           dtype=torch.float64), EXACT)
+
+
+@pytest.mark.parametrize("num_features,E,match", [
+    (10 ** 15, 8, r"num_features=1000000000000000, E=8\).*would need"),
+    (2 ** 62, 16, r"num_features=4611686018427387904, E=16\).*more than an int64 can count"),
+])
+def test_absurd_num_features_raise_before_drawing(monkeypatch, num_features, E, match):
+    import signal
+    _projection_cache(monkeypatch)
+
+    class Timeout(Exception):
+        pass
+
+    def alarm(*_):
+        raise Timeout
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    try:
+        q = torch.randn(1, 1, 2, E)
+        with pytest.raises(ValueError, match=match):
+            okadfa.favor_sdpa(q, q, q, num_features=num_features)
+    except Timeout:
+        pytest.fail("still drawing after 20 s", pytrace=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)

@@ -258,3 +258,88 @@ def test_triton_seeded_entries_with_64_bit_index(dist):
     assert torch.equal(out.cpu(), expected)
 
 
+
+
+# ----------------------------------------------------------------- sizes: checked before any work
+def _within(seconds, call):
+    """call() under a SIGALRM deadline: a generation that would take hours fails the test instead."""
+    import signal
+
+    class Timeout(Exception):
+        pass
+
+    def alarm(*_):
+        raise Timeout
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return call()
+    except Timeout:
+        pytest.fail(f"still generating after {seconds} s", pytrace=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("spec,match", [
+    # 4 TB of matrices: the old loop generated matrix after matrix (hours) before allocating B
+    (FeedbackSpec(10 ** 5, 10 ** 4, 10 ** 3), r"points=100000, dim=10000, error_dim=1000.*would need .*TiB"),
+    (FeedbackSpec(10 ** 6, 10 ** 6, 10 ** 6), r"points=1000000.*would need"),
+    (FeedbackSpec(2 ** 32 - 1, 2 ** 31, 2 ** 31), r"more than an int64 can count"),
+    (FeedbackSpec(10 ** 5, 10 ** 5, 10 ** 3, shared=True), r"would need"),    # B is P copies even if shared
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_materialize_refuses_absurd_specs_before_generating(spec, match, dtype):
+    with pytest.raises(ValueError, match=match):
+        _within(20, lambda: materialize_feedback(spec, dtype=dtype))
+
+
+def test_seeded_matrix_refuses_an_absurd_matrix_before_generating():
+    from okadfa.feedback import seeded_matrix
+    with pytest.raises(ValueError, match=r"seeded_matrix: B_p \(dim=10000000, error_dim=10000000\).*would need"):
+        _within(20, lambda: seeded_matrix(FeedbackSpec(2, 10 ** 7, 10 ** 7), 1))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(points=2 ** 32, dim=1, error_dim=1), r"FeedbackSpec.points must be at most 2\*\*32 - 1"),
+    (dict(points=1, dim=2 ** 32, error_dim=2 ** 31), r"FeedbackSpec.dim × FeedbackSpec.error_dim"),
+])
+def test_spec_refuses_sizes_outside_the_definition(kwargs, match):
+    """p is one 32-bit Philox counter word and idx = i·E + j an int64: larger specs are undefined."""
+    with pytest.raises(ValueError, match=match):
+        FeedbackSpec(**kwargs)
+    FeedbackSpec(2 ** 32 - 1, 2 ** 31, 2 ** 32 - 1)        # the largest allowed sizes
+
+
+def test_many_small_matrices_are_one_vectorised_pass(monkeypatch):
+    """P points of a tiny d×E generate ⌈P·d·E / 2²⁰⌉ blocks, not one Python step per point (the
+    old loop: ~1400 points a second), with the entries of the definition, bit for bit."""
+    import okadfa.feedback as fb
+    calls, values = [], fb._seeded_values
+
+    def counting(*args):
+        calls.append(args[2].numel())
+        return values(*args)
+    monkeypatch.setattr(fb, "_seeded_values", counting)
+    P, d, E = 3000, 2, 3
+    spec = FeedbackSpec(P, d, E, seed=2 ** 63 + 5)
+    b = materialize_feedback(spec, dtype=torch.float64)
+    assert calls == [P * d * E] and b.shape == (P, d, E) and b.dtype == torch.float64
+    monkeypatch.setattr(fb, "_seeded_values", values)
+    for p in (0, 1, 1234, P - 1):
+        expected = values(spec.seed, p, torch.arange(d * E), E, spec.dist).view(d, E)
+        assert torch.equal(b[p], expected.double())
+        assert torch.equal(fb.seeded_matrix(spec, p), expected)
+
+
+def test_shared_spec_generates_one_matrix(monkeypatch):
+    import okadfa.feedback as fb
+    calls, values = [], fb._seeded_values
+
+    def counting(*args):
+        calls.append(args[2].numel())
+        return values(*args)
+    monkeypatch.setattr(fb, "_seeded_values", counting)
+    b = materialize_feedback(FeedbackSpec(500, 7, 9, seed=3, shared=True))
+    assert sum(calls) == 7 * 9 and b.shape == (500, 7, 9) and b.is_contiguous()
+    assert all(torch.equal(b[p], b[0]) for p in (1, 499))

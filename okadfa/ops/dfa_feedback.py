@@ -96,5 +96,6 @@ def dfa_feedback(error: Tensor, feedback, *, backend: str = "auto") -> Tensor:
     """
     check_matrix(error, "error", "(N, E)")
     check_feedback(feedback, error.shape[1], error.device, f"the error has {error.shape[1]} columns")
+    validation.check_feedback_size(feedback, error.shape[0], error.dtype, error.device)
     compute, project = dispatch(IMPLEMENTATIONS, backend, error.device)
     return project(error.to(compute(error.dtype)), feedback)

@@ -102,8 +102,8 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         h: (N, d) final hidden states. w_dec: (V, d) unembedding, on h's device.
         targets: (N,) int64, each in [0, V) or equal to ignore_index.
         feedback: `FeedbackSpec` (seeded: nothing stored) or stored tensor (P, d_p, E).
-        chunk_size: rows per chunk (None: about 2²³/V rows for the native kernels, all
-            rows for the reference); results do not depend on it beyond rounding. With
+        chunk_size: rows per chunk (None: about 2²³/V rows, on every backend); results do
+            not depend on it beyond rounding. With
             error="logits" and seeded feedback each chunk regenerates the P·d_p·V entries.
         error: "hidden" or "logits", which error the feedback projects.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see `okadfa.backends()`).
@@ -120,6 +120,7 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         torch.Size([12, 2048, 768])
     """
     check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, error)
+    validation.check_feedback_size(feedback, h.shape[0], h.dtype, h.device, who="dfa_head")
     if torch.compiler.is_compiling():
         targets = checked_targets(targets, w_dec.shape[0], ignore_index)
     compute, head = dispatch(IMPLEMENTATIONS, backend, h.device)

@@ -8,29 +8,42 @@ error e instead of its backpropagated gradient.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
+from .. import validation
 from ..feedback import FeedbackSpec, materialize_feedback
 
 __all__ = ["dfa_feedback", "dfa_head"]
 
+# Rows per chunk when dfa_head's chunk_size is None: the chunk's logits hold about this many
+# entries (32 MiB in float32), as in the native kernels (okadfa.ops.dfa_head.CHUNK_ENTRIES).
+CHUNK_ENTRIES = 1 << 23
 
-def _feedback_tensor(feedback, device: torch.device) -> Tensor:
-    """B (P, d, E) of `feedback`: the stored tensor, or the spec materialised."""
-    return materialize_feedback(feedback, device=device) if isinstance(feedback, FeedbackSpec) else feedback
+
+def _feedback_tensor(feedback, device: torch.device, who: str) -> Tensor:
+    """B of `feedback`: the stored tensor (P, d, E), or the spec's generated matrices, checked for
+    size first: one (1, d, E) if it is shared (every point's), else all P (P, d, E)."""
+    if not isinstance(feedback, FeedbackSpec):
+        return feedback
+    validation.check_seeded_generation(feedback, device, who=who)
+    spec = dataclasses.replace(feedback, points=1) if feedback.shared else feedback
+    return materialize_feedback(spec, device=device)
 
 
-def _project(e: Tensor, b: Tensor, acc: torch.dtype, shared: bool) -> Tensor:
-    """(N, E), (P, d, E) -> (P, N, d) in `acc`: out[p] = e B_pᵀ. Shared feedback (every B_p
-    equal) is one product, so that every point gets the same signal bit for bit, as the kernels give."""
-    if shared:
-        return (e.to(acc) @ b[0].to(acc).T).expand(b.shape[0], -1, -1)
+def _project(e: Tensor, b: Tensor, acc: torch.dtype, points: int) -> Tensor:
+    """(N, E), (P, d, E) or (1, d, E) -> (points, N, d) in `acc`: out[p] = e B_pᵀ. One matrix
+    (shared feedback) is one product, expanded, so that every point gets the same signal bit for
+    bit, as the kernels give."""
+    if b.shape[0] == 1:
+        return (e.to(acc) @ b[0].to(acc).T).expand(points, -1, -1)
     return torch.einsum("ne,pde->pnd", e.to(acc), b.to(acc))
 
 
-def _shared(feedback) -> bool:
-    return isinstance(feedback, FeedbackSpec) and feedback.shared
+def _points(feedback) -> int:
+    return feedback.points if isinstance(feedback, FeedbackSpec) else feedback.shape[0]
 
 
 def dfa_feedback(error: Tensor, feedback) -> Tensor:
@@ -43,14 +56,18 @@ def dfa_feedback(error: Tensor, feedback) -> Tensor:
     Returns:
         (P, N, d) in error's dtype, accumulated in float32 (float64 for float64 errors).
 
+    Sizes are checked before any work (ValueError if the signals, or the matrices a seeded
+    spec needs, could never be allocated); a shared spec generates its one matrix only.
+
     Example:
         >>> spec = FeedbackSpec(12, 768, 768)
         >>> dfa_feedback(torch.randn(10, 768), spec).shape
         torch.Size([12, 10, 768])
     """
-    b = _feedback_tensor(feedback, error.device)
     acc = torch.promote_types(error.dtype, torch.float32)    # half types accumulate in float32
-    return _project(error, b, acc, _shared(feedback)).to(error.dtype).contiguous()
+    validation.check_feedback_size(feedback, error.shape[0], acc, error.device)
+    b = _feedback_tensor(feedback, error.device, "dfa_feedback")
+    return _project(error, b, acc, _points(feedback)).to(error.dtype).contiguous()
 
 
 def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_index: int = -100,
@@ -73,13 +90,17 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         h: (N, d) final hidden states. w_dec: (V, d) unembedding, on h's device.
         targets: (N,) int64, each in [0, V) or equal to ignore_index.
         feedback: `FeedbackSpec` or stored tensor (P, d_p, E), as for `dfa_feedback`.
-        chunk_size: rows processed at a time (None: all at once); the results do not
-            depend on it beyond rounding.
+        chunk_size: rows processed at a time (None: about 2²³/V rows, as the native
+            kernels, so the logits of a chunk take about 32 MiB in float32; all rows when N·V
+            is below that); the results do not depend on it beyond rounding.
         error: "hidden" or "logits", which error the feedback projects.
     Returns:
         (loss, grad_h, grad_w_dec, signals): loss a 0-d tensor in the accumulation
         dtype (float32, or float64 if h or w_dec is float64); grad_h and signals in
         h's dtype, grad_w_dec in w_dec's dtype. Everything accumulates in that dtype.
+
+    Sizes (the signals, a chunk's logits, the matrices a seeded spec needs: one if shared)
+    are checked before any work, as in `dfa_feedback`.
 
     Example:
         >>> h, w = torch.randn(8, 16), torch.randn(50, 16)
@@ -88,16 +109,19 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         torch.Size([4, 8, 16])
     """
     (N, d), V = h.shape, w_dec.shape[0]
-    b = _feedback_tensor(feedback, h.device)
     acc = torch.promote_types(torch.promote_types(h.dtype, w_dec.dtype), torch.float32)
+    step = max(1, min(N, CHUNK_ENTRIES // max(V, 1))) if chunk_size is None else max(1, min(N, chunk_size))
+    validation.check_allocation(f"dfa_head: the logits of one chunk (chunk_size={step} rows, V={V})", (step, V), acc,
+                                h.device, hint="; pass a smaller chunk_size")
+    validation.check_feedback_size(feedback, N, acc, h.device, who="dfa_head")
+    b = _feedback_tensor(feedback, h.device, "dfa_head")
     w = w_dec.to(acc)
     valid = targets != ignore_index
     n_valid = max(int(valid.sum()), 1)                    # Nv = 0: every dy row is 0 anyway
     loss = torch.zeros((), dtype=acc, device=h.device)
     grad_h = torch.zeros(N, d, dtype=acc, device=h.device)
     grad_w = torch.zeros(V, d, dtype=acc, device=h.device)
-    signals = torch.zeros(b.shape[0], N, b.shape[1], dtype=acc, device=h.device)
-    step = chunk_size or max(N, 1)
+    signals = torch.zeros(_points(feedback), N, b.shape[1], dtype=acc, device=h.device)
     for r0 in range(0, N, step):
         rows = slice(r0, min(r0 + step, N))
         h_c, mask = h[rows].to(acc), valid[rows]
@@ -109,5 +133,5 @@ def dfa_head(h: Tensor, w_dec: Tensor, targets: Tensor, feedback, *, ignore_inde
         dy = dy * mask[:, None] / n_valid                 # [n, V]
         grad_h[rows] = dy @ w
         grad_w += dy.T @ h_c
-        signals[:, rows] = _project(grad_h[rows] if error == "hidden" else dy, b, acc, _shared(feedback))
+        signals[:, rows] = _project(grad_h[rows] if error == "hidden" else dy, b, acc, _points(feedback))
     return loss / n_valid, grad_h.to(h.dtype), grad_w.to(w_dec.dtype), signals.to(h.dtype)
