@@ -425,7 +425,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, launch: Launch, sqrt_sca
         wrap_triton(_fwd_kernel)[launch.grid](
             q, k, v, w, out, lognorm, launch.T, launch.M, launch.DQ, launch.DV, sqrt_scale, _TINY,
             num_stages=1, **launch.meta())
-    return out.to(v.dtype), lognorm
+    return out, lognorm          # float32: the backward's g·out must not see a half-rounded out
 
 
 def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, out: Tensor, lognorm: Tensor,

@@ -12,7 +12,7 @@ from .chunked_attention import FAVOR, Launch, backward, forward
 @triton_op("okadfa::triton_favor_attention_fwd", mutates_args=())
 def triton_favor_attention_fwd(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, causal: bool, scale: float,
                                chunk_size: int) -> Tuple[Tensor, Tensor]:
-    """FAVOR+ attention (out in v's dtype, lognorm float32 (B, H, T)); q, k (B, H, T, Dk),
+    """FAVOR+ attention (out and lognorm (B, H, T) in float32, whatever the inputs' dtype); q, k (B, H, T, Dk),
     v (B, H, T, Dv), projection (M, Dk), all contiguous, float32/float16/bfloat16."""
     check_dtypes(q=q, k=k, v=v, projection=projection)
     check_attention(q, k, v, chunk_size, projection, scale)

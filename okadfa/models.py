@@ -107,6 +107,16 @@ class OKADFAConfig:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_seq_len", "nb_features"):
             if getattr(self, name) < 1:
                 raise ValueError(f"OKADFAConfig.{name} must be positive, got {getattr(self, name)}")
+        for name in ("d_ff", "redraw_interval"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"OKADFAConfig.{name} must be positive or None, got {value}")
+        # feedback_seed: a FeedbackSpec seed (FeedbackSpec checks [0, 2**64)) kept to an int64;
+        # feature_seed: each layer draws from feature_seed·1009 + i, which torch's generator takes.
+        for name, bound in (("feedback_seed", 2 ** 63), ("feature_seed", 2 ** 32)):
+            value = getattr(self, name)
+            if not 0 <= value < bound:
+                raise ValueError(f"OKADFAConfig.{name} must be in [0, {bound}), got {value}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
         if self.point_norm and self.norm != "pre":
@@ -236,8 +246,26 @@ class OKADFAModel(nn.Module):
         positions: when it is full it restarts from the last ¾·max_seq_len tokens
         (re-encoded at once), so the cached cost stays O(1) per token on average.
         """
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        def whole(value):                             # an int (or numpy/torch integer), not a bool
+            return not isinstance(value, bool) and hasattr(value, "__index__") and not isinstance(value, Tensor)
+        if not whole(max_new_tokens) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        try:
+            temp = None if isinstance(temperature, (bool, str)) else float(temperature)
+        except (TypeError, ValueError):
+            temp = None
+        if temp is None or not 0 <= temp < float("inf"):   # NaN fails both comparisons
+            raise ValueError(f"temperature must be a finite number >= 0 (0: greedy), got {temperature!r}")
+        if top_k is not None and (not whole(top_k) or top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.shape[1] < 1 or (
+                input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool):
+            raise ValueError("input_ids must be an integer tensor of shape (B, T) with T >= 1, got "
+                             + (f"{input_ids.dtype} of shape {tuple(input_ids.shape)}"
+                                if isinstance(input_ids, Tensor) else type(input_ids).__name__))
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         was_training = self.training
         self.eval()
         limit = self.config.max_seq_len
@@ -255,10 +283,10 @@ class OKADFAModel(nn.Module):
                 else:
                     h = self._trunk(self.embed(ids[:, -1:], ids.shape[1] - 1 - start), caches)
                 logits = self.lm_head(self.ln_f(h[:, -1])).float()
-                if temperature == 0:
+                if temp == 0:
                     nxt = logits.argmax(-1, keepdim=True)
                 else:
-                    logits = logits / temperature
+                    logits = logits / temp
                     if top_k is not None:
                         kth = logits.topk(min(top_k, logits.shape[-1])).values[:, -1:]
                         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -161,18 +161,32 @@ def autocast_inputs(*tensors: Tensor) -> tuple[Tensor, ...]:
     """Under torch.autocast for the tensors' device, cast them to the autocast dtype as
     autocast does for SDPA (float64 is left alone); otherwise return them unchanged."""
     device_type = tensors[0].device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
+    if (len({x.device for x in tensors}) > 1 or not torch.amp.is_autocast_available(device_type)
+            or not torch.is_autocast_enabled(device_type)):
+        return tensors          # mixed devices (the caller's check names them), or a device without autocast
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(x.to(dtype) if x.is_floating_point() and x.dtype != torch.float64 else x for x in tensors)
 
 
 def prepare(x: Tensor, batch: torch.Size, dtype: torch.dtype) -> Tensor:
-    """Broadcast the (B, H) dims (repeating grouped kv heads), cast to the kernel's
-    dtype and make contiguous, all differentiably."""
+    """Cast to the kernel's dtype, then broadcast the (B, H) dims (repeating grouped kv heads) and
+    make contiguous, all differentiably: in that order the gradient of a broadcast input is summed
+    over its copies in the kernel's dtype (see compute_dtype) and cast back once."""
+    x = x.to(dtype)
     if 1 < x.shape[1] < batch[1]:
         x = x.repeat_interleave(batch[1] // x.shape[1], dim=1)
-    return x.expand(*batch, *x.shape[2:]).to(dtype).contiguous()
+    return x.expand(*batch, *x.shape[2:]).contiguous()
+
+
+def compute_dtype(compute, batch: torch.Size, *tensors: Tensor) -> torch.dtype:
+    """The dtype an attention op runs its backend in: compute(the inputs' dtype), except that
+    half inputs of which one is broadcast over (B, H) run in float32, so that the gradients of
+    the copies are summed in float32 and rounded once, not rounded each and summed in the half
+    type (every backend takes float32)."""
+    dtype = compute(tensors[-1].dtype)
+    if dtype in (torch.float16, torch.bfloat16) and any(tuple(x.shape[:2]) != tuple(batch[:2]) for x in tensors):
+        return torch.float32
+    return dtype
 
 
 def native_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -257,6 +271,7 @@ def check_head_inputs(h, w_dec, targets, feedback, ignore_index, chunk_size, err
 MAX_ENTRIES = 2 ** 63 - 1
 
 
+@functools.lru_cache(maxsize=None)
 def _cpu_memory() -> int | None:
     import os
     try:
@@ -298,7 +313,10 @@ def check_allocation(what: str, shape, dtype: torch.dtype, device=None, *, copie
     """Refuse, before any work, `copies` tensors of `shape` and `dtype` on `device` that could
     never be allocated: more entries than an int64 counts, or more bytes than the device's total
     memory (`device_memory`). `what` names the tensor and the arguments its size comes from;
-    `hint` says what to change. Sizes are Python ints: nothing overflows. Returns the bytes."""
+    `hint` says what to change. Sizes are Python ints: nothing overflows. Returns the bytes.
+    Under torch.compile nothing is checked (the traced sizes may be symbolic; eager calls check)."""
+    if torch.compiler.is_compiling():
+        return 0
     entries = math.prod(int(s) for s in shape)
     itemsize = dtype.itemsize
     nbytes = entries * itemsize * copies

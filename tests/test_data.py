@@ -1,8 +1,15 @@
 """okadfa.training.data: corpora, tokenisers, the memory-mapped token cache and batching."""
+import contextlib
+import hashlib
 import json
 import os
+import signal
+import socket
+import stat
+import subprocess
 import sys
 import sysconfig
+import tempfile
 import types
 from pathlib import Path
 
@@ -81,14 +88,6 @@ def test_real_gpt2_encoding():
 
 
 def test_gpt2_unavailable_raises_clear_error(monkeypatch):
-    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
-
-    def offline(name):
-        raise ConnectionError("no network")
-    monkeypatch.setattr(tiktoken, "get_encoding", offline)
-    with pytest.raises(RuntimeError, match="TIKTOKEN_CACHE_DIR") as err:
-        get_tokenizer("gpt2")
-    assert "no network" in str(err.value) and "pip install tiktoken" in str(err.value)
     monkeypatch.setitem(sys.modules, "tiktoken", None)  # import fails
     with pytest.raises(RuntimeError, match="tiktoken is not installed"):
         get_tokenizer("gpt2")
@@ -304,3 +303,311 @@ def test_val_batches():
     assert len(list(val_batches(tokens, batch_size=4, seq_len=10, max_batches=2))) == 2
     with pytest.raises(ValueError):
         val_batches(tokens[:10], batch_size=4, seq_len=10)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hardening (issue 15): offline GPT-2, special files, a cache that cannot kill its readers
+
+class Stuck(Exception):
+    """Raised by `deadline` (not an OSError, so that no `except OSError` swallows it)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds=20):
+    """Fail (instead of hanging forever) when the block takes longer than `seconds`."""
+    def expire(signum, frame):
+        raise Stuck(f"still blocked after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection and name lookup raises; returns the list of attempts."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1:] if args and isinstance(args[0], socket.socket) else args)
+        raise OSError("network access attempted in an offline test")
+    for name in ("connect", "connect_ex"):
+        monkeypatch.setattr(socket.socket, name, refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return attempts
+
+
+@pytest.fixture
+def empty_tiktoken_caches(tmp_path, monkeypatch):
+    """tiktoken's caches (TIKTOKEN_CACHE_DIR, its default under the temp dir) and ours, all empty."""
+    tiktoken = pytest.importorskip("tiktoken", reason="tiktoken is not installed (pip install tiktoken)")
+    import tiktoken.registry
+    monkeypatch.delitem(tiktoken.registry.ENCODINGS, "gpt2", raising=False)
+    dirs = {name: tmp_path / name for name in ("tiktoken-cache", "tmp", "okadfa-cache")}
+    for d in dirs.values():
+        d.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(dirs["tiktoken-cache"]))
+    monkeypatch.delenv("DATA_GYM_CACHE_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(dirs["tmp"]))
+    monkeypatch.setenv("OKADFA_CACHE_DIR", str(dirs["okadfa-cache"]))
+    return dirs
+
+
+def test_gpt2_without_a_cached_encoding_never_touches_the_network(empty_tiktoken_caches, no_network):
+    """Offline means offline: with every cache empty, loading 'gpt2' attempts no connection and
+    fails in one line naming the two files, their source and where to put them."""
+    with pytest.raises(RuntimeError) as err:
+        get_tokenizer("gpt2")
+    msg = str(err.value)
+    assert no_network == [], f"a connection was attempted: {no_network}"
+    assert "\n" not in msg
+    cache = str(empty_tiktoken_caches["tiktoken-cache"])
+    for part in ("vocab.bpe", "encoder.json", "TIKTOKEN_CACHE_DIR", cache, "openaipublic.blob.core.windows.net",
+                 hashlib.sha1(data._GPT2_FILES["vocab.bpe"][0].encode()).hexdigest()):
+        assert part in msg, part
+
+
+def test_gpt2_never_touches_the_network_through_okadfa_train(empty_tiktoken_caches, no_network, tmp_path):
+    import okadfa.training.train as train_mod
+    (tmp_path / "t.txt").write_text("some text\n" * 50)
+    with pytest.raises(SystemExit, match="vocab.bpe") as err:
+        train_mod.main(["--tokenizer", "gpt2", "--data", str(tmp_path / "t.txt"), "--out", str(tmp_path / "run"),
+                        "--steps", "1"])
+    assert no_network == [] and "\n" not in str(err.value.code)
+
+
+def _data_gym_files(merges):
+    """vocab.bpe and encoder.json (GPT-2's data-gym format) of a tiny byte-level BPE."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    order, char = list(printable), {b: chr(b) for b in printable}
+    for n, b in enumerate(b for b in range(256) if b not in printable):
+        order.append(b)
+        char[b] = chr(256 + n)
+    encoder = {char[b]: i for i, b in enumerate(order)}
+    lines = ["#version: 0.2"]
+    for first, second in merges:
+        lines.append("".join(char[b] for b in first) + " " + "".join(char[b] for b in second))
+        encoder["".join(char[b] for b in first + second)] = len(encoder)
+    encoder["<|endoftext|>"] = len(encoder)
+    return ("\n".join(lines) + "\n").encode(), json.dumps(encoder).encode()
+
+
+def test_gpt2_loads_from_local_cache_files_only(empty_tiktoken_caches, no_network, monkeypatch):
+    """The encoding is read from tiktoken's cache (files named by the SHA-1 of their URL) or from
+    ours (plain names), checked against the expected SHA-256, with no connection."""
+    bpe, enc = _data_gym_files([(b"t", b"h"), (b"th", b"e")])
+    files = {"vocab.bpe": ("https://example.invalid/gpt2/vocab.bpe", hashlib.sha256(bpe).hexdigest()),
+             "encoder.json": ("https://example.invalid/gpt2/encoder.json", hashlib.sha256(enc).hexdigest())}
+    monkeypatch.setattr(data, "_GPT2_FILES", files)
+    monkeypatch.setattr(data, "_GPT2_VOCAB", 256 + 2 + 1)
+    tik = empty_tiktoken_caches["tiktoken-cache"]
+    (tik / hashlib.sha1(files["vocab.bpe"][0].encode()).hexdigest()).write_bytes(bpe)
+    ours = empty_tiktoken_caches["okadfa-cache"] / "tiktoken"
+    ours.mkdir()
+    (ours / "encoder.json").write_bytes(enc)
+    tok = get_tokenizer("gpt2")
+    assert tok.name == "gpt2" and tok.vocab_size == 259
+    ids = tok.encode("the theme")
+    assert 257 in ids and tok.decode(ids) == "the theme"
+    assert no_network == []
+    (ours / "encoder.json").write_bytes(enc.replace(b'"<|endoftext|>"', b'"<|endoftext|>" '))   # another hash
+    with pytest.raises(RuntimeError, match="encoder.json.*SHA-256") as err:
+        get_tokenizer("gpt2")
+    assert str(ours / "encoder.json") in str(err.value)
+    assert no_network == []
+
+
+def _mkfifo(path):
+    os.mkfifo(path)
+    return path
+
+
+def test_special_files_in_a_data_dir_are_skipped_with_a_warning(tmp_path):
+    """A FIFO (which used to block the reader forever), a symlink to one and a dangling symlink
+    inside --data DIR are skipped, each named in a warning; the regular files are read."""
+    root = tmp_path / "texts"
+    root.mkdir()
+    (root / "a.txt").write_text("first file\n")
+    (root / "c.txt").write_text("third file\n")
+    _mkfifo(root / "b.fifo")
+    (root / "d-link").symlink_to(root / "b.fifo")
+    (root / "e-dangling").symlink_to(tmp_path / "nowhere")
+    with deadline(), pytest.warns(UserWarning) as caught:
+        corpus = load_corpus(str(root), cache_dir=tmp_path / "cache", val_fraction=0.25)
+    assert bytes(corpus.train) + bytes(corpus.val) == b"first file\nthird file\n"
+    msg = " ".join(str(w.message) for w in caught)
+    for name in ("b.fifo", "d-link", "e-dangling"):
+        assert name in msg, msg
+    assert "FIFO" in msg
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "socket"])
+def test_a_special_file_given_as_data_is_refused_clearly(tmp_path, kind):
+    if kind == "fifo":
+        path = _mkfifo(tmp_path / "pipe")
+    elif kind == "chardev":
+        path = Path("/dev/null")
+    else:
+        path = tmp_path / "sock"
+        s = socket.socket(socket.AF_UNIX)
+        s.bind(str(path))
+    with deadline(), pytest.raises(ValueError) as err:
+        load_corpus(str(path), cache_dir=tmp_path / "cache")
+    msg = str(err.value)
+    assert str(path) in msg and "not a regular file" in msg and "directory has no" not in msg
+    assert {"fifo": "FIFO", "chardev": "character device", "socket": "socket"}[kind] in msg
+
+
+def test_a_special_file_that_appears_at_read_time_is_refused(tmp_path, monkeypatch):
+    """A file swapped for a FIFO between listing and reading is refused when opened, not read."""
+    root = tmp_path / "texts"
+    root.mkdir()
+    (root / "a.txt").write_text("hello\n" * 10)
+    real = data._text_files
+
+    def swap(path):
+        files = real(path)
+        os.remove(root / "a.txt")
+        os.mkfifo(root / "a.txt")
+        return files
+    monkeypatch.setattr(data, "_text_files", swap)
+    with deadline(), pytest.raises(ValueError, match="a.txt.*not a regular file"):
+        load_corpus(str(root), cache_dir=tmp_path / "cache")
+
+
+def _cache_files(cache):
+    meta = next(Path(cache).glob("*.json"))
+    prefix = str(meta)[:-len(".json")]
+    return meta, Path(prefix + ".train.bin"), Path(prefix + ".val.bin")
+
+
+def test_cache_files_are_written_once_atomically_and_read_only(tmp_path, monkeypatch):
+    path = tmp_path / "t.txt"
+    path.write_text("abc " * 1000)
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}") if os.path.exists(f"/proc/self/fd/{fd}") else fd)
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    load_corpus(str(path), cache_dir=tmp_path / "cache")
+    files = _cache_files(tmp_path / "cache")
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted(p.name for p in files)  # no temp left
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) & 0o222 == 0, f"{p.name} is writable"
+    if all(isinstance(s, str) for s in synced):
+        assert str(tmp_path / "cache") in synced                             # the directory, after the renames
+        assert sum(".tmp" in s for s in synced) >= 3                          # each file before its rename
+
+
+def _damage(kind, meta, train, val):
+    for p in (meta, train, val):
+        os.chmod(p, 0o644)
+    if kind == "truncated":
+        os.truncate(train, train.stat().st_size // 2)
+    elif kind == "extended":
+        with open(val, "ab") as f:
+            f.write(b"garbage")
+    elif kind == "flipped":
+        raw = bytearray(train.read_bytes())
+        raw[len(raw) // 2] ^= 0x55
+        train.write_bytes(bytes(raw))
+    elif kind == "empty":
+        train.write_bytes(b"")
+    elif kind == "bad-json":
+        meta.write_text("{not json")
+    elif kind == "bad-types":
+        info = json.loads(meta.read_text())
+        meta.write_text(json.dumps(dict(info, train_tokens="many", val_tokens=-3)))
+    elif kind == "other-dtype":      # sizes consistent with float32, which token ids cannot be
+        info = json.loads(meta.read_text())
+        meta.write_text(json.dumps(dict(info, dtype="float32", train_tokens=info["train_tokens"] // 4,
+                                        val_tokens=info["val_tokens"] // 4)))
+        os.truncate(train, info["train_tokens"] // 4 * 4)
+        os.truncate(val, info["val_tokens"] // 4 * 4)
+    elif kind == "fifo-json":
+        meta.unlink()
+        os.mkfifo(meta)
+    elif kind == "fifo-bin":
+        val.unlink()
+        os.mkfifo(val)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "extended", "flipped", "empty", "bad-json", "bad-types",
+                                  "other-dtype", "fifo-json", "fifo-bin"])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, kind):
+    text = "".join(f"line {i}\n" for i in range(400)).encode()
+    (tmp_path / "t.txt").write_bytes(text)
+    first = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+    train, val = bytes(first.train), bytes(first.val)
+    del first
+    _damage(kind, *_cache_files(tmp_path / "cache"))
+    with deadline():
+        again = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+    assert again.train.dtype == np.uint8 and bytes(again.train) == train and bytes(again.val) == val
+    meta, *_ = _cache_files(tmp_path / "cache")
+    assert json.loads(meta.read_text())["train_tokens"] == len(train)
+
+
+@pytest.mark.parametrize("kind", ["truncated", "extended", "empty", "other-dtype", "fifo-bin"])
+def test_large_token_files_are_mapped_directly_after_a_size_check(tmp_path, monkeypatch, kind):
+    """Above SNAPSHOT_MAX_BYTES a token file is mapped from the cache itself (no copy, no checksum),
+    still only after checking, on the open file it maps, that it is regular and of the recorded size."""
+    monkeypatch.setattr(data, "SNAPSHOT_MAX_BYTES", 0)
+    text = "".join(f"line {i}\n" for i in range(400)).encode()
+    (tmp_path / "t.txt").write_bytes(text)
+    first = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+    assert first.train.filename is not None and Path(first.train.filename).parent == tmp_path / "cache"
+    train, val = bytes(first.train), bytes(first.val)
+    del first
+    _damage(kind, *_cache_files(tmp_path / "cache"))
+    with deadline():
+        again = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+    assert again.train.dtype == np.uint8 and bytes(again.train) == train and bytes(again.val) == val
+
+
+def test_a_cache_entry_that_is_a_directory_is_refused_clearly(tmp_path):
+    (tmp_path / "t.txt").write_text("hello world\n" * 100)
+    load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+    meta, train, val = _cache_files(tmp_path / "cache")
+    train.unlink()
+    train.mkdir()
+    with pytest.raises(OSError, match=f"{train.name}.*not a regular file"):
+        load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+
+
+_READER = r"""
+import sys
+from okadfa.training.data import get_batch, load_corpus, val_batches
+corpus = load_corpus(sys.argv[1], cache_dir=sys.argv[2])
+print("ready", flush=True)
+sys.stdin.readline()
+total = int(corpus.train.sum()) + int(corpus.val.sum())
+total += sum(int(x.sum()) for x, _ in val_batches(corpus.val, 4, 16))
+total += int(get_batch(corpus.train, 3, 4, 16)[0].sum())
+print("ok", total, flush=True)
+"""
+
+
+def test_a_running_reader_survives_its_cache_files_being_truncated(tmp_path):
+    """Truncating the cache files under a process that is using them (it used to die of SIGBUS
+    on its next access) leaves that process unharmed."""
+    (tmp_path / "t.txt").write_bytes(bytes(range(32, 127)) * 2000)
+    reader = subprocess.Popen([sys.executable, "-c", _READER, str(tmp_path / "t.txt"), str(tmp_path / "cache")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert reader.stdout.readline().strip() == "ready", reader.stderr.read()
+        _, train, val = _cache_files(tmp_path / "cache")
+        for p in (train, val):
+            os.chmod(p, 0o644)
+            os.truncate(p, 0)
+        out, err = reader.communicate("go\n", timeout=120)
+    finally:
+        reader.kill()
+    assert reader.returncode == 0, f"reader died ({reader.returncode}): {err}"
+    assert out.startswith("ok")

@@ -279,6 +279,30 @@ def test_generate_and_eval_logits():
     assert torch.equal(ids, model.generate(x[:, :5], 7, temperature=0))
 
 
+_BAD_GENERATE = [
+    (dict(temperature=-1.0), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"), (dict(temperature="hot"), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_k=-3), "top_k"), (dict(top_k=2.5), "top_k"), (dict(top_k=True), "top_k"),
+    (dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=1.5), "max_new_tokens"),
+    (dict(input_ids=torch.tensor([1, 2, 3])), "input_ids"), (dict(input_ids=torch.ones(1, 3)), "input_ids"),
+    (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), "input_ids"),
+    (dict(input_ids=torch.tensor([[1, 256]])), "input_ids"), (dict(input_ids=torch.tensor([[-1, 2]])), "input_ids"),
+]
+
+
+@pytest.mark.parametrize("kwargs,name", _BAD_GENERATE, ids=[f"{name}-{i}" for i, (_, name) in enumerate(_BAD_GENERATE)])
+def test_generate_refuses_bad_arguments_naming_them(kwargs, name):
+    """temperature < 0 (or not finite), top_k < 1, a negative or fractional max_new_tokens and
+    prompts that are not (B, T>=1) integer ids in [0, vocab) are ValueErrors that name the
+    argument, before any sampling (top_k=0 used to fail inside topk, temperature=-1 was taken)."""
+    model = _model().float()
+    call = dict(input_ids=torch.tensor([[1, 2, 3]]), max_new_tokens=2, temperature=0.8, top_k=5) | kwargs
+    with pytest.raises(ValueError, match=name):
+        model.generate(call.pop("input_ids"), call.pop("max_new_tokens"), **call)
+    ok = model.generate(torch.tensor([[1, 2, 3]]), 2, temperature=0.5, top_k=1)
+    assert ok.shape == (1, 5) and model.generate(torch.tensor([[1]]), 0).shape == (1, 1)
+
+
 @pytest.mark.parametrize("training", ["bp", "dfa"])
 def test_torch_compile_fullgraph_training_steps(training):
     """The whole forward (DFA head included) in one graph, its backward compiled too; three

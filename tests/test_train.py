@@ -228,3 +228,100 @@ def test_library_never_imports_the_training_application_or_bench():
             "print(sorted(m for m in sys.modules if m.startswith(('okadfa.training', 'bench'))))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 15, item 14: one run per --out; metrics read tolerantly
+
+def _wait_for(predicate, what, timeout=180):
+    import time
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_a_second_run_into_the_same_out_fails_at_once_and_the_lock_dies_with_its_process(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, OKADFA_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    first = subprocess.Popen([sys.executable, "-m", "okadfa.training.train", *SMALL, "--steps", "1000000",
+                              "--eval-every", "1000000", "--log-every", "1000000", "--sample-tokens", "0",
+                              "--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        metrics = out / "metrics.jsonl"
+        _wait_for(lambda: first.poll() is not None or (metrics.exists() and "baselines" in metrics.read_text()),
+                  "the first run to start")
+        assert first.poll() is None, first.stderr.read().decode()
+        before = metrics.read_text()
+        with pytest.raises(SystemExit) as exc:
+            train_mod.main(SMALL + ["--steps", "2", "--out", str(out)])
+        msg = str(exc.value.code)
+        assert str(out) in msg and f"PID {first.pid}" in msg and "\n" not in msg
+        assert metrics.read_text() == before                 # nothing interleaved
+    finally:
+        first.kill()
+        first.wait()
+    assert first.returncode == -signal.SIGKILL
+    summary = train_mod.main(SMALL + ["--steps", "1", "--sample-tokens", "0", "--out", str(out)])
+    assert summary["step"] == 1                            # the lock went with the killed process
+
+
+def test_read_metrics_skips_malformed_lines_and_names_them(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    good = [{"kind": "config", "step": 0, "x": 1}, {"kind": "train", "step": 2, "loss": 3.0},
+            {"kind": "train", "step": 4, "loss": 2.5}]
+    lines = [json.dumps(good[0]), "{not json", json.dumps(good[1]), "[1, 2]", '{"kind": "val"}',
+             '{"kind": "val", "step": "x"}', "", json.dumps(good[2]), '{"kind": "summary", "st']
+    path.write_text("\n".join(lines))                     # the last line cut half-way, no newline
+    skipped = []
+    with pytest.warns(UserWarning, match=r"metrics\.jsonl.*lines? 2, 4, 5, 6, 9") as caught:
+        records = read_metrics(str(path), skipped=skipped)
+    assert str(path) in str(caught[0].message)
+    assert records == {"config": [good[0]], "train": [good[1], good[2]]}
+    assert [n for n, _ in skipped] == [2, 4, 5, 6, 9]
+
+
+def test_a_run_appending_after_a_cut_line_keeps_its_own_records(tmp_path):
+    """A run killed mid-write leaves a cut last line; the next run into that --out starts on a new line,
+    so only the cut line is lost."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"kind": "config", "step": 0}\n{"kind": "train", "st')
+    train_mod.main(SMALL + ["--steps", "1", "--sample-tokens", "0", "--out", str(out)])
+    with pytest.warns(UserWarning, match="line 2"):
+        records = read_metrics(str(out / "metrics.jsonl"))
+    assert records["summary"][-1]["step"] == 1 and len(records["config"]) == 1 and "args" in records["config"][0]
+
+
+def _fake_run(directory, variant, cut_last_line):
+    directory.mkdir(parents=True)
+    args = {"preset": "tiny", "steps": 4, "batch_size": 2, "seq_len": 8, "tokenizer": "bytes"}
+    records = [{"kind": "config", "step": 0, "config": {"norm": "post"}, "args": args, "parameters": 1000,
+                "corpus": "stdlib", "device": "cpu", "world_size": 1, "torch": "x"},
+               {"kind": "val", "step": 4, "train_s": 1.0, "loss": 2.0, "ppl": 7.4, "bpb": 2.9},
+               {"kind": "summary", "step": 4, "train_loss": 2.1, "tokens_per_s": 100.0, "peak_mem_mb": 10.0,
+                "peak_mem_kind": "process_peak_rss", "train_s": 1.0, "val": None}]
+    text = "\n".join(json.dumps(r) for r in records) + "\n"
+    if cut_last_line:
+        text += '{"kind": "train", "step": 5, "lo'
+    (directory / "metrics.jsonl").write_text(text)
+
+
+def test_compare_report_survives_a_cut_metrics_line_and_reports_it(tmp_path, capsys):
+    from okadfa.training.compare import main as compare
+    _fake_run(tmp_path / "favor+dfa", "favor+dfa", cut_last_line=True)
+    _fake_run(tmp_path / "favor+bp", "favor+bp", cut_last_line=False)
+    with pytest.warns(UserWarning, match="line 4"):
+        md = compare(["--out", str(tmp_path), "--variants", "favor+dfa,favor+bp", "--report-only"])
+    assert "| favor+dfa |" in md and "| favor+bp |" in md
+    assert "favor+dfa/metrics.jsonl" in md and "line 4" in md and "skipped" in md
+
+
+def test_compare_refuses_an_out_in_use(tmp_path):
+    from okadfa.training.compare import main as compare
+    _fake_run(tmp_path / "favor+bp", "favor+bp", cut_last_line=False)
+    with train_mod.run_lock(str(tmp_path), "okadfa compare"):
+        with pytest.raises(SystemExit, match=f"{tmp_path}.*in use.*PID {os.getpid()}"):
+            compare(["--out", str(tmp_path), "--variants", "favor+bp", "--report-only"])
+    assert "| favor+bp |" in compare(["--out", str(tmp_path), "--variants", "favor+bp", "--report-only"])

@@ -19,7 +19,9 @@ from ._registration import attention_implementations, register
 
 # fake tensor implementation of okadfa::favor_attention_fwd and okadfa::triton_favor_attention_fwd
 def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
-    return torch.empty_like(v), q.new_empty(q.shape[:3], dtype=validation.native_dtype(q.dtype))   # lognorm
+    # float32 for half inputs (the Triton ops; the native ones get float32 inputs already)
+    return (v.new_empty(v.shape, dtype=validation.native_dtype(v.dtype)),
+            q.new_empty(q.shape[:3], dtype=validation.native_dtype(q.dtype)))   # out, lognorm
 
 
 # fake tensor implementation of okadfa::favor_attention_bwd and okadfa::triton_favor_attention_bwd
@@ -95,9 +97,9 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     compute, forward = dispatch(IMPLEMENTATIONS, backend, q.device)
     if q.shape[2] != k.shape[2]:
         # The kernels take L = S: non-causal cross-attention runs the reference's form (also
-        # linear in L and S) on every backend, in that backend's compute dtype.
-        forward = _reference
-    dtype = compute(v.dtype)
+        # linear in L and S) on every backend, computing half types in float32 as the reference does.
+        compute, forward = validation.native_dtype, _reference
+    dtype = validation.compute_dtype(compute, batch, q, k, v)
     q, k, v_c = (validation.prepare(x, batch, dtype) for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):     # the plain-PyTorch paths compute in `dtype`
         out = forward(q, k, v_c, projection.to(dtype).contiguous(), causal, scale, chunk)

@@ -18,7 +18,8 @@ from ._registration import attention_implementations, register
 
 # fake tensor implementation of okadfa::linear_attention_fwd and okadfa::triton_linear_attention_fwd
 def _fwd_fake(q_feat, k_feat, v, causal, chunk_size):
-    return torch.empty_like(v), q_feat.new_empty(q_feat.shape[:3], dtype=validation.native_dtype(q_feat.dtype))
+    return (v.new_empty(v.shape, dtype=validation.native_dtype(v.dtype)),                 # float32 for half inputs
+            q_feat.new_empty(q_feat.shape[:3], dtype=validation.native_dtype(q_feat.dtype)))
 
 
 # fake tensor implementation of okadfa::linear_attention_bwd and okadfa::triton_linear_attention_bwd
@@ -95,7 +96,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
         _check_nonnegative(q_feat, "q_feat")
         _check_nonnegative(k_feat, "k_feat")
     compute, forward = dispatch(IMPLEMENTATIONS, backend, q_feat.device)
-    dtype = compute(v.dtype)
+    dtype = validation.compute_dtype(compute, batch, q_feat, k_feat, v)
     q_feat, k_feat, v_c = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
     with torch.autocast(v.device.type, enabled=False):     # the reference computes in `dtype`
         out = forward(q_feat, k_feat, v_c, causal, chunk)

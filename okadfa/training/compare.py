@@ -21,6 +21,11 @@ Every variant gets the same architecture: the DFA defaults of the fields that
 depend on the training rule (okadfa.models.RULE_DEFAULTS: post-LN, untied head)
 unless you `--set` them.
 `--report-only` redraws the report from existing runs.
+
+Every `okadfa train` option is checked before the first variant starts (a bad value fails
+at once, in one line), OUT/ is locked for the duration (a second `okadfa compare` into it
+fails at once, naming the PID), and a malformed line in a metrics.jsonl (e.g. the last
+one cut by a kill) is skipped and named in a warning and in report.md.
 """
 from __future__ import annotations
 
@@ -29,7 +34,9 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
+from .cli import DEBUG_HELP, ArgumentParser, one_line, run_command
 from ..models import RULE_DEFAULTS
 
 __all__ = ["main", "read_metrics", "report"]
@@ -37,15 +44,48 @@ __all__ = ["main", "read_metrics", "report"]
 VARIANTS = ("favor+dfa", "favor+bp", "softmax+dfa", "softmax+bp")
 
 
-def read_metrics(path: str) -> dict[str, list[dict]]:
-    """Records of a metrics.jsonl by kind, one per step (a resumed run's later record wins), sorted by step."""
+def _malformed(line: str):
+    """The record of a metrics line, or (None, why) when it is not a JSON object with a string kind and an int step."""
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        return None, f"not JSON ({exc.msg})"
+    if not isinstance(record, dict):
+        return None, "not a JSON object"
+    if not isinstance(record.get("kind"), str):
+        return None, "no string 'kind'"
+    if not isinstance(record.get("step"), int) or isinstance(record["step"], bool):
+        return None, "no integer 'step'"
+    return record, None
+
+
+def read_metrics(path: str, skipped: list | None = None) -> dict[str, list[dict]]:
+    """Records of a metrics.jsonl by kind, one per step (a resumed run's later record wins), sorted by step.
+
+    A malformed line (not JSON, e.g. cut half-way by a kill; not an object; no kind or integer step) is skipped
+    and named, with its line number, in a UserWarning; `skipped`, if given, receives (line number, reason)."""
     by_kind: dict[str, dict[int, dict]] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                by_kind.setdefault(record["kind"], {})[record["step"]] = record
+    bad = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            record, why = _malformed(line)
+            if record is None:
+                bad.append((number, why))
+                continue
+            by_kind.setdefault(record["kind"], {})[record["step"]] = record
+    if bad:
+        if skipped is not None:
+            skipped.extend(bad)
+        warnings.warn(f"{path}: skipped {len(bad)} malformed line{'s' if len(bad) > 1 else ''} "
+                      f"{', '.join(str(n) for n, _ in bad)} ({'; '.join(f'{n}: {why}' for n, why in bad[:5])}"
+                      f"{'; ...' if len(bad) > 5 else ''})", UserWarning, stacklevel=2)
     return {kind: [records[s] for s in sorted(records)] for kind, records in by_kind.items()}
+
+
+class ReportError(ValueError):
+    """The runs under OUT cannot be reported on (a variant never ran, or stopped before writing its summary)."""
 
 
 def _fmt(value, spec):
@@ -63,16 +103,28 @@ def _ratio(rows, r):
 
 def report(out: str, variants) -> str:
     """Write report.md, report.json and the plots for the runs under `out`; returns the markdown."""
-    runs = {v: read_metrics(os.path.join(out, v, "metrics.jsonl")) for v in variants}
+    runs, skipped = {}, {}
+    for v in variants:
+        path = os.path.join(out, v, "metrics.jsonl")
+        if not os.path.isfile(path):
+            raise ReportError(f"{path}: no metrics (variant {v} has not run; drop --report-only to run it)")
+        bad = []
+        runs[v] = read_metrics(path, skipped=bad)
+        if bad:
+            skipped[f"{v}/metrics.jsonl"] = [n for n, _ in bad]
+        for kind in ("config", "summary"):
+            if not runs[v].get(kind):
+                raise ReportError(f"{path}: no {kind!r} record (the run of {v} did not finish? run it again)")
     rows = []
     for v, m in runs.items():
         summary, val = m["summary"][-1], (m.get("val") or [{}])[-1]
-        config = m["config"][0]["config"]
+        config = m["config"][0].get("config", {})
+        norms = (m.get("norms") or [{}])[-1].get("stream") or {}
         rows.append(dict(variant=v, norm=config.get("norm", "pre"), steps=summary["step"], val_loss=val.get("loss"),
-                         val_ppl=val.get("ppl"), val_bpb=val.get("bpb"), train_loss=summary["train_loss"],
-                         tokens_per_s=summary["tokens_per_s"], peak_mem_mb=summary["peak_mem_mb"],
-                         peak_mem_kind=summary["peak_mem_kind"], train_s=summary["train_s"],
-                         max_block_norm=max(m["norms"][-1]["stream"].values()) if m.get("norms") else None))
+                         val_ppl=val.get("ppl"), val_bpb=val.get("bpb"), train_loss=summary.get("train_loss"),
+                         tokens_per_s=summary.get("tokens_per_s"), peak_mem_mb=summary.get("peak_mem_mb"),
+                         peak_mem_kind=summary.get("peak_mem_kind") or "unknown", train_s=summary.get("train_s") or 0.0,
+                         max_block_norm=max(norms.values()) if norms else None))
     for r in rows:
         r["dfa_bp_ratio"] = _ratio(rows, r)
     config = runs[variants[0]]["config"][0]
@@ -109,12 +161,16 @@ def report(out: str, variants) -> str:
             cells = [f"{r.get('writers', {}).get(n, float('nan')):+.2f} / {r.get('norm_bias', {}).get(n, float('nan')):+.2f}"
                      f" / {r['cosine'][n]:+.2f}" for n in names]
             lines.append(f"| {r['step']} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", "Malformed metrics lines, skipped (not read): " + "; ".join(
+            f"{name} line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
+            for name, numbers in skipped.items()) + "."]
     md = "\n".join(lines) + "\n"
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(md)
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump({"rows": rows, "alignment": alignment, "baselines": baselines, "args": args,
-                   "norms": {v: m.get("norms", []) for v, m in runs.items()}}, f, indent=1)
+                   "norms": {v: m.get("norms", []) for v, m in runs.items()}, "skipped_lines": skipped}, f, indent=1)
     _plots(out, runs, alignment, baselines, unit)
     return md
 
@@ -186,40 +242,84 @@ def _plots(out, runs, alignment, baselines, unit):
         plt.close(fig)
 
 
+def _check_train_args(train_args: list[str], parser) -> None:
+    """Refuse, before any variant runs, what `okadfa train` would refuse (argparse's one-line errors)."""
+    from .train import parse_args, parse_overrides
+    for flag in ("--attention", "--training", "--out", "--resume"):
+        if any(a == flag or a.startswith(flag + "=") for a in train_args):
+            parser.error(f"{flag} is set by compare itself")
+    sets = [train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--set"]
+    sets += [a[len("--set="):] for a in train_args if a.startswith("--set=")]
+    try:
+        fields = parse_overrides(sets)
+    except ValueError as exc:
+        parser.error(f"argument --set: {one_line(exc)}")
+    for field in ("attention", "training"):
+        if field in fields:
+            parser.error(f"argument --set: {field} is set by compare itself (--variants)")
+    parse_args(train_args + ["--out", "-"], prog="okadfa compare")     # exits with argparse's error on a bad value
+
+
 def main(argv=None) -> str:
-    p = argparse.ArgumentParser(prog="okadfa compare", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="okadfa compare", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
-    p.add_argument("--out", default="runs/compare")
+    p.add_argument("--out", default="runs/compare", help="output directory (locked while compare uses it)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT/<variant>/")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP + " (passed on to each variant's okadfa train)")
     args, train_args = p.parse_known_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
-        p.error(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    for flag in ("--attention", "--training", "--out", "--resume"):
-        if any(a == flag or a.startswith(flag + "=") for a in train_args):
-            p.error(f"{flag} is set by compare itself")
+        p.error(f"argument --variants: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    if len(set(variants)) != len(variants):
+        p.error(f"argument --variants: {args.variants!r} names a variant twice")
+    if not args.out.strip():
+        p.error("argument --out: must not be empty")
+    if not args.report_only:
+        _check_train_args(train_args, p)
     if not any(a.startswith("--align-every") for a in train_args):
         train_args += ["--align-every", "50"]
     for field, value in RULE_DEFAULTS["dfa"].items():      # every variant on the same architecture
         if not any(a.startswith(field + "=") for a in train_args):
             train_args += ["--set", f"{field}={str(value).lower() if isinstance(value, bool) else value}"]
-    if not args.report_only:
-        for v in variants:
-            attention, training = v.split("+")
-            cmd = [sys.executable, "-m", "okadfa.training.train", *train_args, "--attention", attention, "--training", training,
-                   "--out", os.path.join(args.out, v), "--no-progress"]
-            run_dir = os.path.join(args.out, v, "metrics.jsonl")
-            if os.path.exists(run_dir):
-                os.remove(run_dir)      # a fresh run, not appended to an old one
-            print(f"== {v}: {' '.join(cmd[1:])}", flush=True)
-            subprocess.run(cmd, check=True)
-    md = report(args.out, variants)
+    if args.debug:
+        train_args += ["--debug"]
+    from .train import run_lock
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        raise SystemExit(f"okadfa compare: --out {args.out}: cannot create the directory: {exc.strerror}") from None
+    with run_lock(args.out, "okadfa compare"):
+        if not args.report_only:
+            for v in variants:
+                attention, training = v.split("+")
+                run_dir = os.path.join(args.out, v)
+                cmd = [sys.executable, "-m", "okadfa.training.train", *train_args, "--attention", attention,
+                       "--training", training, "--out", run_dir, "--no-progress"]
+                os.makedirs(run_dir, exist_ok=True)
+                with run_lock(run_dir, "okadfa compare"):      # not while a run uses it
+                    metrics = os.path.join(run_dir, "metrics.jsonl")
+                    if os.path.exists(metrics):
+                        os.remove(metrics)      # a fresh run, not appended to an old one
+                print(f"== {v}: {' '.join(cmd[1:])}", flush=True)
+                status = subprocess.run(cmd).returncode
+                if status:
+                    raise SystemExit(f"okadfa compare: variant {v} failed (exit status {status}; its output is "
+                                     f"above){'' if args.debug else '; rerun with --debug for tracebacks'}")
+        try:
+            md = report(args.out, variants)
+        except ReportError as exc:
+            raise SystemExit(f"okadfa compare: {exc}") from None
     print("\n" + md + f"\nwrote {args.out}/report.md, report.json, val_loss.png, norms.png"
           + (", alignment.png" if any("dfa" in v for v in variants) else ""))
     return md
 
 
+def _program(argv) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(run_command("compare", _program, sys.argv[1:]))

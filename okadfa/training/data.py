@@ -10,18 +10,41 @@ Sources (`load_corpus(spec)`):
 * any other file or directory: its (non-hidden) files concatenated as bytes.
 
 For the concatenated sources (stdlib, files) the last `val_fraction` of the tokens
-is the validation split. Tokens are written once to ``<cache>/<hash>.{train,val}.bin``
-(+ ``<hash>.json``), keyed by the source files' paths, sizes and mtimes and the
-settings, and memory-mapped read-only afterwards.
+is the validation split. Only regular files are read: a FIFO, socket or device given
+as the source is refused (ValueError naming it and its kind), and one inside a source
+directory (or a dangling symlink) is skipped with a UserWarning naming it, so nothing
+can block the reader.
+
+Tokens are written once to ``<cache>/<hash>.{train,val}.bin`` (+ ``<hash>.json``),
+keyed by the source files' paths, sizes and mtimes and the settings: each file goes to
+a temporary file, is fsync'ed, made read-only and renamed into place (the JSON last),
+then the directory is fsync'ed; a published file is never opened for writing again.
+A reader checks the JSON (format, settings, dtype, counts) and each file (a regular
+file of exactly the recorded size; up to SNAPSHOT_MAX_BYTES also its SHA-256) before
+mapping it; a damaged or foreign entry is rebuilt. Token files up to SNAPSHOT_MAX_BYTES
+(256 MiB) are copied into sealed anonymous memory (memfd) and mapped from there, so
+nothing done to the cache files afterwards (truncation included) can fault a running
+reader; larger ones are memory-mapped from the cache file itself.
+
+The "gpt2" tokenizer never uses the network: the encoding's two files (vocab.bpe,
+encoder.json) are looked up in tiktoken's cache (TIKTOKEN_CACHE_DIR, DATA_GYM_CACHE_DIR
+or its default <tmp>/data-gym-cache, under the SHA-1 of their URL) and in ours
+(<OKADFA_CACHE_DIR>/tiktoken, under their own names), checked against their SHA-256,
+and a RuntimeError says which file to put where when they are missing.
 """
 from __future__ import annotations
 
 import abc
+import contextlib
 import hashlib
 import json
+import math
 import os
+import stat
 import sysconfig
+import tempfile
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -29,12 +52,18 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+try:
+    import fcntl as fcntl_mod
+except ImportError:     # not POSIX: no file sealing
+    fcntl_mod = None
+
 __all__ = ["ngram_levels", "Tokenizer", "ByteTokenizer", "GPT2Tokenizer", "get_tokenizer", "Corpus", "load_corpus", "get_batch",
            "val_batches"]
 
-FORMAT = 1                      # bump when the cache layout or tokenisation changes
+FORMAT = 2                      # bump when the cache layout or tokenisation changes (2: SHA-256 in the metadata)
 STDLIB_MAX_BYTES = 16 << 20     # default cap for the "stdlib" corpus
 CHUNK = 1 << 20                 # bytes tokenised at a time (bounds RAM)
+SNAPSHOT_MAX_BYTES = 256 << 20  # token files up to this size are checksummed and read into sealed memory
 _SKIP_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _WIKI_DIRS = {"wikitext-2": ("wikitext-2-raw", "wikitext-2-raw-v1", "wikitext-2"),
               "wikitext-103": ("wikitext-103-raw", "wikitext-103-raw-v1", "wikitext-103")}
@@ -86,27 +115,130 @@ class ByteTokenizer(Tokenizer):
         return np.ones(256, dtype=np.int64)
 
 
-_TIKTOKEN_HELP = ("The 'gpt2' tokenizer needs the `tiktoken` package (pip install tiktoken) and its cached gpt2 "
-                  "encoding files (vocab.bpe and encoder.json, fetched once from openaipublic.blob.core.windows.net): "
-                  "on a machine with network run `python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\"` with "
-                  "TIKTOKEN_CACHE_DIR set to a directory, copy that directory here and set TIKTOKEN_CACHE_DIR to it "
-                  "(no network is used at run time). Or use tokenizer='bytes'.")
+# GPT-2's encoding as tiktoken fetches it (tiktoken_ext.openai_public.gpt2): file -> (URL, SHA-256).
+_GPT2_BASE = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+_GPT2_FILES = {
+    "vocab.bpe": (_GPT2_BASE + "vocab.bpe", "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"),
+    "encoder.json": (_GPT2_BASE + "encoder.json", "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"),
+}
+_GPT2_VOCAB = 50257
+_GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def _tiktoken_cache_dirs() -> list[tuple[Path, str]]:
+    """(directory, how it was chosen) of every local cache the GPT-2 files may be in, tiktoken's first."""
+    dirs = []
+    for var in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR"):
+        if os.environ.get(var):
+            dirs.append((Path(os.environ[var]).expanduser(), f"${var}"))
+    dirs.append((Path(tempfile.gettempdir()) / "data-gym-cache", "tiktoken's default cache"))
+    dirs.append((_cache_root() / "tiktoken", "okadfa's cache"))
+    seen, unique = set(), []
+    for d, why in dirs:
+        if str(d) not in seen:
+            seen.add(str(d))
+            unique.append((d, why))
+    return unique
+
+
+def _read_regular(path: Path, limit: int = 64 << 20) -> bytes | None:
+    """The bytes of path if it is a regular file (never blocking on a FIFO), else None."""
+    try:
+        with _open_regular(path) as f:
+            return f.read(limit)
+    except (OSError, ValueError):
+        return None
+
+
+def _gpt2_files() -> dict[str, bytes]:
+    """{file name: bytes} of GPT-2's vocab.bpe and encoder.json from the local caches (hash-checked);
+    RuntimeError (one line) naming what is missing, where it was looked for and where to put it."""
+    found, wrong = {}, []
+    dirs = _tiktoken_cache_dirs()
+    for name, (url, sha256) in _GPT2_FILES.items():
+        cache_name = hashlib.sha1(url.encode()).hexdigest()
+        for d, _ in dirs:
+            for candidate in (d / cache_name, d / name):
+                content = _read_regular(candidate)
+                if content is None:
+                    continue
+                if hashlib.sha256(content).hexdigest() == sha256:
+                    found[name] = content
+                    break
+                wrong.append(f"{candidate} is not {name} (its SHA-256 differs)")
+            if name in found:
+                break
+    missing = [n for n in _GPT2_FILES if n not in found]
+    if missing:
+        target, how = dirs[0]
+        wanted = "; ".join(f"{n} from {_GPT2_FILES[n][0]} (SHA-256 {_GPT2_FILES[n][1]}) saved as "
+                           f"{target / hashlib.sha1(_GPT2_FILES[n][0].encode()).hexdigest()}" for n in missing)
+        raise RuntimeError(
+            f"the GPT-2 encoding is not in a local cache and okadfa never downloads at run time: missing {wanted} "
+            f"({how}; a file under its own name in {_cache_root() / 'tiktoken'} also works). On a machine with "
+            f"network, run TIKTOKEN_CACHE_DIR=DIR python -c \"import tiktoken; tiktoken.get_encoding('gpt2')\", copy "
+            f"DIR here and set TIKTOKEN_CACHE_DIR=DIR. "
+            + (" ".join(w + "." for w in wrong) + " " if wrong else "")
+            + "Looked in: " + ", ".join(f"{d} ({why})" for d, why in dirs) + ". Or use --tokenizer bytes.")
+    return found
+
+
+def _data_gym_ranks(vocab_bpe: bytes, encoder_json: bytes) -> dict[bytes, int]:
+    """GPT-2's BPE ranks from its data-gym files (what tiktoken.load.data_gym_to_mergeable_bpe_ranks does,
+    reading bytes we hold instead of a URL)."""
+    order = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    to_byte = {chr(b): b for b in order}
+    for n, b in enumerate(b for b in range(256) if b not in to_byte.values()):
+        order.append(b)
+        to_byte[chr(256 + n)] = b
+
+    def decode(text):
+        return bytes(to_byte[c] for c in text)
+    ranks = {bytes([b]): i for i, b in enumerate(order)}
+    for line in vocab_bpe.decode("utf-8").split("\n")[1:-1]:
+        first, second = line.split()
+        ranks[decode(first) + decode(second)] = len(ranks)
+    encoder = {decode(k): v for k, v in json.loads(encoder_json).items()}
+    encoder.pop(b"<|endoftext|>", None)
+    encoder.pop(b"<|startoftext|>", None)
+    if encoder != ranks:
+        raise RuntimeError("GPT-2's encoder.json does not match its vocab.bpe")
+    return ranks
+
+
+def _load_gpt2_offline(tiktoken):
+    """tiktoken's 'gpt2' Encoding from local files only (an encoding already loaded in this process is reused)."""
+    registry = getattr(tiktoken, "registry", None)
+    loaded = getattr(registry, "ENCODINGS", {}).get("gpt2") if registry is not None else None
+    if loaded is not None:
+        return loaded
+    files = _gpt2_files()
+    ranks = _data_gym_ranks(files["vocab.bpe"], files["encoder.json"])
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pattern
+    except ImportError:
+        pattern = _GPT2_PATTERN
+    n_vocab = len(ranks) + 1
+    if n_vocab != _GPT2_VOCAB:
+        raise RuntimeError(f"the GPT-2 files give {n_vocab} tokens, not {_GPT2_VOCAB}")
+    return tiktoken.Encoding("gpt2", pat_str=pattern, mergeable_ranks=ranks,
+                             special_tokens={"<|endoftext|>": len(ranks)}, explicit_n_vocab=n_vocab)
 
 
 class GPT2Tokenizer(Tokenizer):
-    """GPT-2 byte-level BPE through `tiktoken` (vocab 50257), or any given `tiktoken.Encoding`."""
+    """GPT-2 byte-level BPE through `tiktoken` (vocab 50257), or any given `tiktoken.Encoding`.
+
+    With no encoding given, GPT-2's files come from local caches only (never the network);
+    RuntimeError saying which file to put where when they are missing."""
 
     def __init__(self, encoding=None):
         if encoding is None:
             try:
                 import tiktoken
             except ImportError as e:
-                raise RuntimeError(f"tiktoken is not installed. {_TIKTOKEN_HELP}") from e
-            try:
-                encoding = tiktoken.get_encoding("gpt2")
-            except Exception as e:  # network / cache errors come in many types
-                raise RuntimeError(f"could not load tiktoken's 'gpt2' encoding locally "
-                                   f"({type(e).__name__}: {e}). {_TIKTOKEN_HELP}") from e
+                raise RuntimeError("tiktoken is not installed: pip install tiktoken (or use tokenizer='bytes'); "
+                                   "its GPT-2 files must then be in a local cache, see TIKTOKEN_CACHE_DIR") from e
+            encoding = _load_gpt2_offline(tiktoken)
         self.encoding = encoding
         self.name = "gpt2" if encoding.name == "gpt2" else f"tiktoken:{encoding.name}"
         self.vocab_size = encoding.n_vocab
@@ -153,7 +285,7 @@ def _stdlib_files(max_bytes: int) -> list[tuple[Path, int]]:
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _SKIP_STDLIB_DIRS]
-        found += [Path(dirpath, f) for f in filenames if f.endswith(".py")]
+        found += [Path(dirpath, f) for f in filenames if f.endswith(".py") and Path(dirpath, f).is_file()]
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     chosen, total = [], 0
     for path in found:
@@ -166,22 +298,76 @@ def _stdlib_files(max_bytes: int) -> list[tuple[Path, int]]:
     return chosen
 
 
+_KINDS = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "directory"), (stat.S_ISLNK, "symbolic link"))
+
+
+def _kind(mode: int) -> str:
+    """What a non-regular file is, in words."""
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def _not_regular(path, mode: int) -> ValueError:
+    return ValueError(f"{path} is a {_kind(mode)}, not a regular file: okadfa reads only regular files")
+
+
+def _open_regular(path):
+    """path opened for binary reading if it is a regular file (symlinks followed), else ValueError naming its
+    kind. Never blocks: it is checked before it is opened, and opened non-blocking and checked again."""
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):
+        raise _not_regular(path, mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):              # replaced between the two looks
+            raise _not_regular(path, mode)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def _text_files(root: Path) -> list[Path]:
-    """Non-hidden files under root (or root itself), sorted by relative path."""
-    if root.is_file():
+    """The non-hidden regular files under root (or root itself), sorted by relative path. A root that is neither
+    a regular file nor a directory is refused (ValueError); other files inside it (FIFOs, sockets, devices,
+    dangling symlinks) are skipped with a UserWarning naming each."""
+    mode = root.stat().st_mode
+    if stat.S_ISREG(mode):
         return [root]
-    found = []
+    if not stat.S_ISDIR(mode):
+        raise ValueError(f"data source {root} is a {_kind(mode)}, not a regular file or a directory: okadfa reads "
+                         f"only regular files (a text file, or a directory of them)")
+    found, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        found += [Path(dirpath, f) for f in filenames if not f.startswith(".")]
+        for name in filenames:
+            if name.startswith("."):
+                continue
+            path = Path(dirpath, name)
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                skipped.append(f"{path} (a dangling symbolic link)" if path.is_symlink() else f"{path} (unreadable)")
+                continue
+            if stat.S_ISREG(mode):
+                found.append(path)
+            else:
+                skipped.append(f"{path} (a {_kind(mode)})")
+    if skipped:
+        warnings.warn(f"{root}: skipped {len(skipped)} entr{'y' if len(skipped) == 1 else 'ies'} that "
+                      f"{'is' if len(skipped) == 1 else 'are'} not regular files (only regular files are read): "
+                      + ", ".join(sorted(skipped)), UserWarning, stacklevel=3)
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _read_files(files: list[tuple[Path, int | None]], limit: int | None = None) -> Iterator[bytes]:
-    """Stream the files' bytes (each up to its own cap) in blocks, stopping after `limit` bytes in all."""
+    """Stream the files' bytes (each up to its own cap) in blocks, stopping after `limit` bytes in all.
+    Only regular files are opened (ValueError for anything else: nothing can block here)."""
     left = limit
     for path, cap in files:
-        with open(path, "rb") as f:
+        with _open_regular(path) as f:
             remaining = cap
             while left is None or left > 0:
                 n = CHUNK if remaining is None else min(CHUNK, remaining)
@@ -215,6 +401,7 @@ def _wikitext_files(d: Path, max_bytes: int | None):
 def _wikitext_hf(name: str, max_bytes: int | None):
     """The same from a local Hugging Face datasets cache (offline); raises with a reason if unavailable."""
     os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["HF_HUB_OFFLINE"] = "1"
     import datasets  # ImportError is reported by the caller
     if hasattr(datasets, "config") and hasattr(datasets.config, "HF_DATASETS_OFFLINE"):
         datasets.config.HF_DATASETS_OFFLINE = True
@@ -321,9 +508,39 @@ def _count_bytes(path: str, dtype, start: int, stop: int, tok: Tokenizer) -> int
     return total
 
 
+def _sha256_of(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(CHUNK):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _publish(tmp: str, final: str) -> None:
+    """fsync a finished temporary file, make it read-only and rename it over `final` (atomic)."""
+    fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, final)
+
+
+def _fsync_dir(directory) -> None:
+    with contextlib.suppress(OSError):      # not every file system lets a directory be opened or synced
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _build(prefix: Path, meta: dict, tok: Tokenizer, dtype, *, concat: Callable | None = None,
            val_fraction: float = 0.05, train: Callable | None = None, val: Callable | None = None) -> dict:
-    """Tokenise a source into <prefix>.train.bin / .val.bin / .json via temp files and os.replace.
+    """Tokenise a source into <prefix>.train.bin / .val.bin / .json: temporary files, fsync'ed, made read-only and
+    renamed into place (the JSON last, marking the entry complete), then the directory fsync'ed. A published file
+    is never written again: a reader that maps one can never see it change.
 
     Either `concat` (one stream; its last val_fraction of tokens is validation) or `train` + `val` streams."""
     tag = f".{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
@@ -338,7 +555,7 @@ def _build(prefix: Path, meta: dict, tok: Tokenizer, dtype, *, concat: Callable 
             n_train = n - n_val
             train_bytes = _count_bytes(tmp["train.bin"], dtype, 0, n_train, tok)
             val_bytes = _count_bytes(tmp["train.bin"], dtype, n_train, n, tok)
-            with open(tmp["train.bin"], "r+b") as src, open(tmp["val.bin"], "wb") as dst:
+            with open(tmp["train.bin"], "r+b") as src, open(tmp["val.bin"], "wb") as dst:   # still private
                 src.seek(n_train * itemsize)
                 while block := src.read(CHUNK):
                     dst.write(block)
@@ -352,11 +569,13 @@ def _build(prefix: Path, meta: dict, tok: Tokenizer, dtype, *, concat: Callable 
             if count == 0:
                 raise ValueError(f"{meta['source']}: the {split} split is empty; provide non-empty text")
         meta = dict(meta, dtype=np.dtype(dtype).name, train_tokens=n_train, val_tokens=n_val,
-                    train_bytes=train_bytes, val_bytes=val_bytes)
+                    train_bytes=train_bytes, val_bytes=val_bytes, train_sha256=_sha256_of(tmp["train.bin"]),
+                    val_sha256=_sha256_of(tmp["val.bin"]))
         Path(tmp["json"]).write_text(json.dumps(meta, indent=1))
-        os.replace(tmp["train.bin"], f"{prefix}.train.bin")
-        os.replace(tmp["val.bin"], f"{prefix}.val.bin")
-        os.replace(tmp["json"], f"{prefix}.json")  # written last: marks the pair as complete
+        _publish(tmp["train.bin"], f"{prefix}.train.bin")
+        _publish(tmp["val.bin"], f"{prefix}.val.bin")
+        _publish(tmp["json"], f"{prefix}.json")     # last: marks the entry as complete
+        _fsync_dir(prefix.parent)
         return meta
     finally:
         for p in tmp.values():
@@ -364,16 +583,103 @@ def _build(prefix: Path, meta: dict, tok: Tokenizer, dtype, *, concat: Callable 
                 os.remove(p)
 
 
-def _cached(prefix: Path) -> dict | None:
-    """The metadata if <prefix>.{json,train.bin,val.bin} are complete, else None."""
-    try:
-        meta = json.loads(Path(f"{prefix}.json").read_text())
-        itemsize = np.dtype(meta["dtype"]).itemsize
-        ok = (os.path.getsize(f"{prefix}.train.bin") == meta["train_tokens"] * itemsize
-              and os.path.getsize(f"{prefix}.val.bin") == meta["val_tokens"] * itemsize)
-        return meta if ok else None
-    except (OSError, ValueError, KeyError):
+def _valid_meta(meta, expected: dict) -> bool:
+    """Whether a cache entry's JSON is one this load would have written (settings, dtype, counts, digests)."""
+    if not isinstance(meta, dict) or any(meta.get(k) != v for k, v in expected.items()):
+        return False
+    if meta.get("dtype") != np.dtype(_dtype_for(expected["vocab_size"])).name:
+        return False
+    for key in ("train_tokens", "val_tokens", "train_bytes", "val_bytes"):
+        value = meta.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            return False
+    return all(isinstance(meta.get(f"{s}_sha256"), str) and len(meta[f"{s}_sha256"]) == 64 for s in ("train", "val"))
+
+
+def _cached(prefix: Path, expected: dict) -> dict | None:
+    """The entry's metadata if <prefix>.json is a regular file holding valid metadata for `expected`, else None."""
+    content = _read_regular(Path(f"{prefix}.json"), limit=1 << 20)
+    if content is None:
         return None
+    try:
+        meta = json.loads(content)
+    except ValueError:
+        return None
+    return meta if _valid_meta(meta, expected) else None
+
+
+def _snapshot(f, size: int, sha256: str):
+    """A sealed anonymous-memory copy of the open file f (exactly `size` bytes with that SHA-256), or None."""
+    if hasattr(os, "memfd_create"):
+        flags = os.MFD_CLOEXEC | getattr(os, "MFD_ALLOW_SEALING", 0)
+        copy = os.fdopen(os.memfd_create("okadfa-tokens", flags), "w+b")
+    else:
+        copy = tempfile.TemporaryFile()
+    try:
+        h, n = hashlib.sha256(), 0
+        while n <= size and (block := f.read(CHUNK)):
+            h.update(block)
+            copy.write(block)
+            n += len(block)
+        if n != size or h.hexdigest() != sha256:
+            copy.close()
+            return None
+        copy.flush()
+        seals = sum(getattr(fcntl_mod, name, 0) for name in ("F_SEAL_SHRINK", "F_SEAL_GROW", "F_SEAL_WRITE",
+                                                                "F_SEAL_SEAL")) if fcntl_mod else 0
+        if seals and hasattr(fcntl_mod, "F_ADD_SEALS"):
+            with contextlib.suppress(OSError):
+                fcntl_mod.fcntl(copy.fileno(), fcntl_mod.F_ADD_SEALS, seals)
+        return copy
+    except BaseException:
+        copy.close()
+        raise
+
+
+def _map(path: str, dtype, count: int, sha256: str) -> np.memmap | None:
+    """A read-only memmap of `count` tokens of `path`, or None if the file is missing, not a regular file, not
+    exactly count tokens long or (up to SNAPSHOT_MAX_BYTES, read into sealed memory) not of that SHA-256. The
+    size is checked on the same open file that is mapped, so mapping never reads past the file's end."""
+    size = count * np.dtype(dtype).itemsize
+    try:
+        f = _open_regular(path)
+    except (OSError, ValueError):
+        return None
+    with f:
+        if os.fstat(f.fileno()).st_size != size:
+            return None
+        source = f
+        if size <= SNAPSHOT_MAX_BYTES:
+            source = _snapshot(f, size, sha256)
+            if source is None:
+                return None
+        try:
+            arr = np.memmap(source, dtype=dtype, mode="r", shape=(count,))
+        finally:
+            if source is not f:
+                source.close()           # the mapping keeps the memory alive
+        if source is f:
+            arr.filename = os.path.abspath(path)      # (None for a snapshot: it lives in memory)
+        return arr
+
+
+def _refuse_non_files(prefix: Path) -> None:
+    """A directory where a cache file belongs is refused (rename cannot replace it; we do not delete it)."""
+    for suffix in (".train.bin", ".val.bin", ".json"):
+        path = Path(f"{prefix}{suffix}")
+        try:
+            mode = path.lstat().st_mode
+        except OSError:
+            continue
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(f"the token cache entry {path} is a directory, not a regular file: remove it "
+                                    f"(or point OKADFA_CACHE_DIR elsewhere)")
+
+
+def _cache_root(cache_dir=None) -> Path:
+    """The token cache directory: cache_dir, else $OKADFA_CACHE_DIR, else ~/.cache/okadfa."""
+    return Path(cache_dir if cache_dir is not None
+                else os.environ.get("OKADFA_CACHE_DIR") or "~/.cache/okadfa").expanduser()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -398,10 +704,11 @@ def load_corpus(spec: str = "stdlib", *, tokenizer: str | Tokenizer = "bytes", c
     """Load (tokenising once into the cache) "stdlib", "wikitext-2", "wikitext-103", a WikiText directory,
     a text file or a directory of text files. `max_bytes` caps the text read (stdlib: 16 MiB by default;
     WikiText: the train split only); `tokenizer` is "bytes", "gpt2" or a Tokenizer."""
-    if not 0 < val_fraction < 1:
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1 \
+            or not math.isfinite(val_fraction):
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    if max_bytes is not None and max_bytes < 1:
-        raise ValueError(f"max_bytes must be positive or None, got {max_bytes}")
+    if max_bytes is not None and (isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 1):
+        raise ValueError(f"max_bytes must be a positive int or None, got {max_bytes!r}")
     tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
     spec = str(spec)
     split = {}
@@ -425,26 +732,40 @@ def load_corpus(spec: str = "stdlib", *, tokenizer: str | Tokenizer = "bytes", c
         else:
             files = _text_files(path)
             if not files:
-                raise ValueError(f"{spec}: the directory has no (non-hidden) files; put text files in it")
+                raise ValueError(f"{spec}: the directory has no (non-hidden) files that are regular files; put "
+                                 f"text files in it")
             key = ["files", _stat_key(files)]
             split["concat"] = lambda: _read_files([(p, None) for p in files], max_bytes)
     key += [tok.name, tok.vocab_size, max_bytes, val_fraction, FORMAT]
     digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:24]
-    cache = Path(cache_dir if cache_dir is not None
-                 else os.environ.get("OKADFA_CACHE_DIR") or "~/.cache/okadfa").expanduser()
-    cache.mkdir(parents=True, exist_ok=True)
+    cache = _cache_root(cache_dir)
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise type(exc)(f"cannot create the token cache directory {cache} (cache_dir / OKADFA_CACHE_DIR): "
+                        f"{exc.strerror or exc}") from exc
     prefix = cache / digest
-    meta = _cached(prefix)
-    if meta is None:
-        dtype = _dtype_for(tok.vocab_size)
-        meta = _build(prefix, {"format": FORMAT, "source": spec, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
-                               "max_bytes": max_bytes, "val_fraction": val_fraction}, tok, dtype,
-                      val_fraction=val_fraction, **split)
-    dtype = np.dtype(meta["dtype"])
-    return Corpus(name=spec, tokenizer=tok,
-                  train=np.memmap(f"{prefix}.train.bin", dtype=dtype, mode="r", shape=(meta["train_tokens"],)),
-                  val=np.memmap(f"{prefix}.val.bin", dtype=dtype, mode="r", shape=(meta["val_tokens"],)),
-                  val_bytes=meta["val_bytes"])
+    expected = {"format": FORMAT, "source": spec, "tokenizer": tok.name, "vocab_size": tok.vocab_size,
+                "max_bytes": max_bytes, "val_fraction": val_fraction}
+    dtype = _dtype_for(tok.vocab_size)
+
+    def mapped(meta):
+        if meta is None:
+            return None
+        train = _map(f"{prefix}.train.bin", dtype, meta["train_tokens"], meta["train_sha256"])
+        val = _map(f"{prefix}.val.bin", dtype, meta["val_tokens"], meta["val_sha256"]) if train is not None else None
+        return None if val is None else (train, val, meta)
+
+    arrays = mapped(_cached(prefix, expected))
+    if arrays is None:              # missing, incomplete or damaged: (re)build it
+        _refuse_non_files(prefix)
+        arrays = mapped(_build(prefix, dict(expected), tok, dtype, val_fraction=val_fraction, **split))
+        if arrays is None:
+            raise OSError(f"the token cache entry {prefix}.{{train,val}}.bin does not match the metadata written with "
+                          f"it a moment ago: is something else writing to {cache}? (check the disk, or point "
+                          f"OKADFA_CACHE_DIR elsewhere)")
+    train, val, meta = arrays
+    return Corpus(name=spec, tokenizer=tok, train=train, val=val, val_bytes=meta["val_bytes"])
 
 
 def _check_lengths(tokens: np.ndarray, batch_size: int, seq_len: int) -> None:

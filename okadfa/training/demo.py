@@ -24,19 +24,21 @@ one, with plots); the installed package never imports bench/.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
 
 import okadfa
 from . import compare
+from .cli import ArgumentParser, positive_int, run_command
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m okadfa.training.demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m okadfa.training.demo", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="docs/demo", help="output directory (default docs/demo)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps per variant (default 1000)")
+    p.add_argument("--steps", type=positive_int, default=1000, help="training steps per variant (default 1000)")
     p.add_argument("--variants", default="favor+dfa,favor+bp")
     args, train_args = p.parse_known_args(argv)
     every = str(max(1, args.steps // 10))
@@ -51,4 +53,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_command("demo", main, sys.argv[1:]))

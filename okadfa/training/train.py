@@ -23,29 +23,43 @@ biases), "summary" records), checkpoint.safetensors (every --ckpt-every steps, a
 the end and on Ctrl-C / SIGTERM: the first signal stops after the current step),
 sample.txt (generated text). Validation reports loss, perplexity and bits per
 byte (exact for byte data; for BPE from the split's bytes per token).
+
+One run per --out: the run holds an exclusive lock on OUT/.lock (with its PID), so a
+second run into the same directory fails at once, naming it and that PID; the lock
+goes with the process however it ends. Every option value and every --set FIELD=VALUE
+(against the OKADFAConfig field's type and the config's own validation) is checked
+before anything runs; a user error is one line (exit status 2 for a bad option, 1
+otherwise), `okadfa --debug train ...` (or --debug, or OKADFA_DEBUG=1) prints tracebacks.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import gc
 import json
 import math
 import os
+import re
 import resource
 import signal
 import sys
 import time
+import typing
 
 import torch
 import torch.distributed as dist
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import get_batch, load_corpus, ngram_levels, val_batches
+from .cli import (DEBUG_HELP, ArgumentParser, device_name, fraction, nonnegative_float, nonnegative_int, one_line,
+                  positive_float, positive_int, run_command, seed_int)
+from .data import get_batch, get_tokenizer, load_corpus, ngram_levels, val_batches
+from ..backends import select_backend
 from ..diagnostics import activation_norms, mean_alignment
-from ..models import OKADFAConfig, OKADFAModel
+from ..models import _PRESETS, OKADFAConfig, OKADFAModel
 
-__all__ = ["main", "train", "parse_args", "learning_rate", "OPTIMIZER_DEFAULTS"]
+__all__ = ["main", "train", "parse_args", "learning_rate", "build_config", "parse_overrides", "run_lock",
+           "OPTIMIZER_DEFAULTS"]
 
 
 # AdamW settings per training rule (betas (0.9, adam_beta2)), measured on the tiny preset (1000 steps):
@@ -57,45 +71,67 @@ OPTIMIZER_DEFAULTS = {
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="okadfa train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="tiny", help="tiny | gpt2-small | gpt2-medium (default tiny)")
+# The vocabulary of each --tokenizer, to validate a configuration before any data is loaded.
+TOKENIZER_VOCAB = {"bytes": 256, "gpt2": 50257}
+
+
+def _nonempty(value) -> str:
+    if not str(value).strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return str(value)
+
+
+def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
+    """The options of `okadfa train`. Every value is checked here (argparse types, then the --set
+    fields against OKADFAConfig), so nonsense fails at once, in one line naming the option."""
+    p = ArgumentParser(prog=prog, description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=tuple(_PRESETS), default="tiny", help="model size (default tiny)")
     p.add_argument("--attention", choices=("favor", "softmax"), default="favor")
     p.add_argument("--training", choices=("dfa", "bp"), default="dfa")
     p.add_argument("--error", choices=("hidden", "logits", "stream"), default="hidden",
                    help="DFA error: at the final hidden state, the logits, or before the final norm")
-    p.add_argument("--ortho-lambda", type=float, default=0.0, help="orthogonality penalty weight")
-    p.add_argument("--ortho-warmup", type=int, default=0, help="steps of linear warm-up of the penalty")
+    p.add_argument("--ortho-lambda", type=nonnegative_float, default=0.0, help="orthogonality penalty weight (>= 0)")
+    p.add_argument("--ortho-warmup", type=nonnegative_int, default=0, help="steps of linear warm-up of the penalty")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override any OKADFAConfig field, e.g. --set n_layers=2 (repeatable)")
-    p.add_argument("--data", default="stdlib", help="stdlib | wikitext-2 | wikitext-103 | PATH (default stdlib)")
-    p.add_argument("--tokenizer", choices=("bytes", "gpt2"), default="bytes")
-    p.add_argument("--max-bytes", type=int, default=None, help="cap on the stdlib corpus size")
-    p.add_argument("--steps", type=int, default=500, help="total optimizer steps")
-    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="override any OKADFAConfig field, e.g. --set n_layers=2 (repeatable); the value must have "
+                        "the field's type (int, float, true/false, a choice, or none where the field allows it)")
+    p.add_argument("--data", type=_nonempty, default="stdlib",
+                   help="stdlib | wikitext-2 | wikitext-103 | PATH (a regular file or a directory; default stdlib)")
+    p.add_argument("--tokenizer", choices=tuple(TOKENIZER_VOCAB), default="bytes",
+                   help="bytes, or gpt2 (tiktoken; local cache files only, never downloaded)")
+    p.add_argument("--max-bytes", type=positive_int, default=None,
+                   help="cap on the text read (stdlib: 16 MiB by default; WikiText: the training split)")
+    p.add_argument("--steps", type=positive_int, default=500, help="total optimizer steps")
+    p.add_argument("--stop-after", type=positive_int, default=None, metavar="N",
                    help="stop with a checkpoint after N steps of this run (the LR schedule still spans --steps)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences per step, all ranks)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate (AdamW; default by --training, below)")
-    p.add_argument("--warmup", type=int, default=None, help="linear LR warm-up steps (default steps/5)")
-    p.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay of matrices")
-    p.add_argument("--adam-beta2", type=float, default=None, help="AdamW's second-moment decay β2")
-    p.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: off)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
-    p.add_argument("--out", default="runs/okadfa", help="output directory")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="global batch (sequences per step, all ranks)")
+    p.add_argument("--seq-len", type=positive_int, default=128)
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="peak learning rate (AdamW; default by --training, below)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None, help="linear LR warm-up steps (default steps/5)")
+    p.add_argument("--weight-decay", type=nonnegative_float, default=None, help="AdamW weight decay of matrices")
+    p.add_argument("--adam-beta2", type=fraction, default=None, help="AdamW's second-moment decay β2, in [0, 1)")
+    p.add_argument("--grad-clip", type=nonnegative_float, default=None, help="max gradient norm (0: off)")
+    p.add_argument("--device", type=device_name, default="auto",
+                   help="auto | cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process")
+    p.add_argument("--seed", type=seed_int, default=0, help="initialisation and data order")
+    p.add_argument("--out", type=_nonempty, default="runs/okadfa",
+                   help="output directory (one run at a time: it is locked while a run uses it)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                    help="resume from CHECKPOINT (default: OUT/checkpoint.safetensors)")
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--eval-every", type=int, default=100)
-    p.add_argument("--eval-batches", type=int, default=8)
-    p.add_argument("--align-every", type=int, default=0,
+    p.add_argument("--log-every", type=positive_int, default=10, help="a train record every N steps (default 10)")
+    p.add_argument("--eval-every", type=positive_int, default=100, help="validation every N steps (default 100)")
+    p.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches per evaluation (default 8)")
+    p.add_argument("--align-every", type=nonnegative_int, default=0,
                    help="DFA/BP gradient alignment every N steps on fixed validation batches (DFA only; 0: off)")
-    p.add_argument("--ckpt-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
-    p.add_argument("--sample-tokens", type=int, default=200, help="tokens of text generated at the end (0: none)")
+    p.add_argument("--ckpt-every", type=nonnegative_int, default=0,
+                   help="checkpoint every N steps (0: only at the end)")
+    p.add_argument("--sample-tokens", type=nonnegative_int, default=200,
+                   help="tokens of text generated at the end (0: none)")
     p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     args = p.parse_args(argv)
     defaults = dict(OPTIMIZER_DEFAULTS[args.training])
     if args.warmup is None:
@@ -104,9 +140,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
-    for name in ("steps", "batch_size", "seq_len", "log_every", "eval_every", "eval_batches"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    try:
+        build_config(args, TOKENIZER_VOCAB[args.tokenizer], usage=True)
+    except ValueError as exc:
+        p.error(f"argument --set: {one_line(exc)}")
     return args
 
 
@@ -118,25 +155,136 @@ def learning_rate(step: int, args) -> float:
     return args.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
 
 
-def build_config(args, vocab_size: int) -> OKADFAConfig:
+# Ranges of the OKADFAConfig fields that OKADFAConfig.__post_init__ does not check itself (everything else is left
+# to its own validation): (least, bound) with bound exclusive. feature_seed is bounded so that the FAVOR+ redraw
+# seeds (feature_seed·1009 + block)·1000003 + redraw stay within torch's 63-bit generator seeds.
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _field_types() -> dict:
+    return typing.get_type_hints(OKADFAConfig)
+
+
+def _parse_field(name: str, text: str, hint):
+    """The value of --set name=text as the field's declared type (int, float, bool, str, or X | None)."""
+    options = typing.get_args(hint) or (hint,)
+    optional = type(None) in options
+    base = next(t for t in options if t is not type(None))
+    if optional and text.lower() in ("none", "null"):
+        return None
+    or_none = " or none" if optional else ""
+    if base is bool:
+        if text.lower() in _TRUE + _FALSE:
+            return text.lower() in _TRUE
+        raise ValueError(f"{name}={text!r}: expected true or false{or_none}")
+    if base is int:
+        if not re.fullmatch(r"[+-]?[0-9]+", text):
+            raise ValueError(f"{name}={text!r}: expected an integer{or_none}")
+        return int(text)          # its range: OKADFAConfig's own validation
+    if base is float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"{name}={text!r}: expected a number{or_none}") from None
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={text!r}: expected a finite number{or_none}")
+        return value
+    if not text:
+        raise ValueError(f"{name}=: expected a value")
+    return text
+
+
+def parse_overrides(items) -> dict:
+    """{field: value} of --set FIELD=VALUE items, each value of its OKADFAConfig field's type; ValueError
+    (naming the field) for an unknown field or a value of another type."""
+    hints, out = _field_types(), {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        key = key.strip()
+        if not sep or key not in hints:
+            raise ValueError(f"{item!r}: expected FIELD=VALUE with FIELD one of {', '.join(sorted(hints))}")
+        out[key] = _parse_field(key, text.strip(), hints[key])
+    return out
+
+
+def build_config(args, vocab_size: int, *, usage: bool = False) -> OKADFAConfig:
+    """The model config of the options and --set overrides, checked by OKADFAConfig's own validation and
+    against the tokenizer's vocabulary and --seq-len. SystemExit naming the problem (ValueError if usage)."""
     overrides = dict(attention=args.attention, training=args.training, error=args.error, max_seq_len=args.seq_len,
                      ortho_lambda=args.ortho_lambda, ortho_warmup=args.ortho_warmup, vocab_size=vocab_size)
-    fields = OKADFAConfig.__dataclass_fields__
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {sorted(fields)}")
-        overrides[key] = _parse_value(value)
-    if overrides["vocab_size"] < vocab_size:
-        raise SystemExit(f"vocab_size {overrides['vocab_size']} is smaller than the tokenizer's {vocab_size}")
-    return OKADFAConfig.preset(args.preset, **overrides)
+    try:
+        overrides.update(parse_overrides(args.set))
+        config = OKADFAConfig.preset(args.preset, **overrides)
+        if config.vocab_size < vocab_size:
+            raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
+        if config.max_seq_len < args.seq_len:
+            raise ValueError(f"max_seq_len {config.max_seq_len} is smaller than --seq-len {args.seq_len}")
+        device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        try:                            # the backend's own check: a known name that can run on --device
+            select_backend(config.backend, torch.device(device))
+        except (RuntimeError, ValueError) as exc:
+            raise ValueError(f"backend={config.backend!r}: {exc}") from exc
+    except (TypeError, ValueError) as exc:
+        if usage:
+            raise ValueError(str(exc)) from exc
+        raise SystemExit(f"okadfa train: --set: {one_line(exc)}") from exc
+    return config
 
 
-def _parse_value(text: str):
-    for cast in (int, float):
-        with contextlib.suppress(ValueError):
-            return cast(text)
-    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
+class run_lock:
+    """`with run_lock(directory, what):` holds an exclusive, non-blocking flock on DIRECTORY/.lock (holding the
+    PID) for the block; a second holder fails at once with SystemExit naming the directory and that PID. The
+    kernel drops the lock when the process dies, however it dies; a clean exit also removes the file."""
+
+    def __init__(self, directory: str, what: str = "okadfa train"):
+        self.directory, self.what = str(directory), what
+        self.path, self.fd = os.path.join(self.directory, ".lock"), None
+
+    def __enter__(self):
+        for _ in range(20):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise SystemExit(f"{self.what}: cannot create the lock file {self.path}: {exc.strerror}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._holder(fd)
+                os.close(fd)
+                raise SystemExit(f"{self.what}: --out {self.directory} is in use by another run "
+                                 f"({f'PID {holder}' if holder else 'a process'} holds {self.path}): wait for it to "
+                                 f"finish or choose another --out") from None
+            except OSError as exc:
+                os.close(fd)
+                raise SystemExit(f"{self.what}: cannot lock {self.path}: {exc.strerror}") from exc
+            try:                        # still the file at that path (a finishing run unlinks it)?
+                here, mine = os.stat(self.path), os.fstat(fd)
+                if (here.st_dev, here.st_ino) == (mine.st_dev, mine.st_ino):
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        else:
+            raise SystemExit(f"{self.what}: cannot lock {self.path}: it keeps being replaced")
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    @staticmethod
+    def _holder(fd) -> int | None:
+        try:
+            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+            return int(text) if text.isdigit() else None
+        except OSError:
+            return None
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+            os.close(self.fd)
+            self.fd = None
 
 
 class _Distributed:
@@ -270,6 +418,52 @@ def main(argv=None) -> dict:
     return train(parse_args(argv))[1]
 
 
+def _lock_out(args, ddp) -> run_lock | None:
+    """Create --out and lock it (rank 0; every rank fails together when it is in use)."""
+    lock, failure = None, None
+    if ddp.main:
+        try:
+            os.makedirs(args.out, exist_ok=True)
+            lock = run_lock(args.out, "okadfa train").__enter__()
+        except OSError as exc:
+            failure = SystemExit(f"okadfa train: --out {args.out}: cannot create the directory: "
+                                 f"{exc.strerror or exc}")
+        except SystemExit as exc:
+            failure = exc
+    if ddp.any(failure is not None):
+        raise failure or SystemExit(f"okadfa train: rank {ddp.rank}: rank 0 could not lock --out {args.out}")
+    return lock
+
+
+def _open_metrics(path: str):
+    """metrics.jsonl opened for appending; a last line cut by a killed run is ended first, so that the
+    first record of this run stays a line of its own."""
+    with open(path, "a+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":
+                f.write(b"\n")              # append mode: at the end
+    return open(path, "a")
+
+
+def _load_data(args):
+    """The tokenizer and corpus of --tokenizer / --data, or SystemExit saying what is wrong with them."""
+    try:
+        tokenizer = get_tokenizer(args.tokenizer)
+    except (RuntimeError, ValueError) as exc:
+        raise SystemExit(f"okadfa train: --tokenizer {args.tokenizer}: {one_line(exc)}") from exc
+    try:
+        corpus = load_corpus(args.data, tokenizer=tokenizer, max_bytes=args.max_bytes)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"okadfa train: --data {args.data}: {one_line(exc)}") from exc
+    for split, tokens in (("training", corpus.train), ("validation", corpus.val)):
+        if len(tokens) < args.seq_len + 1:
+            raise SystemExit(f"okadfa train: --seq-len {args.seq_len}: the {split} split of --data {args.data} has "
+                             f"{len(tokens)} tokens, fewer than seq_len + 1; use a shorter --seq-len or more data")
+    return corpus
+
+
 def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
     """Run the training loop for parsed arguments; returns (model, summary record)."""
     if args.threads:
@@ -278,12 +472,20 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
     device = ddp.device
     if args.batch_size % ddp.world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the number of ranks ({ddp.world})")
-    corpus = load_corpus(args.data, tokenizer=args.tokenizer, max_bytes=args.max_bytes)
+    lock = _lock_out(args, ddp)
+    try:
+        return _train(args, ddp, device)
+    finally:
+        if lock is not None:
+            lock.__exit__(None, None, None)
+
+
+def _train(args, ddp, device):
+    corpus = _load_data(args)
     config = build_config(args, corpus.vocab_size)
     torch.manual_seed(args.seed)
     model = OKADFAModel(config).to(device)
     optimizer = _optimizer(model, args)
-    os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "checkpoint.safetensors")
     step, train_s, tokens = 0, 0.0, 0
     if args.resume:
@@ -296,10 +498,12 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
         try:
             state = load_checkpoint(path, model, optimizer)
         except CheckpointError as exc:
-            raise SystemExit(f"--resume: {exc}") from None
+            raise SystemExit(f"--resume: {one_line(exc)}") from None
+        except OSError as exc:
+            raise SystemExit(f"--resume: cannot read {path}: {exc.strerror or exc}") from None
         step, train_s, tokens = state["step"], state["extra"]["train_s"], state["extra"]["tokens"]
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    metrics = open(os.path.join(args.out, "metrics.jsonl"), "a") if ddp.main else None
+    metrics = _open_metrics(os.path.join(args.out, "metrics.jsonl")) if ddp.main else None
 
     def log(record):
         if metrics:
@@ -308,8 +512,11 @@ def train(args: argparse.Namespace) -> tuple[OKADFAModel, dict]:
 
     def checkpoint():
         if ddp.main:
-            save_checkpoint(ckpt_path, model, optimizer, step=step,
-                            extra={"train_s": train_s, "tokens": tokens, "args": vars(args)})
+            try:
+                save_checkpoint(ckpt_path, model, optimizer, step=step,
+                                extra={"train_s": train_s, "tokens": tokens, "args": vars(args)})
+            except OSError as exc:      # a full disk, a read-only --out: the environment, not a bug
+                raise SystemExit(f"okadfa train: writing the checkpoint failed: {one_line(exc)}") from exc
 
     log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args), "world_size": ddp.world,
          "device": str(device), "parameters": model.num_parameters(), "corpus": corpus.name,
@@ -405,4 +612,4 @@ def cli(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    sys.exit(run_command("train", cli, sys.argv[1:]))
