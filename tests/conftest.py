@@ -127,6 +127,26 @@ def assert_refused_or_same(call, reference_call, name):
         assert torch.equal(a, b), f"{name}: a strided input gave a different result"
 
 
+def within(seconds, call):
+    """call() under a SIGALRM deadline: a call that would take hours fails the test instead."""
+    import signal
+
+    class Timeout(Exception):
+        pass
+
+    def alarm(*_):
+        raise Timeout
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        return call()
+    except Timeout:
+        pytest.fail(f"still running after {seconds} s", pytrace=False)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def shape_id(shape):
     B, H, T, Dk, Dv, M, C = shape
     return f"B{B}-H{H}-T{T}-Dk{Dk}-Dv{Dv}-M{M}-C{C}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import okadfa
-from conftest import FEEDBACK_KINDS, assert_refused_or_same, backend_info, make_feedback
+from conftest import FEEDBACK_KINDS, assert_refused_or_same, backend_info, make_feedback, within
 from okadfa.feedback import FeedbackSpec, materialize_feedback
 from okadfa.reference import dfa_feedback as ref_feedback
 from tolerances import (REORDERED, assert_close, assert_half_close, assert_max_rel_close,
@@ -149,26 +149,6 @@ def test_opcheck(backend, storage):
 
 
 # ------------------------------------------- reference path: sizes checked first, only what is needed
-def _within(seconds, call):
-    """call() under a SIGALRM deadline: a generation that would take hours fails the test instead."""
-    import signal
-
-    class Timeout(Exception):
-        pass
-
-    def alarm(*_):
-        raise Timeout
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        return call()
-    except Timeout:
-        pytest.fail(f"still running after {seconds} s", pytrace=False)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.parametrize("spec,match", [
     # signals (P, N, d) of 8 TB: the old reference generated the P matrices first (hours)
     (FeedbackSpec(10 ** 6, 10 ** 6, 8), r"dfa_feedback: the signals \(P=1000000, N=2, d=1000000\).*would need"),
@@ -181,7 +161,7 @@ def test_reference_refuses_absurd_feedback_before_generating(spec, match):
     e = torch.randn(2 if spec.error_dim == 8 else 1, spec.error_dim)
     for call in (lambda: ref_feedback(e, spec), lambda: okadfa.dfa_feedback(e, spec, backend="reference")):
         with pytest.raises(ValueError, match=match):
-            _within(20, call)
+            within(20, call)
 
 
 def _recording_materialize(monkeypatch):
@@ -224,7 +204,7 @@ def test_reference_head_refuses_absurd_feedback_before_generating(spec, match):
     for call in (lambda: okadfa.reference.dfa_head(h, w, t, spec),
                  lambda: okadfa.dfa_head(h, w, t, spec, backend="reference")):
         with pytest.raises(ValueError, match=match):
-            _within(20, call)
+            within(20, call)
 
 
 def test_reference_head_bounds_the_logits_of_a_chunk(monkeypatch):
@@ -250,7 +230,7 @@ def test_reference_head_bounds_the_logits_of_a_chunk(monkeypatch):
     h, w, t = torch.randn(n, 1), torch.randn(n, 1), torch.zeros(n, dtype=torch.int64)
     with pytest.raises(ValueError, match=r"dfa_head: the logits of one chunk \(chunk_size=1000000 rows, "
                                          r"V=1000000\).*would need.*pass a smaller chunk_size"):
-        _within(20, lambda: ref.dfa_head(h, w, t, FeedbackSpec(1, 1, 1), chunk_size=n))
+        within(20, lambda: ref.dfa_head(h, w, t, FeedbackSpec(1, 1, 1), chunk_size=n))
 
 
 def test_every_backend_refuses_signals_that_could_never_be_allocated(backend):

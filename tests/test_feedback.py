@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import okadfa
-from conftest import backend_info
+from conftest import backend_info, within
 from okadfa.feedback import FeedbackSpec, _seeded_values, materialize_feedback, philox4x32
 from okadfa.ops.dfa_feedback import seeded_feedback_matrix
 from tolerances import F32_ROUNDING, assert_close
@@ -261,26 +261,6 @@ def test_triton_seeded_entries_with_64_bit_index(dist):
 
 
 # ----------------------------------------------------------------- sizes: checked before any work
-def _within(seconds, call):
-    """call() under a SIGALRM deadline: a generation that would take hours fails the test instead."""
-    import signal
-
-    class Timeout(Exception):
-        pass
-
-    def alarm(*_):
-        raise Timeout
-    previous = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        return call()
-    except Timeout:
-        pytest.fail(f"still generating after {seconds} s", pytrace=False)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 @pytest.mark.parametrize("spec,match", [
     # 4 TB of matrices: the old loop generated matrix after matrix (hours) before allocating B
     (FeedbackSpec(10 ** 5, 10 ** 4, 10 ** 3), r"points=100000, dim=10000, error_dim=1000.*would need .*TiB"),
@@ -291,13 +271,13 @@ def _within(seconds, call):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 def test_materialize_refuses_absurd_specs_before_generating(spec, match, dtype):
     with pytest.raises(ValueError, match=match):
-        _within(20, lambda: materialize_feedback(spec, dtype=dtype))
+        within(20, lambda: materialize_feedback(spec, dtype=dtype))
 
 
 def test_seeded_matrix_refuses_an_absurd_matrix_before_generating():
     from okadfa.feedback import seeded_matrix
     with pytest.raises(ValueError, match=r"seeded_matrix: B_p \(dim=10000000, error_dim=10000000\).*would need"):
-        _within(20, lambda: seeded_matrix(FeedbackSpec(2, 10 ** 7, 10 ** 7), 1))
+        within(20, lambda: seeded_matrix(FeedbackSpec(2, 10 ** 7, 10 ** 7), 1))
 
 
 @pytest.mark.parametrize("kwargs,match", [

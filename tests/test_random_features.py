@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import okadfa
+from conftest import within
 from tolerances import EXACT, ORTHONORMAL, assert_close
 
 
@@ -57,27 +58,6 @@ def test_bad_arguments(kwargs, match):
 
 
 # ------------------------------------------------------------------ blockwise construction, sizes
-class _Timeout(Exception):
-    pass
-
-
-def _within(seconds, call):
-    """call() under a SIGALRM deadline: a call that would take hours fails the test instead."""
-    import signal
-
-    def alarm(*_):
-        raise _Timeout
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        return call()
-    except _Timeout:
-        pytest.fail(f"still running after {seconds} s", pytrace=False)
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
-
-
 def _recording_qr(monkeypatch, max_cols=None):
     """Record the shape of every QR random_features runs; refuse (at once) any wider than max_cols."""
     shapes, qr = [], torch.linalg.qr
@@ -145,13 +125,13 @@ def test_a_partial_block_is_uniformly_oriented():
 @pytest.mark.parametrize("orthogonal", [True, False])
 def test_absurd_sizes_raise_before_sampling(M, D, match, orthogonal):
     with pytest.raises(ValueError, match=match):
-        _within(20, lambda: okadfa.random_features(M, D, orthogonal=orthogonal))
+        within(20, lambda: okadfa.random_features(M, D, orthogonal=orthogonal))
 
 
 def test_favor_attention_modules_draw_through_the_check():
     from okadfa.nn import FavorAttention
     with pytest.raises(ValueError, match="num_features=1000000000000000"):
-        _within(20, lambda: FavorAttention(8, 2, nb_features=10 ** 15))
+        within(20, lambda: FavorAttention(8, 2, nb_features=10 ** 15))
 
 
 def test_bool_sizes_are_refused():

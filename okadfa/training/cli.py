@@ -74,52 +74,22 @@ def _real(text) -> float:
     return value
 
 
-def positive_int(text) -> int:
-    """An integer >= 1."""
-    value = _integer(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {text!r}")
-    return value
+def _ranged(parse, accept, what: str):
+    """An argparse type: parse(text), kept if accept(value), else an error saying `what`."""
+    def check(text):
+        value = parse(text)
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return check
 
 
-def nonnegative_int(text) -> int:
-    """An integer >= 0."""
-    value = _integer(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer (>= 0), got {text!r}")
-    return value
-
-
-def seed_int(text) -> int:
-    """An integer in [0, 2**63)."""
-    value = nonnegative_int(text)
-    if value >= 2 ** 63:
-        raise argparse.ArgumentTypeError(f"must be below 2**63, got {text!r}")
-    return value
-
-
-def positive_float(text) -> float:
-    """A finite number > 0."""
-    value = _real(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number (> 0), got {text!r}")
-    return value
-
-
-def nonnegative_float(text) -> float:
-    """A finite number >= 0."""
-    value = _real(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative number (>= 0), got {text!r}")
-    return value
-
-
-def fraction(text) -> float:
-    """A number in [0, 1) (e.g. Adam's beta2)."""
-    value = _real(text)
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return value
+positive_int = _ranged(_integer, lambda x: x >= 1, "a positive integer (>= 1)")
+nonnegative_int = _ranged(_integer, lambda x: x >= 0, "a non-negative integer (>= 0)")
+seed_int = _ranged(_integer, lambda x: 0 <= x < 2 ** 63, "an integer in [0, 2**63)")
+positive_float = _ranged(_real, lambda x: x > 0, "a positive number (> 0)")
+nonnegative_float = _ranged(_real, lambda x: x >= 0, "a non-negative number (>= 0)")
+fraction = _ranged(_real, lambda x: 0 <= x < 1, "in [0, 1)")        # e.g. Adam's beta2
 
 
 def device_name(text) -> str:
