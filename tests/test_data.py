@@ -538,18 +538,25 @@ def _damage(kind, meta, train, val):
         os.mkfifo(val)
 
 
-@pytest.mark.parametrize("kind", ["truncated", "extended", "flipped", "empty", "bad-json", "bad-types",
-                                  "other-dtype", "fifo-json", "fifo-bin"])
-def test_a_damaged_cache_entry_is_rebuilt(tmp_path, kind):
-    text = "".join(f"line {i}\n" for i in range(400)).encode()
-    (tmp_path / "t.txt").write_bytes(text)
+def _reload_after_damage(tmp_path, kind, first_check=lambda corpus: None):
+    """Load a small corpus into a cache, damage the cache (`_damage`), load it again (under a
+    deadline) and check that the tokens are those of the first load."""
+    (tmp_path / "t.txt").write_bytes("".join(f"line {i}\n" for i in range(400)).encode())
     first = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
+    first_check(first)
     train, val = bytes(first.train), bytes(first.val)
     del first
     _damage(kind, *_cache_files(tmp_path / "cache"))
     with deadline():
         again = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
     assert again.train.dtype == np.uint8 and bytes(again.train) == train and bytes(again.val) == val
+    return train
+
+
+@pytest.mark.parametrize("kind", ["truncated", "extended", "flipped", "empty", "bad-json", "bad-types",
+                                  "other-dtype", "fifo-json", "fifo-bin"])
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, kind):
+    train = _reload_after_damage(tmp_path, kind)
     meta, *_ = _cache_files(tmp_path / "cache")
     assert json.loads(meta.read_text())["train_tokens"] == len(train)
 
@@ -559,16 +566,10 @@ def test_large_token_files_are_mapped_directly_after_a_size_check(tmp_path, monk
     """Above SNAPSHOT_MAX_BYTES a token file is mapped from the cache itself (no copy, no checksum),
     still only after checking, on the open file it maps, that it is regular and of the recorded size."""
     monkeypatch.setattr(data, "SNAPSHOT_MAX_BYTES", 0)
-    text = "".join(f"line {i}\n" for i in range(400)).encode()
-    (tmp_path / "t.txt").write_bytes(text)
-    first = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
-    assert first.train.filename is not None and Path(first.train.filename).parent == tmp_path / "cache"
-    train, val = bytes(first.train), bytes(first.val)
-    del first
-    _damage(kind, *_cache_files(tmp_path / "cache"))
-    with deadline():
-        again = load_corpus(str(tmp_path / "t.txt"), cache_dir=tmp_path / "cache")
-    assert again.train.dtype == np.uint8 and bytes(again.train) == train and bytes(again.val) == val
+
+    def mapped_from_the_cache(corpus):
+        assert corpus.train.filename is not None and Path(corpus.train.filename).parent == tmp_path / "cache"
+    _reload_after_damage(tmp_path, kind, mapped_from_the_cache)
 
 
 def test_a_cache_entry_that_is_a_directory_is_refused_clearly(tmp_path):
