@@ -114,6 +114,19 @@ def check_against_float64(op, naive, backend, inputs, dtype, causal, grad_names,
         assert_rms_close(a, e, dtype, grad=True, what=name)
 
 
+def check_double_backward(backend, fn, inputs):
+    """create_graph=True through fn (an attention op on `backend`): exact second derivatives on
+    the reference (gradgradcheck); a clear refusal from the kernels, whose backward is not
+    differentiable, never a silent 0 (a plain backward still works)."""
+    if backend.name == "reference":
+        assert torch.autograd.gradgradcheck(fn, inputs)
+        return
+    g, = torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=False)
+    assert torch.isfinite(g).all()
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(fn(*inputs).square().sum(), inputs[0], create_graph=True)
+
+
 def assert_refused_or_same(call, reference_call, name):
     """A raw op given a strided (non-contiguous) input either refuses it, naming the argument, or
     reads it correctly: the same result as on the contiguous input."""
