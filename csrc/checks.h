@@ -6,17 +6,26 @@
 #include <ATen/ATen.h>
 
 #include <cmath>
+#include <optional>
 
 namespace okadfa {
 
-inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& like) {
+// t: dim dimensions, contiguous, on like's device, of dtype (default: like's).
+inline void check_tensor(const at::Tensor& t, const char* name, int64_t dim, const at::Tensor& like,
+                         std::optional<at::ScalarType> dtype = std::nullopt) {
+  const at::ScalarType want = dtype.value_or(like.scalar_type());
   TORCH_CHECK(t.defined(), "okadfa: ", name, " is undefined");
   TORCH_CHECK(t.dim() == dim, "okadfa: ", name, " must have ", dim, " dimensions, got shape ", t.sizes());
   TORCH_CHECK(t.device() == like.device(), "okadfa: ", name, " is on ", t.device(), " but expected ", like.device());
-  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "okadfa: ", name, " has dtype ", t.scalar_type(),
-              " but expected ", like.scalar_type());
+  TORCH_CHECK(t.scalar_type() == want, "okadfa: ", name, " has dtype ", t.scalar_type(), " but expected ", want);
   TORCH_CHECK(t.is_contiguous(), "okadfa: ", name, " must be contiguous (the Python API makes it so)");
 }
+
+// The dtype the attention kernels compute inputs of x's dtype in (half types: float32), and x in it.
+inline at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+inline at::Tensor computed(const at::Tensor& x) { return x.to(compute_type(x)); }
 
 inline void check_size(const at::Tensor& t, const char* name, int64_t d, int64_t expected) {
   TORCH_CHECK(t.size(d) == expected, "okadfa: ", name, " has size ", t.size(d), " in dimension ", d,
@@ -28,8 +37,9 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_tensor(q, "q", 4, q);
   check_tensor(k, "k", 4, q);
   check_tensor(v, "v", 4, q);
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble,
-              "okadfa: the cpu kernels take float32 or float64, got ", q.scalar_type());
+  const at::ScalarType t = q.scalar_type();
+  TORCH_CHECK(t == at::kDouble || t == at::kFloat || t == at::kBFloat16 || t == at::kHalf,
+              "okadfa: the cpu kernels take float64, float32, bfloat16 or float16, got ", t);
   for (int64_t d = 0; d < 3; ++d) {
     check_size(k, "k", d, q.size(d));
     check_size(v, "v", d, q.size(d));
@@ -37,12 +47,13 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_size(k, "k", 3, q.size(3));
 }
 
-// The saved tensors a backward op receives: grad_out and out like v, lognorm (B, H, T).
+// The saved tensors a backward op receives: grad_out and out like v, lognorm (B, H, T), all
+// three in the compute dtype (float32 for half inputs: what the forward returned).
 inline void check_saved(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v, const at::Tensor& out,
                         const at::Tensor& lognorm) {
-  check_tensor(grad_out, "grad_out", 4, q);
-  check_tensor(out, "out", 4, q);
-  check_tensor(lognorm, "lognorm", 3, q);
+  check_tensor(grad_out, "grad_out", 4, q, compute_type(q));
+  check_tensor(out, "out", 4, q, compute_type(q));
+  check_tensor(lognorm, "lognorm", 3, q, compute_type(q));
   TORCH_CHECK(grad_out.sizes() == v.sizes() && out.sizes() == v.sizes(), "okadfa: grad_out and out must match v");
   TORCH_CHECK(lognorm.sizes() == q.sizes().slice(0, 3), "okadfa: lognorm must have shape ", q.sizes().slice(0, 3),
               ", got ", lognorm.sizes());

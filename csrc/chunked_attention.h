@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_math.h"
@@ -40,8 +41,15 @@ struct AttentionProblem {
   int64_t chunk;
 };
 
-template <typename T>
+// T: the compute type (float, double). G: the type of the GEMM operands: T, or a half type whose
+// GEMMs (oneDNN) accumulate in float32 (cpu_math.h); every other step (exponentials, maxima,
+// states, normalisers) stays in T. The feature logits √s·x·wᵀ are multiplied in T even then: an
+// absolute error in a logit is a relative error in its feature after exp, and a logit rounded
+// to bfloat16 is off by up to |logit|·2⁻⁹.
+template <typename T, typename G = T>
 class ChunkedAttention {
+  static constexpr bool kHalfGemm = !std::is_same_v<G, T>;
+
  public:
   explicit ChunkedAttention(const AttentionProblem<T>& p) : p_(p) {}
 
@@ -120,8 +128,11 @@ class ChunkedAttention {
   };
 
   struct Workspace {
-    at::Tensor storage;
+    at::Tensor storage, half_storage;
     Span fq, fk, dfq, dfk, a, b, vx, e, f, dv1, dv2, s, r, states, pstate, aq, c, rmax;
+    G* half_a = nullptr;   // the GEMM operands rounded to G and their product (half GEMMs only)
+    G* half_b = nullptr;
+    G* half_c = nullptr;
     Workspace(const AttentionProblem<T>& p, bool states_needed) {
       const int64_t C = p.chunk, M = p.m, W = p.dv + 1;
       const int64_t nchunks = states_needed ? (p.tn + C - 1) / C : 0;
@@ -138,8 +149,33 @@ class ChunkedAttention {
         *part.first = Span{base, part.second};
         base += (part.second + 15) / 16 * 16;
       }
+      if (kHalfGemm) {   // the largest operand: a chunk's features, values, A, a state, or w
+        const int64_t largest = std::max({C * std::max({M, C, W, p.dq}), M * std::max(W, p.dq)});
+        half_storage = at::empty({3 * largest}, at::TensorOptions().dtype(c10::CppTypeToScalarType<G>::value));
+        half_a = half_storage.data_ptr<G>();
+        half_b = half_a + largest;
+        half_c = half_b + largest;
+      }
     }
   };
+
+  // Below this many multiply-adds a GEMM stays in T: oneDNN's per-call cost (~5–10 µs) outweighs
+  // its speed, and tiny problems keep T's exact cancellations (dq = 0 at T = 1).
+  static constexpr int64_t kHalfGemmMin = 64 * 64 * 64;
+
+  // C = alpha·op(A)·op(B) + beta·C (cpu_math.h's gemm) with the operands in G: rounded into
+  // the workspace first when G is a half type (A is m×k, or k×m when ta; B likewise).
+  static void mm(Workspace& ws, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
+                 int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+    if constexpr (kHalfGemm) {
+      if (m * n * k < kHalfGemmMin) return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      round_to(a, ta ? k : m, ta ? m : k, lda, ws.half_a);
+      round_to(b, tb ? n : k, tb ? k : n, ldb, ws.half_b);
+      gemm(ta, tb, m, n, k, alpha, ws.half_a, ta ? m : k, ws.half_b, tb ? k : n, beta, c, ldc, ws.half_c);
+    } else {
+      gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+    }
+  }
 
   static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
   // min_normal^0.8: ~1e-31 (float32), ~1e-246 (float64). Above it, 1/den' leaves
@@ -224,7 +260,7 @@ class ChunkedAttention {
       const T f = exp_scalar(pref - pnew);
       for (auto& x : ws.s) x *= f;
     }
-    gemm(true, false, p_.m, W, n, T(1), ws.fk.data(), p_.m, ws.vx.data(), W, T(1), ws.s.data(), W);
+    mm(ws, true, false, p_.m, W, n, T(1), ws.fk.data(), p_.m, ws.vx.data(), W, T(1), ws.s.data(), W);
   }
 
   T initial_reference() const { return p_.fused ? kNegInf : T(0); }
@@ -250,7 +286,7 @@ class ChunkedAttention {
       for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
         const int64_t n = std::min(C, p_.tn - t0);
         query_features(q + t0 * p_.dq, n, ws);
-        gemm(false, false, n, W, M, T(1), ws.fq.data(), M, ws.s.data(), W, T(0), num, W);
+        mm(ws, false, false, n, W, M, T(1), ws.fq.data(), M, ws.s.data(), W, T(0), num, W);
         std::fill_n(ws.c.data(), n, pref);
         finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
       }
@@ -262,7 +298,7 @@ class ChunkedAttention {
       const T pnew = key_features(k + t0 * p_.dq, n, pref, true, ws);
       load_values(v + t0 * p_.dv, n, d0, d1, true, ws);
       // intra-chunk: (fq fkᵀ ⊙ decay) vx
-      gemm(false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), ws.a.data(), n);
+      mm(ws, false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), ws.a.data(), n);
       causal_decay(ws.a.data(), n, n, ws.c.data(), !p_.fused);
       lower_product(n, W, ws, num);
       // carried state: exp(P - c_t) fq_t S
@@ -273,7 +309,7 @@ class ChunkedAttention {
           const T f = exp_scalar(pref - ws.c[i]);
           for (int64_t j = 0; j < M; ++j) fq[i * M + j] *= f;
         }
-        gemm(false, false, n, W, M, T(1), fq.data(), M, ws.s.data(), W, T(1), num, W);
+        mm(ws, false, false, n, W, M, T(1), fq.data(), M, ws.s.data(), W, T(1), num, W);
       }
       finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
       update_state(n, W, pref, pnew, ws);
@@ -289,12 +325,12 @@ class ChunkedAttention {
   void lower_product(int64_t n, int64_t W, Workspace& ws, T* num) const {
     const T* vx = ws.vx.data();
     if (std::all_of(vx, vx + n * W, [](T x) { return std::isfinite(x); })) {
-      gemm(false, false, n, W, n, T(1), ws.a.data(), n, vx, W, T(0), num, W);
+      mm(ws, false, false, n, W, n, T(1), ws.a.data(), n, vx, W, T(0), num, W);
       return;
     }
     T* finite = ws.f.data();   // free in the forward pass
     for (int64_t i = 0; i < n * W; ++i) finite[i] = std::isfinite(vx[i]) ? vx[i] : T(0);
-    gemm(false, false, n, W, n, T(1), ws.a.data(), n, finite, W, T(0), num, W);
+    mm(ws, false, false, n, W, n, T(1), ws.a.data(), n, finite, W, T(0), num, W);
     for (int64_t j = 0; j < W; ++j) {
       T bad = 0;
       for (int64_t i = 0; i < n; ++i) {
@@ -339,14 +375,14 @@ class ChunkedAttention {
   // From feature gradients df to input gradients. Fused: dlogit = f ⊙ df,
   // dx = √s·dlogit W (- s·Σ_m dlogit·x for keys: the -s‖k‖²/2 term), dW += √s·dlogitᵀx.
   // The query norm term and the row shifts drop out: Σ_m dlogit_q = 0 exactly.
-  void features_backward(const T* x, const T* f, T* df, int64_t n, bool key, T* dx, T* dw) const {
+  void features_backward(const T* x, const T* f, T* df, int64_t n, bool key, T* dx, T* dw, Workspace& ws) const {
     const int64_t M = p_.m, D = p_.dq;
     if (!p_.fused) {
       for (int64_t i = 0; i < n * M; ++i) dx[i] += df[i];
       return;
     }
     for (int64_t i = 0; i < n * M; ++i) df[i] *= f[i];
-    gemm(false, false, n, D, M, p_.sqrt_scale, df, M, p_.w, D, T(1), dx, D);
+    mm(ws, false, false, n, D, M, p_.sqrt_scale, df, M, p_.w, D, T(1), dx, D);
     if (key) {
       const T s = p_.sqrt_scale * p_.sqrt_scale;
       for (int64_t i = 0; i < n; ++i) {
@@ -355,7 +391,7 @@ class ChunkedAttention {
         for (int64_t j = 0; j < D; ++j) dx[i * D + j] -= s * sum * x[i * D + j];
       }
     }
-    if (dw) gemm(true, false, M, D, n, p_.sqrt_scale, df, M, x, D, T(1), dw, D);
+    if (dw) mm(ws, true, false, M, D, n, p_.sqrt_scale, df, M, x, D, T(1), dw, D);
   }
 
   void backward_task(int64_t b, int64_t d0, int64_t d1, bool owner, Workspace& ws, const T* dout,
@@ -400,19 +436,19 @@ class ChunkedAttention {
         query_features(q + t0 * p_.dq, n, ws);
         std::fill_n(ws.c.data(), n, cref);
         load_output_grads(g + t0 * p_.dv, o + t0 * p_.dv, ln + t0, n, d0, d1, owner, ws);
-        gemm(false, true, n, M, W, T(1), ws.e.data(), W, ws.s.data(), W, T(0), ws.dfq.data(), M);
-        gemm(true, false, M, W, n, T(1), ws.fq.data(), M, ws.e.data(), W, T(1), r, W);
-        features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw);
+        mm(ws, false, true, n, M, W, T(1), ws.e.data(), W, ws.s.data(), W, T(0), ws.dfq.data(), M);
+        mm(ws, true, false, M, W, n, T(1), ws.fq.data(), M, ws.e.data(), W, T(1), r, W);
+        features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw, ws);
       }
       // Pass 3: keys. dfk = vx Rᵀ ; dv = fk R[:, :w].
       for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
         const int64_t n = std::min(C, p_.tn - t0);
         key_features(k + t0 * p_.dq, n, cref, false, ws);
         load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
-        gemm(false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(0), ws.dfk.data(), M);
-        gemm(false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv1.data(), w);
+        mm(ws, false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(0), ws.dfk.data(), M);
+        mm(ws, false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv1.data(), w);
         store_dv(n, t0, d0, w, ws.dv1.data(), dvb);
-        features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw);
+        features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw, ws);
       }
       return;
     }
@@ -429,36 +465,36 @@ class ChunkedAttention {
       load_output_grads(g + t0 * p_.dv, o + t0 * p_.dv, ln + t0, n, d0, d1, owner, ws);
       T* A = ws.a.data();
       T* B = ws.b.data();
-      gemm(false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), A, n);
-      gemm(false, true, n, n, W, T(1), ws.e.data(), W, ws.vx.data(), W, T(0), B, n);
+      mm(ws, false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), A, n);
+      mm(ws, false, true, n, n, W, T(1), ws.e.data(), W, ws.vx.data(), W, T(0), B, n);
       causal_decay(A, n, n, ws.c.data(), !p_.fused);
       causal_decay(B, n, n, ws.c.data(), !p_.fused);
       // dfq = B fk + diag(exp(P_j - c)) dext S_jᵀ
-      gemm(false, false, n, M, n, T(1), B, n, ws.fk.data(), M, T(0), ws.dfq.data(), M);
+      mm(ws, false, false, n, M, n, T(1), B, n, ws.fk.data(), M, T(0), ws.dfq.data(), M);
       T* E = ws.f.data();  // diag(exp(P_j - c)) dext
       std::copy_n(ws.e.data(), n * W, E);
       scale_rows(E, n, W, ws.c.data(), pj, T(-1));
       if (pj != kNegInf)
-        gemm(false, true, n, M, W, T(1), E, W, sj, W, T(1), ws.dfq.data(), M);
+        mm(ws, false, true, n, M, W, T(1), E, W, sj, W, T(1), ws.dfq.data(), M);
       // dfk = Bᵀ fq + diag(exp(c - P_{j+1})) vx R_jᵀ ; dv = Aᵀ g' + diag(exp(c - P_{j+1})) fk R_j[:, :w]
-      gemm(true, false, n, M, n, T(1), B, n, ws.fq.data(), M, T(0), ws.dfk.data(), M);
+      mm(ws, true, false, n, M, n, T(1), B, n, ws.fq.data(), M, T(0), ws.dfk.data(), M);
       scale_rows(ws.vx.data(), n, W, ws.c.data(), rref);
-      gemm(false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(1), ws.dfk.data(), M);
-      gemm(true, false, n, w, n, T(1), A, n, ws.e.data(), W, T(0), ws.dv1.data(), w);
-      gemm(false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv2.data(), w);
+      mm(ws, false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(1), ws.dfk.data(), M);
+      mm(ws, true, false, n, w, n, T(1), A, n, ws.e.data(), W, T(0), ws.dv1.data(), w);
+      mm(ws, false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv2.data(), w);
       scale_rows(ws.dv2.data(), n, w, ws.c.data(), rref);
       for (int64_t i = 0; i < n * w; ++i) ws.dv1[i] += ws.dv2[i];
       store_dv(n, t0, d0, w, ws.dv1.data(), dvb);
-      features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw);
+      features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw, ws);
       // R_{j-1} = exp(P_j - P_{j+1}) R_j + fqᵀ diag(exp(P_j - c)) dext  (zero at j = 0)
       if (j > 0) {
         if (pj != rref) {
           const T f = exp_scalar(pj - rref);
           for (int64_t i = 0; i < M * W; ++i) r[i] *= f;
         }
-        gemm(true, false, M, W, n, T(1), ws.fq.data(), M, E, W, T(1), r, W);
+        mm(ws, true, false, M, W, n, T(1), ws.fq.data(), M, E, W, T(1), r, W);
       }
-      features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw);
+      features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw, ws);
       rref = pj;
     }
   }

@@ -1,11 +1,14 @@
 // Small dense building blocks for the CPU kernels: a row-major GEMM on top of
-// the BLAS that torch links (MKL's or OpenBLAS's sgemm_/dgemm_), and
+// the BLAS that torch links (MKL's or OpenBLAS's sgemm_/dgemm_), a GEMM on half-type
+// operands (oneDNN's, through at::mm), the choice between them for half inputs, and
 // vectorisable element-wise loops (exp with a row shift, row maxima).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <string>
 
 namespace okadfa::cpu {
 
@@ -17,6 +20,44 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
           const double* a, int64_t lda, const double* b, int64_t ldb, double beta, double* c,
           int64_t ldc);
+
+// The same with A and B in bfloat16 and C in float32: the product is oneDNN's (at::mm: float32
+// accumulation, rounded to bfloat16 once), added into C in float32. Fast where the CPU has
+// bfloat16 matrix instructions (see half_gemm_path). scratch: m·n bfloat16 for the product
+// (nullptr: allocated).
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
+          int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
+          c10::BFloat16* scratch = nullptr);
+
+// out[r·cols + j] = x[r·ld + j] rounded to bfloat16 (nearest even; NaN stays NaN), r < rows, j < cols.
+void round_to(const float* x, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* out);
+
+// How the CPU kernels multiply matrices for inputs of a half dtype. bfloat16: in bfloat16
+// (oneDNN) where this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16) and torch
+// has oneDNN enabled, in float32 otherwise; the environment variable
+// OKADFA_CPU_HALF_GEMM=half|float32 forces one (tests, comparisons). float16: always float32,
+// since the kernels' running sums leave float16's range.
+struct HalfGemmPath {
+  bool half;            // GEMM operands in the half type
+  std::string reason;   // why, in words (okadfa.backends() shows it)
+};
+HalfGemmPath half_gemm_path(at::ScalarType dtype);
+
+// body(T{}, G{}) with the compute type T and GEMM operand type G of the kernels for inputs of
+// `dtype`: float64 and float32 as they are; half types computed in float32 (the caller converts
+// them), their GEMMs in bfloat16 or in float32 as half_gemm_path says.
+template <typename Body>
+void dispatch_compute(at::ScalarType dtype, const char* name, Body&& body) {
+  switch (dtype) {
+    case at::kDouble: return body(double{}, double{});
+    case at::kFloat: return body(float{}, float{});
+    case at::kBFloat16:
+      return half_gemm_path(dtype).half ? body(float{}, c10::BFloat16{}) : body(float{}, float{});
+    case at::kHalf: return body(float{}, float{});
+    default:
+      TORCH_CHECK(false, "okadfa: ", name, " takes float64, float32, bfloat16 or float16, got ", dtype);
+  }
+}
 
 // x[r, j] = exp(x[r, j] - shift[r]) for r < rows, j < cols (row stride ld).
 // Arguments are expected to be <= 0 (stabilised); -inf gives 0.

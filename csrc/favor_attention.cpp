@@ -11,42 +11,48 @@ namespace {
 template <typename T>
 cpu::AttentionProblem<T> favor_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& w, bool causal, double scale, int64_t chunk) {
-  check_attention_inputs(q, k, v);
-  check_projection(w, q, scale);
   return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), w.data_ptr<T>(),
           q.size(0) * q.size(1), q.size(2), q.size(3), w.size(0), v.size(3),
           /*fused=*/true, causal, static_cast<T>(std::sqrt(scale)), check_chunk(chunk)};
 }
 
-std::tuple<at::Tensor, at::Tensor> favor_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
-                                                           const at::Tensor& v, const at::Tensor& projection,
+// out and lognorm in the compute dtype (float32 for half inputs, see check_attention_inputs).
+std::tuple<at::Tensor, at::Tensor> favor_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                           const at::Tensor& v_in, const at::Tensor& projection_in,
                                                            bool causal, double scale, int64_t chunk) {
+  check_attention_inputs(q_in, k_in, v_in);
+  check_projection(projection_in, q_in, scale);
+  const at::Tensor q = computed(q_in), k = computed(k_in), v = computed(v_in), w = computed(projection_in);
   auto out = at::empty_like(v);
   auto lognorm = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
-  check_attention_inputs(q, k, v);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_attention_fwd", [&] {
-    auto p = favor_problem<scalar_t>(q, k, v, projection, causal, scale, chunk);
-    cpu::ChunkedAttention<scalar_t>(p).forward(out.data_ptr<scalar_t>(), lognorm.data_ptr<scalar_t>());
+  cpu::dispatch_compute(q_in.scalar_type(), "favor_attention_fwd", [&](auto t, auto g) {
+    using T = decltype(t);
+    auto p = favor_problem<T>(q, k, v, w, causal, scale, chunk);
+    cpu::ChunkedAttention<T, decltype(g)>(p).forward(out.data_ptr<T>(), lognorm.data_ptr<T>());
   });
   return {out, lognorm};
 }
 
+// Gradients in the dtypes of q, k, v and projection.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> favor_attention_bwd_cpu(
-    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& projection, const at::Tensor& out, const at::Tensor& lognorm, bool causal, double scale,
+    const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& projection_in, const at::Tensor& out, const at::Tensor& lognorm, bool causal, double scale,
     int64_t chunk, bool projection_grad) {
-  check_saved(grad_out, q, v, out, lognorm);
+  check_attention_inputs(q_in, k_in, v_in);
+  check_projection(projection_in, q_in, scale);
+  check_saved(grad_out, q_in, v_in, out, lognorm);
+  const at::Tensor q = computed(q_in), k = computed(k_in), v = computed(v_in), w = computed(projection_in);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
-  auto dw = at::zeros_like(projection);
-  check_attention_inputs(q, k, v);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "favor_attention_bwd", [&] {
-    auto p = favor_problem<scalar_t>(q, k, v, projection, causal, scale, chunk);
-    cpu::ChunkedAttention<scalar_t>(p).backward(
-        grad_out.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(), lognorm.data_ptr<scalar_t>(),
-        dq.data_ptr<scalar_t>(), dk.data_ptr<scalar_t>(), dv.data_ptr<scalar_t>(),
-        projection_grad ? dw.data_ptr<scalar_t>() : nullptr);
+  auto dw = at::zeros_like(w);
+  cpu::dispatch_compute(q_in.scalar_type(), "favor_attention_bwd", [&](auto t, auto g) {
+    using T = decltype(t);
+    auto p = favor_problem<T>(q, k, v, w, causal, scale, chunk);
+    cpu::ChunkedAttention<T, decltype(g)>(p).backward(
+        grad_out.data_ptr<T>(), out.data_ptr<T>(), lognorm.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(),
+        dv.data_ptr<T>(), projection_grad ? dw.data_ptr<T>() : nullptr);
   });
-  return {dq, dk, dv, dw};
+  return {dq.to(q_in.scalar_type()), dk.to(k_in.scalar_type()), dv.to(v_in.scalar_type()),
+          dw.to(projection_in.scalar_type())};
 }
 
 }  // namespace

@@ -26,7 +26,16 @@ TORCH_LIBRARY(okadfa, m) {
         "-> (Tensor loss, Tensor grad_h, Tensor grad_w_dec, Tensor signals)");
   // B_point (dim, error_dim), float32 on the CPU, as the CPU kernels generate it (diagnostics).
   m.def("seeded_feedback(int point, int dim, int error_dim, int seed, int dist) -> Tensor");
+  // How the CPU kernels multiply matrices for inputs of a half dtype, in words (cpu_math.h).
+  m.def("cpu_gemm_path(ScalarType dtype) -> str");
 }
+
+namespace {
+std::string cpu_gemm_path(at::ScalarType dtype) { return okadfa::cpu::half_gemm_path(dtype).reason; }
+}  // namespace
+
+// No tensor arguments: the catch-all key.
+TORCH_LIBRARY_IMPL(okadfa, CompositeExplicitAutograd, m) { m.impl("cpu_gemm_path", &cpu_gemm_path); }
 
 // `import okadfa._C` loads this library and with it the registrations above.
 extern "C" PyObject* PyInit__C(void) {

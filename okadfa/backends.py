@@ -122,13 +122,22 @@ _STATUS = _discover()
 
 
 def backends() -> dict[str, dict[str, object]]:
-    """What each backend can do here: {name: {"available": bool, "reason": str}}.
+    """What each backend can do here: {name: {"available": bool, "reason": str}}; the available
+    cpu backend also says how it multiplies matrices for bfloat16 and float16 inputs (bfloat16
+    GEMMs where the CPU has AVX512-BF16 or AMX-BF16, float32 otherwise; OKADFA_CPU_HALF_GEMM=
+    half|float32 forces one).
 
     Example:
         >>> okadfa.backends()["cpu"]
-        {'available': True, 'reason': 'native CPU kernels (okadfa._C)'}
+        {'available': True, 'reason': 'native CPU kernels (okadfa._C)',
+         'bfloat16': 'bfloat16 GEMMs (oneDNN, AVX512-BF16), float32 accumulation',
+         'float16': "float32 GEMMs: the kernels' running sums and states leave float16's range (65504)"}
     """
-    return {name: dict(status) for name, status in _STATUS.items()}
+    report = {name: dict(status) for name, status in _STATUS.items()}
+    if report["cpu"]["available"]:
+        for dtype in (torch.bfloat16, torch.float16):
+            report["cpu"][str(dtype).removeprefix("torch.")] = torch.ops.okadfa.cpu_gemm_path(dtype)
+    return report
 
 
 def select_backend(backend: str, device: torch.device) -> str:

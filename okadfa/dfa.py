@@ -11,6 +11,12 @@ Everything runs through an ordinary `loss.backward()`: `dfa_loss` returns a loss
 whose backward delivers the head gradients and every g_p at once, computed by the
 fused `okadfa.dfa_head` (the N×V logits never exist whole; seeded feedback is
 generated inside the kernel, so no feedback matrix is materialised).
+
+Under `torch.autocast` (see `DFA.loss`): with bfloat16 the head and the projections
+compute in bfloat16, as autocast runs backprop's unembedding; with float16 they stay
+in float32. Either way the signals are multiplied by the gradient of the loss in the
+backward, so a `torch.amp.GradScaler`'s loss scale reaches them like any backprop
+gradient, and its unscale_/inf check covers every parameter.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ from torch import Tensor, nn
 from .ops.dfa_head import dfa_head
 from .ops.dfa_feedback import dfa_feedback, seeded_feedback_matrix
 from .feedback import FeedbackSpec, materialize_feedback
+from .validation import autocast_inputs
 
 __all__ = ["DFA"]
 
@@ -68,7 +75,22 @@ def _stream_error(stream, grad_h: Tensor) -> Tensor:
     with torch.enable_grad():
         x = x.detach().requires_grad_()
         (e,) = torch.autograd.grad(norm(x), x, grad_h.view_as(x))
-    return e.reshape(grad_h.shape)
+    # autograd returns x's dtype (float32 under autocast); the projections compute in the head's dtype
+    return e.reshape(grad_h.shape).to(grad_h.dtype)
+
+
+def _head_operands(h: Tensor, w_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """h and w_dec in the dtype the fused head computes in under torch.autocast.
+
+    bfloat16 autocast: both cast to bfloat16, as autocast casts the operands of backprop's
+    unembedding Linear (the head is the model's largest matrix product). float16 autocast:
+    left as they are (float32, the master weights and the trunk's normalised output),
+    because the head's outputs are gradients formed in the forward, before a GradScaler's
+    loss scale multiplies them in the backward: they are about 1/tokens in size (~1e-5 at
+    2048 tokens), in float16's subnormal range, so unscaled float16 would round or flush
+    them (bfloat16 has float32's exponent range). No autocast, or float64: unchanged."""
+    cast = autocast_inputs(h, w_dec)
+    return cast if cast[0].dtype == torch.bfloat16 else (h, w_dec)
 
 
 class DFA(nn.Module):
@@ -151,12 +173,18 @@ class DFA(nn.Module):
         h: (B, T, d) final hidden states; w_dec: (V, d); targets: (B, T);
         point_outputs: the activations at the feedback points, each (B, T, dim_p).
         stream: (x_L, norm) with h = norm(x_L), needed for error="stream".
+
+        Under bfloat16 autocast the head and the projections compute in bfloat16 (h and
+        w_dec are cast, accumulation stays float32), under float16 autocast in float32
+        (`_head_operands` says why); the loss is float32, and the gradients reach the
+        float32 parameters and points in their own dtypes.
         """
         if self.error == "stream" and stream is None:
             raise ValueError("error='stream' needs stream=(x_L, final norm)")
         if len(point_outputs) != len(self.points):
             raise ValueError(f"expected {len(self.points)} feedback point outputs, got {len(point_outputs)}")
         groups = tuple((self._feedback(g), tuple(members)) for g, members in enumerate(self.groups))
+        h, w_dec = _head_operands(h, w_dec)        # outside the Function: autograd casts the gradients back
         return _DFAHeadLoss.apply(h, w_dec, targets, groups, self.error, ignore_index, stream, *point_outputs)
 
     def extra_repr(self) -> str:

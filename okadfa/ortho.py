@@ -3,9 +3,15 @@
 L_ortho = λ(t)·Σ_W ‖WᵀW − I‖²_F over the Q/K/V/O projections and MLP matrices of
 every KOA block (`orthogonality_loss`, with the smaller Gram side for non-square
 W), λ(t) from `OrthoSchedule` (linear warm-up).
+
+The Gram matrices are computed in float32 (float64 for float64 weights) even under
+`torch.autocast`: near orthogonality the diagonal of WᵀW is 1 + δ with small δ, and
+rounding it to bfloat16 (spacing 2⁻⁷ above 1) would erase the deviation the penalty
+measures (‖QᵀQ − I‖²_F of an orthogonal 64×64 Q: ~1e-12 in float32, ~4e-4 in bf16).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Iterable
 
@@ -20,7 +26,10 @@ __all__ = ["OrthoSchedule", "orthogonality_loss", "ortho_weights", "model_orthog
 def _violation(w: Tensor) -> Tensor:
     """‖G − I‖²_F with G the smaller Gram matrix of w (out, in): WᵀW (in×in) if out ≥ in, else WWᵀ."""
     w = w.to(torch.promote_types(w.dtype, torch.float32))    # half types: Gram sums in float32
-    gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
+    kind = w.device.type
+    # autocast would run the products in its half dtype (module docstring); it is off here
+    with torch.autocast(kind, enabled=False) if torch.amp.is_autocast_available(kind) else contextlib.nullcontext():
+        gram = w.T @ w if w.shape[0] >= w.shape[1] else w @ w.T
     eye = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
     return (gram - eye).pow(2).sum()
 

@@ -63,6 +63,14 @@ def backend(request) -> Backend:
     return backend_info(request.param)
 
 
+@pytest.fixture(params=["half", "float32"])
+def cpu_bf16(request, monkeypatch) -> Backend:
+    """The cpu backend with its bfloat16 GEMMs forced on ("half") or off ("float32") through
+    OKADFA_CPU_HALF_GEMM, so that both paths are tested on every CPU."""
+    monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", request.param)
+    return backend_info("cpu")
+
+
 @pytest.fixture(params=["cpu", "cuda"])
 def native(request) -> Backend:
     """The native (okadfa._C) backends only, for what only they have (thread splits, raw-op checks)."""

@@ -34,9 +34,30 @@ def test_round_trip_restores_everything(tmp_path):
     fresh = _model(seed=1)
     opt = torch.optim.AdamW(fresh.parameters(), lr=1e-3)
     info = load_checkpoint(path, fresh, opt)
-    assert info == {"step": 7, "extra": {"tokens": 3, "note": [1.5, None]}}
+    assert info == {"step": 7, "precision": "fp32", "extra": {"tokens": 3, "note": [1.5, None]}}
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
     assert opt.param_groups[0]["betas"] == (0.9, 0.999) and len(opt.state) == len(list(fresh.parameters()))
+
+
+def test_precision_is_recorded_and_checked(tmp_path):
+    """The precision is part of the checked document; a run in another precision is refused before anything is
+    loaded; a checkpoint written before the field existed (format 2 without it) reads as fp32."""
+    from safetensors.torch import save
+    model = _model()
+    save_checkpoint(tmp_path / "bf16.safetensors", model, step=3, precision="bf16")
+    assert load_checkpoint(tmp_path / "bf16.safetensors", _model(), precision="bf16")["precision"] == "bf16"
+    fresh = _model(seed=1)
+    with pytest.raises(CheckpointError, match="precision mismatch: the checkpoint was trained in bf16, this run "
+                                              "uses fp32"):
+        load_checkpoint(tmp_path / "bf16.safetensors", fresh, precision="fp32")
+    assert not torch.equal(fresh.tok_emb.weight, model.tok_emb.weight)          # nothing loaded
+    document, tensors = ck._read(tmp_path / "bf16.safetensors")
+    del document["precision"]
+    document["sha256"] = ck._digest(document, tensors)
+    (tmp_path / "old.safetensors").write_bytes(save(tensors, metadata={ck._KEY: ck._json(document, "")}))
+    assert load_checkpoint(tmp_path / "old.safetensors", _model(), precision="fp32")["precision"] == "fp32"
+    with pytest.raises(CheckpointError, match="trained in fp32, this run uses bf16"):
+        load_checkpoint(tmp_path / "old.safetensors", _model(), precision="bf16")
 
 
 def test_loading_a_pickle_never_runs_it(tmp_path):

@@ -22,7 +22,8 @@ BAD_OPTIONS = [
     ("--max-bytes", "-100"), ("--sample-tokens", "-1"), ("--align-every", "-1"), ("--weight-decay", "-0.1"),
     ("--weight-decay", "nan"), ("--adam-beta2", "1"), ("--adam-beta2", "-0.1"), ("--adam-beta2", "nan"),
     ("--ortho-lambda", "-1"), ("--ortho-lambda", "nan"), ("--ortho-warmup", "-1"), ("--seed", "-1"),
-    ("--seed", "x"), ("--preset", "huge"), ("--device", "gpu0"), ("--device", "cuda:x"),
+    ("--seed", "x"), ("--preset", "huge"), ("--device", "gpu0"), ("--device", "cuda:x"), ("--precision", "fp8"),
+    ("--precision", "float16"), ("--precision", "BF16"), ("--precision", ""),
 ]
 
 
@@ -39,6 +40,26 @@ def test_bad_option_values_are_refused_naming_the_option(option, value, capsys):
     assert exc.value.code == 2
     lines = _error_line(capsys)
     assert len(lines) == 1 and option in lines[0], lines
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_precision_choices_parse(precision):
+    assert train_mod.parse_args(["--precision", precision]).precision == precision
+    assert train_mod.parse_args([]).precision == "fp32"
+
+
+def test_a_precision_torch_would_not_autocast_is_refused_naming_the_option(monkeypatch, capsys):
+    """torch only warns and trains in float32 when it cannot autocast to a dtype on the device; okadfa train
+    refuses instead, in one line (here with a stand-in dtype no device autocasts to)."""
+    import torch
+
+    from okadfa.training import precision as precision_mod
+    monkeypatch.setitem(precision_mod.PRECISIONS, "fp16", torch.float64)
+    with pytest.raises(SystemExit) as exc:
+        train_mod.parse_args(["--device", "cpu", "--precision", "fp16"])
+    assert exc.value.code == 2
+    lines = _error_line(capsys)
+    assert len(lines) == 1 and "--precision" in lines[0] and "cannot autocast" in lines[0], lines
 
 
 BAD_SETS = [
@@ -117,9 +138,9 @@ def test_compare_validates_train_options_before_running_any_variant(tmp_path):
 
 def test_compare_own_options_are_validated(tmp_path, capsys):
     from okadfa.training.compare import main as compare
-    for bad in (["--variants", "favor+xyz"], ["--variants", ","]):
+    for bad in (["--variants", "favor+xyz"], ["--variants", ","], ["--precision", "fp8"]):
         with pytest.raises(SystemExit) as exc:
             compare(["--out", str(tmp_path), *bad])
-        assert exc.value.code == 2 and "--variants" in capsys.readouterr().err
+        assert exc.value.code == 2 and bad[0] in capsys.readouterr().err
     with pytest.raises(SystemExit, match="no metrics"):
         compare(["--out", str(tmp_path / "nothing"), "--variants", "favor+dfa", "--report-only"])

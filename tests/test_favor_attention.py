@@ -61,6 +61,51 @@ def test_low_precision(backend, dtype, causal):
     _check(backend, make_inputs(2, 2, 150, 32, 24, 48, seed=1), dtype, causal)
 
 
+# SHAPES and a size at which every GEMM of a chunk takes the cpu kernels' bfloat16 path.
+BF16_SHAPES = SHAPES + [(1, 2, 260, 64, 64, 256, 128)]
+
+
+@CAUSAL
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=shape_id)
+def test_cpu_bfloat16_matches_brute_force(cpu_bf16, causal, shape):
+    """bfloat16 on the cpu backend, with and without bfloat16 GEMMs, every size class: the output
+    and all gradients within 2× the error of plain PyTorch in bfloat16 (check_against_float64)."""
+    B, H, T, Dk, Dv, M, C = shape
+    _check(cpu_bf16, make_inputs(B, H, T, Dk, Dv, M), torch.bfloat16, causal, chunk_size=C)
+
+
+def test_cpu_bfloat16_gemm_path_is_switched(monkeypatch):
+    """OKADFA_CPU_HALF_GEMM selects the path (so the test above covers both), backends() names it,
+    and a bad value is refused."""
+    backend_info("cpu")
+    q, k, v, w = make_inputs(1, 2, 260, 64, 64, 256, dtype=torch.bfloat16)
+    outs = {}
+    for path in ("half", "float32"):
+        monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", path)
+        assert okadfa.backends()["cpu"]["bfloat16"].startswith("bfloat16" if path == "half" else "float32")
+        outs[path] = okadfa.favor_attention(q, k, v, w, causal=True, backend="cpu")
+    assert not torch.equal(outs["half"], outs["float32"])
+    monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", "fast")
+    with pytest.raises(RuntimeError, match="OKADFA_CPU_HALF_GEMM must be 'half' or 'float32'"):
+        okadfa.favor_attention(q, k, v, w, causal=True, backend="cpu")
+
+
+def test_cpu_bfloat16_gemm_path_follows_the_cpu(monkeypatch):
+    """Unforced, bfloat16 GEMMs are used exactly where the CPU has bfloat16 matrix instructions
+    (the kernel reads CPUID; /proc/cpuinfo is the kernel's view of the same bits)."""
+    backend_info("cpu")
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next(line for line in f if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags here")
+    monkeypatch.delenv("OKADFA_CPU_HALF_GEMM", raising=False)
+    has = ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
+    reason = okadfa.backends()["cpu"]["bfloat16"]
+    assert reason.startswith("bfloat16 GEMMs") == has, reason
+    assert okadfa.backends()["cpu"]["float16"].startswith("float32 GEMMs")
+
+
 @CAUSAL
 def test_gradcheck(backend, causal):
     backend.skip_unless(torch.float64)

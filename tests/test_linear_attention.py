@@ -48,6 +48,19 @@ def test_low_precision(backend, dtype, causal):
     _check(backend, make_features(2, 2, 90, 20, 12, seed=1), dtype, causal)
 
 
+# SHAPES and a size at which every GEMM of a chunk takes the cpu kernels' bfloat16 path.
+BF16_SHAPES = SHAPES + [(1, 2, 260, 0, 64, 256, 128)]
+
+
+@CAUSAL
+@pytest.mark.parametrize("shape", BF16_SHAPES, ids=shape_id)
+def test_cpu_bfloat16_matches_brute_force(cpu_bf16, causal, shape):
+    """As test_favor_attention's: both GEMM paths, every size class, within 2× plain PyTorch's
+    bfloat16 error."""
+    B, H, T, _, Dv, M, C = shape
+    _check(cpu_bf16, make_features(B, H, T, M, Dv), torch.bfloat16, causal, chunk_size=C)
+
+
 @CAUSAL
 def test_gradcheck(backend, causal):
     backend.skip_unless(torch.float64)

@@ -325,3 +325,107 @@ def test_compare_refuses_an_out_in_use(tmp_path):
         with pytest.raises(SystemExit, match=f"{tmp_path}.*in use.*PID {os.getpid()}"):
             compare(["--out", str(tmp_path), "--variants", "favor+bp", "--report-only"])
     assert "| favor+bp |" in compare(["--out", str(tmp_path), "--variants", "favor+bp", "--report-only"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Issue 16, item 3: --precision
+
+def _checkpoint_document(path):
+    from okadfa.training.checkpoint import _read
+    return _read(str(path))
+
+
+def _autocast_seen(monkeypatch):
+    """{(model.training, the autocast dtype or float32)} of every OKADFAModel forward from now on."""
+    from okadfa.models import OKADFAModel
+    seen, real = set(), OKADFAModel.forward
+
+    def forward(self, *args, **kwargs):
+        on = torch.is_autocast_enabled("cpu")
+        seen.add((self.training, torch.get_autocast_dtype("cpu") if on else torch.float32))
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(OKADFAModel, "forward", forward)
+    return seen
+
+
+def test_a_bf16_run_learns_in_bf16_keeps_float32_master_weights_and_records_its_precision(tmp_path, monkeypatch):
+    args = SMALL + ["--steps", "12", "--eval-every", "4", "--sample-tokens", "0"]
+    seen = _autocast_seen(monkeypatch)
+    bf16, summary = train_mod.train(train_mod.parse_args(args + ["--precision", "bf16", "--out", str(tmp_path / "b")]))
+    assert seen == {(True, torch.bfloat16), (False, torch.bfloat16)}          # training and validation forwards
+    fp32, _ = train_mod.train(train_mod.parse_args(args + ["--out", str(tmp_path / "f")]))
+    metrics = read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
+    val = [r["loss"] for r in metrics["val"]]
+    assert val[-1] < val[0] < math.log(256)                                  # it learns
+    assert metrics["config"][0]["precision"] == "bf16" and summary["precision"] == "bf16"
+    assert "skipped_steps" not in summary and "loss_scale" not in metrics["train"][-1]     # no loss scaling in bf16
+    fp32_val = [r["loss"] for r in read_metrics(str(tmp_path / "f" / "metrics.jsonl"))["val"]]
+    assert val != fp32_val and val == pytest.approx(fp32_val, rel=2e-2)       # autocast ran, and changed little
+    assert all(p.dtype == torch.float32 for p in bf16.parameters())
+    assert not any(torch.equal(p, q) for p, q in zip(bf16.parameters(), fp32.parameters()) if p.dim() > 1)
+    document, tensors = _checkpoint_document(tmp_path / "b" / "checkpoint.safetensors")
+    assert document["precision"] == "bf16" and document["extra"]["args"]["precision"] == "bf16"
+    assert {t.dtype for name, t in tensors.items()
+            if name.startswith(("optimizer.", "model.")) and t.is_floating_point()} == {torch.float32}
+
+
+def test_fp16_clips_the_unscaled_gradients(tmp_path, monkeypatch):
+    """--grad-clip sees the true gradient norm in fp16 (unscale_ first), not the loss scale times it."""
+    norms, real = {}, torch.nn.utils.clip_grad_norm_
+
+    def clip(parameters, max_norm, **kwargs):
+        total = real(parameters, max_norm, **kwargs)
+        norms.setdefault(precision, []).append(total.item())
+        return total
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", clip)
+    for precision in ("fp32", "fp16"):
+        train_mod.main(SMALL + ["--steps", "2", "--sample-tokens", "0", "--precision", precision,
+                                "--out", str(tmp_path / precision)])
+    assert norms["fp16"] == pytest.approx(norms["fp32"], rel=0.05)
+
+
+def _fp16_scaler_that_overflows(precision, device):
+    """A loss scale that doubles after every good step: fp16 overflows every other step or so, so steps are
+    skipped and the scaler's state decides the run (resume must restore it)."""
+    return torch.amp.GradScaler(torch.device(device).type, init_scale=2.0 ** 16, growth_interval=1,
+                                enabled=precision == "fp16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_is_bit_identical_in_each_precision(tmp_path, monkeypatch, precision):
+    """N steps in one run equal N/2 steps, a checkpoint, and N/2 resumed steps, bit for bit."""
+    monkeypatch.setattr(train_mod, "grad_scaler", _fp16_scaler_that_overflows)
+    args = SMALL + ["--steps", "6", "--eval-every", "2", "--sample-tokens", "0", "--precision", precision,
+                    "--set", "redraw_interval=2"]
+    straight, summary = train_mod.train(train_mod.parse_args(args + ["--out", str(tmp_path / "a")]))
+    train_mod.train(train_mod.parse_args(args + ["--stop-after", "3", "--out", str(tmp_path / "b")]))
+    resumed, resumed_summary = train_mod.train(train_mod.parse_args(args + ["--resume", "--out", str(tmp_path / "b")]))
+    assert resumed_summary["step"] == 6
+    for k, v in _params(straight).items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+    a, b = read_metrics(str(tmp_path / "a" / "metrics.jsonl")), read_metrics(str(tmp_path / "b" / "metrics.jsonl"))
+    assert [r["loss"] for r in a["val"]] == [r["loss"] for r in b["val"]]
+    if precision == "fp16":
+        assert 0 < summary["skipped_steps"] == resumed_summary["skipped_steps"]
+        assert [r["loss_scale"] for r in a["train"]] == [r["loss_scale"] for r in b["train"]]
+
+
+def test_resume_in_another_precision_is_refused_in_one_line(tmp_path):
+    args = SMALL + ["--steps", "4", "--sample-tokens", "0", "--out", str(tmp_path)]
+    train_mod.main(args + ["--stop-after", "2", "--precision", "bf16"])
+    for other in ("fp32", "fp16"):
+        with pytest.raises(SystemExit) as exc:
+            train_mod.main(args + ["--resume", "--precision", other])
+        message = str(exc.value.code)
+        assert "\n" not in message and f"trained in bf16, this run uses {other}" in message, message
+        assert "--precision bf16" in message
+    assert train_mod.main(args + ["--resume", "--precision", "bf16"])["step"] == 4
+
+
+def test_compare_passes_its_precision_to_every_variant(tmp_path):
+    from okadfa.training.compare import main as compare
+    md = compare(["--out", str(tmp_path), "--variants", "favor+dfa", "--precision", "bf16"] + SMALL
+                 + ["--steps", "2", "--eval-every", "2", "--sample-tokens", "0"])
+    assert "precision bf16" in md                       # every variant's okadfa train gets the same --precision
+    metrics = read_metrics(str(tmp_path / "favor+dfa" / "metrics.jsonl"))
+    assert metrics["config"][0]["precision"] == metrics["summary"][-1]["precision"] == "bf16"

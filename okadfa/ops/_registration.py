@@ -75,11 +75,13 @@ def _register_autograd(fwd: str, bwd: str, num_tensors: int, weight_grad: bool) 
 
 def attention_implementations(forward: str, reference_forward) -> dict:
     """The IMPLEMENTATIONS table of an attention op whose registered forward is okadfa::<forward>
-    (cpu, cuda) and okadfa::triton_<forward>: the native kernels and the reference compute half
-    types in float32 (cast in, the output cast back), the Triton kernels read them as they are
-    and compute in float32; every call returns the output."""
+    (cpu, cuda) and okadfa::triton_<forward>. The cpu kernels take half types as they are and
+    compute in float32, with bfloat16 GEMMs where the CPU has bfloat16 matrix instructions
+    (`okadfa.backends()["cpu"]["bfloat16"]` says which); the Triton kernels read half types as
+    they are and compute in float32; the cuda kernels and the reference compute half types in
+    float32 (cast in, the output cast back). Every call returns the output."""
     return {
-        "cpu": (validation.native_dtype, registered(forward, output=0)),
+        "cpu": (validation.same_dtype, registered(forward, output=0)),
         "cuda": (validation.native_dtype, registered(forward, output=0)),
         "triton": (validation.same_dtype, registered(f"triton_{forward}", output=0)),
         "reference": (validation.native_dtype, reference_forward),

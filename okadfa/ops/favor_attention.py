@@ -19,7 +19,7 @@ from ._registration import attention_implementations, register
 
 # fake tensor implementation of okadfa::favor_attention_fwd and okadfa::triton_favor_attention_fwd
 def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
-    # float32 for half inputs (the Triton ops; the native ones get float32 inputs already)
+    # float32 for half inputs (the cpu and Triton ops take them; the cuda ones get float32 already)
     return (v.new_empty(v.shape, dtype=validation.native_dtype(v.dtype)),
             q.new_empty(q.shape[:3], dtype=validation.native_dtype(q.dtype)))   # out, lognorm
 
@@ -66,11 +66,14 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         causal: attend to s ≤ t only.
         scale: logit scale, default Dk^-1/2 as in scaled_dot_product_attention.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see `okadfa.backends()`).
-        chunk_size: positions per chunk of the native kernels (default 64; the triton
-            backend rounds it to a power of two in [16, 128], smaller for large M).
+        chunk_size: positions per chunk of the native kernels (default 64, 128 for bfloat16 on
+            the CPU; the triton backend rounds it to a power of two in [16, 128], smaller for large M).
     Returns:
-        (B, H, L, Dv) in v's dtype. The cpu, cuda and reference backends compute float16/bfloat16
-        in float32; the triton backend reads them as they are (float32 arithmetic) and rejects float64. Under
+        (B, H, L, Dv) in v's dtype. The cpu backend computes float16/bfloat16 in float32, with
+        bfloat16 GEMM operands (float32 accumulation) where the CPU has bfloat16 matrix
+        instructions (`okadfa.backends()["cpu"]["bfloat16"]`); the cuda and reference backends
+        compute them in float32; the triton backend reads them as they are (float32 arithmetic)
+        and rejects float64. Under
         `torch.autocast` float32 inputs are first cast to the autocast dtype, as SDPA does.
 
     Example:
@@ -93,7 +96,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     causal = validation.check_causal(causal)
     batch = validation.attention_batch_shape(q, k, v, "q", "k", cross=not causal)
     scale = validation.check_scale(scale, q.shape[3], q.dtype)
-    chunk = validation.check_chunk(chunk_size, reference.attention.DEFAULT_CHUNK)
+    chunk = validation.check_chunk(chunk_size, validation.default_chunk(q, reference.attention.DEFAULT_CHUNK))
     compute, forward = dispatch(IMPLEMENTATIONS, backend, q.device)
     if q.shape[2] != k.shape[2]:
         # The kernels take L = S: non-causal cross-attention runs the reference's form (also

@@ -89,7 +89,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
                          f"{tuple(q_feat.shape)} and {tuple(k_feat.shape)}")
     batch = validation.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
     causal = validation.check_causal(causal)
-    chunk = validation.check_chunk(chunk_size, reference.attention.DEFAULT_CHUNK)
+    chunk = validation.check_chunk(chunk_size, validation.default_chunk(q_feat, reference.attention.DEFAULT_CHUNK))
     if torch.compiler.is_compiling():        # checked when the compiled code runs
         q_feat, k_feat = checked_nonnegative(q_feat, "q_feat"), checked_nonnegative(k_feat, "k_feat")
     else:

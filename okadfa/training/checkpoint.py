@@ -5,15 +5,17 @@ A checkpoint is one safetensors file (https://github.com/huggingface/safetensors
 are the model's state_dict (FAVOR+ projections, step counters and stored feedback matrices are
 buffers; seeded feedback is fully described by the config's seed), the optimizer's tensor state
 and torch's RNG state; everything else is JSON in the file's metadata: the model config, the
-step, the optimizer's hyper-parameters and scalar state, Python's RNG state, the caller's
-`extra` (JSON values only) and a SHA-256 over all of it, checked on load. Reading parses the
+step, the precision the run trains in ("fp32", "bf16", "fp16"; okadfa.training.precision),
+the optimizer's hyper-parameters and scalar state, Python's RNG state, the caller's `extra`
+(JSON values only) and a SHA-256 over all of it, checked on load. Reading parses the
 safetensors header and copies raw tensor bytes: no pickle, nothing in the file is executed.
 
 Writing goes to a temporary file in the same directory, is fsync'ed, then renamed over the old
 checkpoint (and the directory fsync'ed): a crash or a full disk at any point leaves either the
 old checkpoint or the new one, never a partial file.
 
-Loading into a model whose config differs raises, naming the fields.
+Loading into a model whose config differs raises, naming the fields; so does loading for a
+run in another precision (a checkpoint without the field predates it and is "fp32").
 """
 from __future__ import annotations
 
@@ -83,9 +85,10 @@ def _json(value, what: str) -> str:
         raise TypeError(f"{what} must hold JSON values only (str, number, bool, None, list, dict): {exc}") from None
 
 
-def save_checkpoint(path, model, optimizer=None, *, step: int = 0, extra: dict | None = None) -> None:
-    """Write model, optimizer, step, RNG states and `extra` (a dict of JSON values) to path,
-    atomically. Raises OSError naming the path if it cannot be written (e.g. a full disk);
+def save_checkpoint(path, model, optimizer=None, *, step: int = 0, precision: str = "fp32",
+                    extra: dict | None = None) -> None:
+    """Write model, optimizer, step, precision, RNG states and `extra` (a dict of JSON values)
+    to path, atomically. Raises OSError naming the path if it cannot be written (e.g. a full disk);
     an existing checkpoint at path is then left as it was."""
     from safetensors.torch import save
 
@@ -96,8 +99,8 @@ def save_checkpoint(path, model, optimizer=None, *, step: int = 0, extra: dict |
         tensors.update(optim_tensors)
     tensors["rng.torch"] = torch.get_rng_state()
     version, internal, gauss = random.getstate()
-    document = {"format": FORMAT, "config": model.config.to_dict(), "step": int(step), "optimizer": optim,
-                "rng_python": [version, list(internal), gauss], "extra": extra or {}}
+    document = {"format": FORMAT, "config": model.config.to_dict(), "step": int(step), "precision": str(precision),
+                "optimizer": optim, "rng_python": [version, list(internal), gauss], "extra": extra or {}}
     _json(document["extra"], "extra")
     document["sha256"] = _digest(json.loads(_json(document, "the checkpoint")), tensors)
     # safetensors refuses tensors that share memory: give every tensor its own storage.
@@ -163,14 +166,21 @@ def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:
     return document, tensors
 
 
-def load_checkpoint(path, model, optimizer=None, *, restore_rng: bool = True) -> dict:
+def load_checkpoint(path, model, optimizer=None, *, precision: str | None = None, restore_rng: bool = True) -> dict:
     """Restore a checkpoint written by `save_checkpoint` into model (and optimizer).
 
-    Returns {"step": int, "extra": dict}. Raises CheckpointError (a ValueError) for a file that
-    is not an intact okadfa checkpoint, or whose config differs from model.config (a different
-    run, or a changed feedback seed), naming what is wrong; nothing in the file is executed.
+    Returns {"step": int, "precision": str, "extra": dict}. Raises CheckpointError (a ValueError)
+    for a file that is not an intact okadfa checkpoint, whose config differs from model.config (a
+    different run, or a changed feedback seed), or, when `precision` is given, that was trained in
+    another precision, naming what is wrong; nothing is loaded then, and nothing in the file is
+    executed. A run resumes in its own precision because its optimizer state and loss scale were
+    shaped by it, and a resumed run is meant to equal the uninterrupted one bit for bit.
     """
     document, tensors = _read(path)
+    saved = document.get("precision", "fp32")           # format-2 files from before --precision: float32
+    if precision is not None and saved != precision:
+        raise CheckpointError(f"{path}: precision mismatch: the checkpoint was trained in {saved}, this run uses "
+                              f"{precision} (resume with --precision {saved}, or start a new run)")
     mine, theirs = model.config.to_dict(), document["config"]
     diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
     if diff:
@@ -185,4 +195,4 @@ def load_checkpoint(path, model, optimizer=None, *, restore_rng: bool = True) ->
         torch.set_rng_state(tensors["rng.torch"])
         version, internal, gauss = document["rng_python"]
         random.setstate((version, tuple(internal), gauss))
-    return {"step": document["step"], "extra": document["extra"]}
+    return {"step": document["step"], "precision": saved, "extra": document["extra"]}

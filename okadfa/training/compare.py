@@ -1,11 +1,12 @@
 """`okadfa compare` / `python -m okadfa.training.compare`: one preset trained four ways, one report.
 
     okadfa compare --out runs/compare --steps 500 [--variants favor+dfa,favor+bp,softmax+dfa,softmax+bp]
-                   [any other `okadfa train` option]
+                   [--precision fp32|bf16|fp16] [any other `okadfa train` option]
 
 Each variant runs `okadfa train` in its own process (one after another, so each has
 the machine to itself and its peak memory is its own) with the same data, steps,
-seed and options, writing to OUT/<variant>/. Then OUT/ gets:
+seed, --precision and options, writing to OUT/<variant>/; the report names the
+precision. Then OUT/ gets:
   report.md       final validation loss (and its DFA/BP ratio) / perplexity / bits per
                   byte, train loss, tokens/s, peak memory, block-output norms, train
                   time; the unigram and bigram levels of the validation tokens; DFA/BP
@@ -37,6 +38,7 @@ import sys
 import warnings
 
 from .cli import DEBUG_HELP, ArgumentParser, one_line, run_command
+from .precision import PRECISIONS
 from ..models import RULE_DEFAULTS
 
 __all__ = ["main", "read_metrics", "report"]
@@ -132,7 +134,8 @@ def report(out: str, variants) -> str:
     baselines = (runs[variants[0]].get("baselines") or [None])[0]
     unit = _unit(args)
     lines = [f"Preset `{args['preset']}` ({config['parameters'] / 1e6:.2f}M parameters), data `{config['corpus']}`, "
-             f"{args['steps']} steps of {args['batch_size']}×{args['seq_len']} tokens, device {config['device']}, "
+             f"{args['steps']} steps of {args['batch_size']}×{args['seq_len']} tokens, precision "
+             f"{args.get('precision', 'fp32')}, device {config['device']}, "
              f"{config['world_size']} process(es), torch {config['torch']}. Losses in {unit}."]
     if baselines:
         lines.append(f"Reference levels on the same validation tokens (estimated on the training split): "
@@ -266,8 +269,11 @@ def main(argv=None) -> str:
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--out", default="runs/compare", help="output directory (locked while compare uses it)")
     p.add_argument("--report-only", action="store_true", help="only rebuild the report from OUT/<variant>/")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="the precision of every variant (okadfa train --precision: fp32, bf16 or fp16)")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP + " (passed on to each variant's okadfa train)")
     args, train_args = p.parse_known_args(argv)
+    train_args += ["--precision", args.precision]         # checked with the other options, below
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:

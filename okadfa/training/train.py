@@ -15,14 +15,28 @@ updates (to fp32 rounding) on any number of ranks, and resumes on a different on
 FAVOR+ feature redraws and DFA feedback are seeded from the config (and the step),
 so replicas never diverge.
 
-Writes to --out: metrics.jsonl (one JSON object per line: "config", "baselines"
-(unigram and bigram levels of the evaluated tokens), "train", "val", "norms"
-(activation norms per feedback point and block, at every evaluation), "align"
-(DFA/BP cosine per block: all parameters, residual writers, matrices, LayerNorm and
-biases), "summary" records), checkpoint.safetensors (every --ckpt-every steps, at
-the end and on Ctrl-C / SIGTERM: the first signal stops after the current step),
-sample.txt (generated text). Validation reports loss, perplexity and bits per
-byte (exact for byte data; for BPE from the split's bytes per token).
+`--precision bf16` or `fp16` runs every forward pass (training, validation, the
+sample) and the loss under torch.autocast, on the CPU or a GPU, with float32 master
+weights: parameters, gradients and AdamW state stay float32. fp16 adds loss scaling
+(torch.amp.GradScaler, unscaled before --grad-clip; the DFA signals are scaled with
+every other gradient). The DFA head computes in bf16 under bf16, in float32 under
+fp16 (okadfa.dfa says why); the orthogonality penalty always in float32
+(okadfa.ortho). The DFA/BP alignment and the norm diagnostics run in float32, so runs
+in different precisions are measured alike. A run resumes only in the precision it
+was trained in (else a one-line error), and then bit-identically to an uninterrupted
+run (okadfa.training.precision).
+
+Writes to --out: metrics.jsonl (one JSON object per line: "config" (with
+"precision"), "baselines" (unigram and bigram levels of the evaluated tokens),
+"train" (fp16: with "loss_scale"), "val", "norms" (activation norms per feedback
+point and block, at every evaluation), "align" (DFA/BP cosine per block: all
+parameters, residual writers, matrices, LayerNorm and biases), "summary" (with
+"precision"; fp16: "skipped_steps", the updates the loss scaler skipped because a
+gradient overflowed) records), checkpoint.safetensors (with the precision and the
+loss scaler's state; every --ckpt-every steps, at the end and on Ctrl-C / SIGTERM:
+the first signal stops after the current step), sample.txt (generated text).
+Validation reports loss, perplexity and bits per byte (exact for byte data; for BPE
+from the split's bytes per token).
 
 One run per --out: the run holds an exclusive lock on OUT/.lock (with its PID), so a
 second run into the same directory fails at once, naming it and that PID; the lock
@@ -54,6 +68,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cli import (DEBUG_HELP, ArgumentParser, device_name, fraction, nonnegative_float, nonnegative_int, one_line,
                   positive_float, positive_int, run_command, seed_int)
 from .data import get_batch, get_tokenizer, load_corpus, ngram_levels, val_batches
+from .precision import PRECISIONS, autocast, check as check_precision, grad_scaler
 from ..backends import select_backend
 from ..diagnostics import activation_norms, mean_alignment
 from ..models import _PRESETS, OKADFAConfig, OKADFAModel
@@ -115,6 +130,11 @@ def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
     p.add_argument("--grad-clip", type=nonnegative_float, default=None, help="max gradient norm (0: off)")
     p.add_argument("--device", type=device_name, default="auto",
                    help="auto | cpu | cuda | cuda:N (default: cuda when available)")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32",
+                   help="fp32 (default) | bf16 | fp16: forward passes and loss under torch.autocast in that dtype "
+                        "(CPU and CUDA); parameters, gradients and AdamW state stay float32; fp16 adds loss scaling "
+                        "(torch.amp.GradScaler). Recorded in metrics.jsonl and the checkpoint; --resume needs the "
+                        "checkpoint's precision")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads per process")
     p.add_argument("--seed", type=seed_int, default=0, help="initialisation and data order")
     p.add_argument("--out", type=_nonempty, default="runs/okadfa",
@@ -144,7 +164,16 @@ def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
         build_config(args, TOKENIZER_VOCAB[args.tokenizer], usage=True)
     except ValueError as exc:
         p.error(f"argument --set: {one_line(exc)}")
+    try:
+        check_precision(args.precision, resolve_device(args.device))
+    except ValueError as exc:
+        p.error(f"argument --precision: {args.precision}: {one_line(exc)}")
     return args
+
+
+def resolve_device(name: str) -> str:
+    """--device with "auto" resolved: cuda when available, else cpu."""
+    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def learning_rate(step: int, args) -> float:
@@ -219,9 +248,8 @@ def build_config(args, vocab_size: int, *, usage: bool = False) -> OKADFAConfig:
             raise ValueError(f"vocab_size {config.vocab_size} is smaller than the tokenizer's {vocab_size}")
         if config.max_seq_len < args.seq_len:
             raise ValueError(f"max_seq_len {config.max_seq_len} is smaller than --seq-len {args.seq_len}")
-        device = args.device if args.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
         try:                            # the backend's own check: a known name that can run on --device
-            select_backend(config.backend, torch.device(device))
+            select_backend(config.backend, torch.device(resolve_device(args.device)))
         except (RuntimeError, ValueError) as exc:
             raise ValueError(f"backend={config.backend!r}: {exc}") from exc
     except (TypeError, ValueError) as exc:
@@ -294,8 +322,7 @@ class _Distributed:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         if device == "cuda" and self.world > 1:
             device = f"cuda:{local}"
             torch.cuda.set_device(local)
@@ -393,12 +420,14 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
 
 @torch.no_grad()
 def evaluate(model, corpus, args, device) -> dict:
-    """Mean validation cross-entropy over --eval-batches batches; perplexity; bits per byte."""
+    """Mean validation cross-entropy over --eval-batches batches (in --precision); perplexity; bits per byte."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     for x, y in val_batches(corpus.val, args.batch_size, args.seq_len, args.eval_batches):
-        total += model(x.to(device), y.to(device)).loss.item() * y.numel()
+        with autocast(args.precision, device):
+            loss = model(x.to(device), y.to(device)).loss
+        total += loss.item() * y.numel()
         count += y.numel()
     model.train(was_training)
     loss = total / count
@@ -486,8 +515,9 @@ def _train(args, ddp, device):
     torch.manual_seed(args.seed)
     model = OKADFAModel(config).to(device)
     optimizer = _optimizer(model, args)
+    scaler = grad_scaler(args.precision, device)
     ckpt_path = os.path.join(args.out, "checkpoint.safetensors")
-    step, train_s, tokens = 0, 0.0, 0
+    step, train_s, tokens, skipped = 0, 0.0, 0, 0
     if args.resume:
         path = ckpt_path if args.resume == "auto" else args.resume
         if not os.path.exists(path):
@@ -496,12 +526,15 @@ def _train(args, ddp, device):
                     f"can run code)" if args.resume == "auto" and os.path.exists(old) else "")
             raise SystemExit(f"--resume: no checkpoint at {path}{hint}")
         try:
-            state = load_checkpoint(path, model, optimizer)
+            state = load_checkpoint(path, model, optimizer, precision=args.precision)
         except CheckpointError as exc:
             raise SystemExit(f"--resume: {one_line(exc)}") from None
         except OSError as exc:
             raise SystemExit(f"--resume: cannot read {path}: {exc.strerror or exc}") from None
         step, train_s, tokens = state["step"], state["extra"]["train_s"], state["extra"]["tokens"]
+        skipped = state["extra"].get("skipped_steps", 0)
+        if state["extra"].get("grad_scaler"):        # fp16: the loss scale and its growth counter
+            scaler.load_state_dict(state["extra"]["grad_scaler"])
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     metrics = _open_metrics(os.path.join(args.out, "metrics.jsonl")) if ddp.main else None
 
@@ -513,12 +546,14 @@ def _train(args, ddp, device):
     def checkpoint():
         if ddp.main:
             try:
-                save_checkpoint(ckpt_path, model, optimizer, step=step,
-                                extra={"train_s": train_s, "tokens": tokens, "args": vars(args)})
+                save_checkpoint(ckpt_path, model, optimizer, step=step, precision=args.precision,
+                                extra={"train_s": train_s, "tokens": tokens, "skipped_steps": skipped,
+                                       "grad_scaler": scaler.state_dict(), "args": vars(args)})
             except OSError as exc:      # a full disk, a read-only --out: the environment, not a bug
                 raise SystemExit(f"okadfa train: writing the checkpoint failed: {one_line(exc)}") from exc
 
-    log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args), "world_size": ddp.world,
+    log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args), "precision": args.precision,
+         "loss_scaling": scaler.is_enabled(), "world_size": ddp.world,
          "device": str(device), "parameters": model.num_parameters(), "corpus": corpus.name,
          "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "torch": torch.__version__})
     if ddp.main and step == 0:
@@ -537,12 +572,17 @@ def _train(args, ddp, device):
                 group["lr"] = learning_rate(step, args)
             x, y = get_batch(corpus.train, step, args.batch_size, args.seq_len, seed=args.seed, rank=ddp.rank,
                              world_size=ddp.world)
-            loss = wrapped(x.to(device), y.to(device)).loss
+            with autocast(args.precision, device):             # the backward runs in the forward's dtypes
+                loss = wrapped(x.to(device), y.to(device)).loss
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            scaler.scale(loss).backward()           # fp16: every gradient, DFA signals included, times the scale
             if args.grad_clip > 0:
+                scaler.unscale_(optimizer)          # clip the true gradients, not the scaled ones
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            optimizer.step()
+            scale = scaler.get_scale()
+            scaler.step(optimizer)                  # fp16: skipped when a gradient overflowed
+            scaler.update()
+            skipped += scaler.get_scale() < scale   # the scale backs off exactly when the step was skipped
             loss_value = ddp.mean(loss)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
@@ -554,7 +594,8 @@ def _train(args, ddp, device):
             progress.update(step, sum(recent) / len(recent), rate, (args.steps - step) * tokens_per_step / rate)
             if step % args.log_every == 0 or step == args.steps:
                 log({"kind": "train", "step": step, "loss": sum(recent) / len(recent), "lr": learning_rate(step - 1, args),
-                     "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s})
+                     "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s,
+                     **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
             if ddp.main and (step % args.eval_every == 0 or step == args.steps):
                 last_val = evaluate(model, corpus, args, device)
                 log({"kind": "val", "step": step, "train_s": train_s, "tokens": tokens, **last_val})
@@ -579,7 +620,8 @@ def _train(args, ddp, device):
     summary = {"kind": "summary", "step": step, "interrupted": interrupted, "train_loss": sum(recent) / len(recent)
                if recent else None, "val": last_val, "train_s": train_s, "tokens": tokens,
                "tokens_per_s": tokens / train_s if train_s else None, "peak_mem_mb": peak, "peak_mem_kind": what,
-               "world_size": ddp.world}
+               "world_size": ddp.world, "precision": args.precision,
+               **({"skipped_steps": skipped} if scaler.is_enabled() else {})}
     log(summary)
     if ddp.main:
         if step < args.steps:
@@ -597,7 +639,8 @@ def _train(args, ddp, device):
 def _sample(model, corpus, args, device) -> str:
     prompt = torch.as_tensor(corpus.val[:min(32, len(corpus.val))].astype("int64"), device=device)[None]
     g = torch.Generator(device=device).manual_seed(args.seed)
-    ids = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=g)
+    with autocast(args.precision, device):
+        ids = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=g)
     text = corpus.tokenizer.decode(ids[0].tolist())
     with open(os.path.join(args.out, "sample.txt"), "w") as f:
         f.write(text)

@@ -1,0 +1,73 @@
+"""bfloat16 on the CPU: okadfa's cpu attention kernel against itself in float32 and against SDPA,
+causal forward+backward, in one process with the variants interleaved (issue 16).
+
+    python -m bench.cpu_bf16 [--seq-lens 1024,4096] [--rounds 5] [--out bench/results]
+
+Variants: okadfa fp32; okadfa bf16 with its GEMMs forced to float32 and to bfloat16
+(OKADFA_CPU_HALF_GEMM); SDPA fp32 and bf16. B=1, H=8, D=64, M=256. Each round times every
+variant (bench.common.median_time); the table gives each variant's best round and the spread
+(max/min over rounds). Writes cpu_bf16.{json,md} under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+import okadfa
+from bench.common import cpu_meta, median_time, write_results
+
+
+def make_call(variant: str, T: int):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 8, T, 64, generator=g).unbind(0)
+    w = okadfa.random_features(256, 64, generator=g)
+    kind, dtype, gemm = {"okadfa fp32": ("favor", torch.float32, "float32"),
+                         "okadfa bf16, float32 GEMMs": ("favor", torch.bfloat16, "float32"),
+                         "okadfa bf16, bf16 GEMMs": ("favor", torch.bfloat16, "half"),
+                         "SDPA fp32": ("sdpa", torch.float32, None),
+                         "SDPA bf16": ("sdpa", torch.bfloat16, None)}[variant]
+
+    def call():
+        x = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        if kind == "sdpa":
+            out = F.scaled_dot_product_attention(*x, is_causal=True)
+        else:
+            os.environ["OKADFA_CPU_HALF_GEMM"] = gemm
+            out = okadfa.favor_attention(*x, w.to(dtype), causal=True, backend="cpu")
+        out.float().sum().backward()
+    return call
+
+
+VARIANTS = ("okadfa fp32", "okadfa bf16, float32 GEMMs", "okadfa bf16, bf16 GEMMs", "SDPA fp32", "SDPA bf16")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seq-lens", default="1024,4096")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default="bench/results")
+    args = parser.parse_args(argv)
+    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    rows = []
+    for T in seq_lens:
+        calls = {name: make_call(name, T) for name in VARIANTS}
+        times = {name: [] for name in VARIANTS}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                times[name].append(median_time(call, min_runs=3, min_seconds=0.0))
+        rows += [dict(T=T, variant=name, best_ms=min(ts) * 1e3, spread=max(ts) / min(ts)) for name, ts in times.items()]
+    os.environ.pop("OKADFA_CPU_HALF_GEMM", None)
+    meta = cpu_meta(cpu_bfloat16=okadfa.backends()["cpu"]["bfloat16"], B=1, H=8, D=64, M=256, rounds=args.rounds)
+    md = [f"# bfloat16 on the CPU: causal forward+backward, B=1, H=8, D=64, M=256\n",
+          f"{meta}\n", "| T | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+    for T in seq_lens:
+        cells = [f"{r['best_ms']:.0f} ms (×{r['spread']:.2f})" for r in rows if r["T"] == T]
+        md.append(f"| {T} | " + " | ".join(cells) + " |")
+    write_results(args.out, "cpu_bf16", meta, rows, "\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()
