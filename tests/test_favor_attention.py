@@ -379,7 +379,8 @@ def test_raw_ops_reject_bad_input_before_any_kernel(backend):
     kernels/_utils.py) and raises naming the argument, before a kernel reads out of bounds."""
     fwd, bwd = backend.op("favor_attention_fwd"), backend.op("favor_attention_bwd")
     q, k, v, w = backend.put(*make_inputs(1, 2, 8, 4, 3, 6), dtype=torch.float32)
-    bad_dtype = torch.float64 if backend.name == "triton" else torch.float16
+    # each backend's first refused dtype (the cpu kernels take all four floating types)
+    bad_dtype = {"triton": torch.float64, "cpu": torch.int32}.get(backend.name, torch.float16)
     calls = [
         ("q", lambda: fwd(_strided(q), k, v, w, True, 0.5, 16)),
         ("k", lambda: fwd(q, k[:, :, :7].contiguous(), v, w, True, 0.5, 16)),
