@@ -20,7 +20,6 @@
 
 #if defined(__x86_64__)
 #include <cpuid.h>
-#include <immintrin.h>
 #endif
 
 extern "C" {
@@ -49,16 +48,19 @@ void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, c
   at::addmm_out(C, C, A, B, beta, alpha);
 }
 
+// C = beta·C, the product of an empty sum (beta 0: C is not read, it may hold anything).
+template <typename T>
+void scale_by_beta(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+}
+
 // Row-major C = op(A)op(B) is column-major Cᵀ = op(B)ᵀop(A)ᵀ: swap the operands.
 template <typename T, typename F>
 void gemm_impl(F blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
                int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-    return;
-  }
+  if (k == 0) return scale_by_beta(m, n, beta, c, ldc);
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   if (blas == nullptr || m > kMax || n > kMax || k > kMax || lda > kMax || ldb > kMax ||
       ldc > kMax) {
@@ -182,11 +184,7 @@ void round_to(const float* x, int64_t rows, int64_t cols, int64_t ld, c10::BFloa
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a, int64_t lda,
           const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc, c10::BFloat16* scratch) {
   if (m == 0 || n == 0) return;
-  if (k == 0) {
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.0f ? 0.0f : beta * c[i * ldc + j];
-    return;
-  }
+  if (k == 0) return scale_by_beta(m, n, beta, c, ldc);
   const auto opts = at::TensorOptions().dtype(at::kBFloat16);
   auto* pa = const_cast<c10::BFloat16*>(a);
   auto* pb = const_cast<c10::BFloat16*>(b);
