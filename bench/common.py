@@ -215,20 +215,54 @@ def dfa_head_flops(N=2048, d=768, V=50257, P=12):
     return 3 * 2 * N * V * d + P * 2 * N * d * d
 
 
+# The CPU features that decide the speed of float32 and bfloat16 matrix products (the flag names
+# of /proc/cpuinfo).
+MATRIX_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_capabilities() -> dict:
+    """The CPU's model name and which of MATRIX_FLAGS it has, as Linux reports them (/proc/cpuinfo;
+    only the processor name elsewhere)."""
+    info = {"model": platform.processor() or platform.machine(), "flags": None}
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return info
+    fields = dict(line.split(":", 1) for line in lines if ":" in line and not line.startswith("processor"))
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    info["model"] = fields.get("model name", info["model"])
+    have = set(fields.get("flags", "").split())
+    info["flags"] = [flag for flag in MATRIX_FLAGS if flag in have]
+    return info
+
+
 def cpu_meta(**extra) -> dict:
-    """What every result file records about the run: date, CPU, threads, versions."""
-    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu",
-                processor=platform.processor() or platform.machine(), threads=torch.get_num_threads(),
-                torch=torch.__version__, okadfa=okadfa.__version__, **extra)
+    """What every result file records about the run: date, CPU and its matrix features, threads,
+    versions."""
+    caps = cpu_capabilities()
+    return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu", processor=caps["model"],
+                cpu_flags=caps["flags"], threads=torch.get_num_threads(), torch=torch.__version__,
+                okadfa=okadfa.__version__, **extra)
+
+
+def _write_atomically(path: str, text: str) -> None:
+    """Write text to path through a temporary file renamed over it: a reader never sees half."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def write_results(out_dir: str, stem: str, meta: dict, rows: list, md: str) -> str:
     """Write <out_dir>/<stem>.json ({meta, rows}) and <stem>.md (md); return the path stem."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, stem)
-    with open(path + ".json", "w") as f:
-        json.dump(dict(meta=meta, rows=rows), f, indent=1)
-    with open(path + ".md", "w") as f:
-        f.write(md)
+    _write_atomically(path + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
+    _write_atomically(path + ".md", md)
     print(f"wrote {path}.json and {path}.md")
     return path

@@ -3,8 +3,8 @@ causal forward+backward, in one process with the variants interleaved (issue 16)
 
     python -m bench.cpu_bf16 [--seq-lens 1024,4096] [--rounds 5] [--out bench/results]
 
-Variants: okadfa fp32; okadfa bf16 with its GEMMs forced to float32 and to bfloat16
-(OKADFA_CPU_HALF_GEMM); SDPA fp32 and bf16. B=1, H=8, D=64, M=256. Each round times every
+Variants: okadfa fp32; okadfa bf16 with its GEMMs forced (OKADFA_CPU_HALF_GEMM) to float32,
+oneDNN and AMX tiles (AMX only where the CPU has it); SDPA fp32 and bf16. B=1, H=8, D=64, M=256. Each round times every
 variant (bench.common.median_time); the table gives each variant's best round and the spread
 (max/min over rounds). Writes cpu_bf16.{json,md} under --out.
 """
@@ -26,7 +26,8 @@ def make_call(variant: str, T: int):
     w = okadfa.random_features(256, 64, generator=g)
     kind, dtype, gemm = {"okadfa fp32": ("favor", torch.float32, "float32"),
                          "okadfa bf16, float32 GEMMs": ("favor", torch.bfloat16, "float32"),
-                         "okadfa bf16, bf16 GEMMs": ("favor", torch.bfloat16, "half"),
+                         "okadfa bf16, oneDNN GEMMs": ("favor", torch.bfloat16, "onednn"),
+                         "okadfa bf16, AMX GEMMs": ("favor", torch.bfloat16, "amx"),
                          "SDPA fp32": ("sdpa", torch.float32, None),
                          "SDPA bf16": ("sdpa", torch.bfloat16, None)}[variant]
 
@@ -41,7 +42,19 @@ def make_call(variant: str, T: int):
     return call
 
 
-VARIANTS = ("okadfa fp32", "okadfa bf16, float32 GEMMs", "okadfa bf16, bf16 GEMMs", "SDPA fp32", "SDPA bf16")
+VARIANTS = ("okadfa fp32", "okadfa bf16, float32 GEMMs", "okadfa bf16, oneDNN GEMMs", "okadfa bf16, AMX GEMMs",
+            "SDPA fp32", "SDPA bf16")
+
+
+def has_amx() -> bool:
+    """Whether okadfa's cpu kernels can use AMX tiles here (forcing them is refused otherwise)."""
+    os.environ["OKADFA_CPU_HALF_GEMM"] = "amx"
+    try:
+        return okadfa.backends()["cpu"]["bfloat16"].startswith("bfloat16 GEMMs on AMX")
+    except RuntimeError:
+        return False
+    finally:
+        os.environ.pop("OKADFA_CPU_HALF_GEMM")
 
 
 def main(argv=None):
@@ -51,10 +64,11 @@ def main(argv=None):
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    variants = [v for v in VARIANTS if "AMX" not in v or has_amx()]
     rows = []
     for T in seq_lens:
-        calls = {name: make_call(name, T) for name in VARIANTS}
-        times = {name: [] for name in VARIANTS}
+        calls = {name: make_call(name, T) for name in variants}
+        times = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, call in calls.items():
                 times[name].append(median_time(call, min_runs=3, min_seconds=0.0))
@@ -62,7 +76,7 @@ def main(argv=None):
     os.environ.pop("OKADFA_CPU_HALF_GEMM", None)
     meta = cpu_meta(cpu_bfloat16=okadfa.backends()["cpu"]["bfloat16"], B=1, H=8, D=64, M=256, rounds=args.rounds)
     md = [f"# bfloat16 on the CPU: causal forward+backward, B=1, H=8, D=64, M=256\n",
-          f"{meta}\n", "| T | " + " | ".join(VARIANTS) + " |", "|---" * (len(VARIANTS) + 1) + "|"]
+          f"{meta}\n", "| T | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for T in seq_lens:
         cells = [f"{r['best_ms']:.0f} ms (×{r['spread']:.2f})" for r in rows if r["T"] == T]
         md.append(f"| {T} | " + " | ".join(cells) + " |")

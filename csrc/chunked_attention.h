@@ -41,17 +41,19 @@ struct AttentionProblem {
   int64_t chunk;
 };
 
-// T: the compute type (float, double). G: the type of the GEMM operands: T, or a half type whose
-// GEMMs (oneDNN) accumulate in float32 (cpu_math.h); every other step (exponentials, maxima,
-// states, normalisers) stays in T. The feature logits √s·x·wᵀ are multiplied in T even then: an
-// absolute error in a logit is a relative error in its feature after exp, and a logit rounded
-// to bfloat16 is off by up to |logit|·2⁻⁹.
+// T: the compute type (float, double). G: the type of the GEMM operands: T, or bfloat16, whose
+// GEMMs (on AMX tiles or through oneDNN, cpu_math.h's half_gemm_path) accumulate in float32;
+// every other step (exponentials, maxima, states, normalisers) stays in T. The feature logits
+// √s·x·wᵀ join the bfloat16 GEMMs only on AMX: there the operands are the bfloat16 inputs
+// themselves (exact) and the sums stay float32, while oneDNN rounds each logit to bfloat16, off
+// by up to |logit|·2⁻⁹, an error exp turns into a relative error of the feature.
 template <typename T, typename G = T>
 class ChunkedAttention {
   static constexpr bool kHalfGemm = !std::is_same_v<G, T>;
 
  public:
-  explicit ChunkedAttention(const AttentionProblem<T>& p) : p_(p) {}
+  explicit ChunkedAttention(const AttentionProblem<T>& p)
+      : p_(p), amx_(kHalfGemm && half_gemm_path(at::kBFloat16).engine == HalfGemm::kAmx) {}
 
   // out [BH, Tn, Dv], lognorm [BH, Tn].
   void forward(T* out, T* lognorm) const {
@@ -149,12 +151,12 @@ class ChunkedAttention {
         *part.first = Span{base, part.second};
         base += (part.second + 15) / 16 * 16;
       }
-      if (kHalfGemm) {   // the largest operand: a chunk's features, values, A, a state, or w
-        const int64_t largest = std::max({C * std::max({M, C, W, p.dq}), M * std::max(W, p.dq)});
-        half_storage = at::empty({3 * largest}, at::TensorOptions().dtype(c10::CppTypeToScalarType<G>::value));
+      if (kHalfGemm) {   // every operand and product fits in side² (AMX: packed A and B, padded)
+        const int64_t side = (std::max({C, M, W, p.dq}) + 31) / 32 * 32;
+        half_storage = at::empty({3 * side * side}, at::TensorOptions().dtype(c10::CppTypeToScalarType<G>::value));
         half_a = half_storage.data_ptr<G>();
-        half_b = half_a + largest;
-        half_c = half_b + largest;
+        half_b = half_a + side * side;
+        half_c = half_b + side * side;
       }
     }
   };
@@ -163,18 +165,26 @@ class ChunkedAttention {
   // its speed, and tiny problems keep T's exact cancellations (dq = 0 at T = 1).
   static constexpr int64_t kHalfGemmMin = 64 * 64 * 64;
 
-  // C = alpha·op(A)·op(B) + beta·C (cpu_math.h's gemm) with the operands in G: rounded into
-  // the workspace first when G is a half type (A is m×k, or k×m when ta; B likewise).
-  static void mm(Workspace& ws, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
-                 int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  // C = alpha·op(A)·op(B) + beta·C (cpu_math.h's gemm) with the operands in G when G is a half
+  // type: packed on AMX tiles, or rounded into the workspace for oneDNN (A is m×k, or k×m when
+  // ta; B likewise).
+  void mm(Workspace& ws, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) const {
     if constexpr (kHalfGemm) {
-      if (m * n * k < kHalfGemmMin) return gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-      round_to(a, ta ? k : m, ta ? m : k, lda, ws.half_a);
-      round_to(b, tb ? n : k, tb ? k : n, ldb, ws.half_b);
-      gemm(ta, tb, m, n, k, alpha, ws.half_a, ta ? m : k, ws.half_b, tb ? k : n, beta, c, ldc, ws.half_c);
-    } else {
-      gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+      if (m * n * k >= kHalfGemmMin) {
+        if (amx_) return gemm_amx(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ws.half_a);
+        round_to(a, ta ? k : m, ta ? m : k, lda, ws.half_a);
+        round_to(b, tb ? n : k, tb ? k : n, ldb, ws.half_b);
+        return gemm(ta, tb, m, n, k, alpha, ws.half_a, ta ? m : k, ws.half_b, tb ? k : n, beta, c, ldc, ws.half_c);
+      }
     }
+    gemm(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  }
+
+  // out = √s·x·wᵀ for n rows of x (the feature logits; see the class comment for their GEMM).
+  void logits(const T* x, int64_t n, T* out, Workspace& ws) const {
+    if (amx_) return mm(ws, false, true, n, p_.m, p_.dq, p_.sqrt_scale, x, p_.dq, p_.w, p_.dq, T(0), out, p_.m);
+    gemm(false, true, n, p_.m, p_.dq, p_.sqrt_scale, x, p_.dq, p_.w, p_.dq, T(0), out, p_.m);
   }
 
   static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
@@ -197,7 +207,7 @@ class ChunkedAttention {
   // fq = exp(√s·q Wᵀ - rowmax) (fused) or the given features; aq = the row shift.
   void query_features(const T* q, int64_t n, Workspace& ws) const {
     if (p_.fused) {
-      gemm(false, true, n, p_.m, p_.dq, p_.sqrt_scale, q, p_.dq, p_.w, p_.dq, T(0), ws.fq.data(), p_.m);
+      logits(q, n, ws.fq.data(), ws);
       row_max(ws.fq.data(), n, p_.m, p_.m, ws.aq.data());
       exp_shift_rows(ws.fq.data(), n, p_.m, p_.m, ws.aq.data());
     } else {
@@ -216,7 +226,7 @@ class ChunkedAttention {
       return T(0);
     }
     T* lk = ws.fk.data();
-    gemm(false, true, n, p_.m, p_.dq, p_.sqrt_scale, k, p_.dq, p_.w, p_.dq, T(0), lk, p_.m);
+    logits(k, n, lk, ws);
     const T half_scale = p_.sqrt_scale * p_.sqrt_scale / 2;
     for (int64_t i = 0; i < n; ++i) {
       T sq = 0;
@@ -505,6 +515,7 @@ class ChunkedAttention {
   }
 
   AttentionProblem<T> p_;
+  bool amx_;   // half GEMMs on AMX tiles (else oneDNN)
 };
 
 }  // namespace okadfa::cpu

@@ -48,13 +48,6 @@ void gemm_fallback(bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, c
   at::addmm_out(C, C, A, B, beta, alpha);
 }
 
-// C = beta·C, the product of an empty sum (beta 0: C is not read, it may hold anything).
-template <typename T>
-void scale_by_beta(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
-}
-
 // Row-major C = op(A)op(B) is column-major Cᵀ = op(B)ᵀop(A)ᵀ: swap the operands.
 template <typename T, typename F>
 void gemm_impl(F blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alpha, const T* a,
@@ -159,7 +152,7 @@ struct CpuFeatures {
 
 // CPUID leaf 7 (Intel SDM vol. 2A, "CPUID"): sub-leaf 0 EDX bit 22 AMX-BF16, sub-leaf 1 EAX
 // bit 5 AVX512-BF16. The OS must also save the AVX-512 state (XCR0 bits 5–7) and, for AMX,
-// the tile state (bits 17–18); oneDNN requests AMX use from Linux itself.
+// the tile state (bits 17–18); Linux must also grant the tile state to the process (amx_enable).
 CpuFeatures detect_cpu_features() {
   CpuFeatures f;
   unsigned a = 0, b = 0, c = 0, d = 0;
@@ -201,25 +194,42 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 
 HalfGemmPath half_gemm_path(at::ScalarType dtype) {
   if (dtype == at::kHalf)
-    return {false, "float32 GEMMs: the kernels' running sums and states leave float16's range (65504)"};
+    return {HalfGemm::kFloat32, "float32 GEMMs: the kernels' running sums and states leave float16's range (65504)"};
   TORCH_CHECK(dtype == at::kBFloat16, "okadfa: half_gemm_path takes bfloat16 or float16, got ", dtype);
-  const char* forced = std::getenv("OKADFA_CPU_HALF_GEMM");
-  if (forced && *forced) {
-    const std::string f = forced;
-    TORCH_CHECK(f == "half" || f == "float32", "okadfa: OKADFA_CPU_HALF_GEMM must be 'half' or 'float32', got '",
-                f, "'");
-    return {f == "half", (f == "half" ? "bfloat16" : "float32") + std::string(" GEMMs: forced by OKADFA_CPU_HALF_GEMM")};
-  }
-  if (!at::hasMKLDNN() || !at::globalContext().userEnabledMkldnn())
-    return {false, "float32 GEMMs: torch's oneDNN (mkldnn) is not built or is disabled"};
+  const bool onednn = at::hasMKLDNN() && at::globalContext().userEnabledMkldnn();
 #if defined(__x86_64__)
   static const CpuFeatures cpu = detect_cpu_features();
-  if (cpu.amx_bf16 || cpu.avx512_bf16)
-    return {true, std::string("bfloat16 GEMMs (oneDNN, ") + (cpu.amx_bf16 ? "AMX-BF16" : "AVX512-BF16") +
-                      "), float32 accumulation"};
-  return {false, "float32 GEMMs: this CPU has neither AVX512-BF16 nor AMX-BF16"};
+  const bool amx = cpu.amx_bf16 && cpu.avx512_bf16 && amx_enable();
+  const bool avx512_bf16 = cpu.avx512_bf16;
 #else
-  return {false, "float32 GEMMs: bfloat16 matrix instructions are only looked for on x86-64"};
+  const bool amx = false, avx512_bf16 = false;
+#endif
+  const HalfGemmPath amx_path{HalfGemm::kAmx, "bfloat16 GEMMs on AMX tiles (AMX-BF16), float32 accumulation"};
+  const HalfGemmPath onednn_path{HalfGemm::kOneDnn, std::string("bfloat16 GEMMs (oneDNN, ") +
+                                                        (amx ? "AMX-BF16" : avx512_bf16 ? "AVX512-BF16" : "emulated") +
+                                                        "), float32 accumulation, products rounded to bfloat16"};
+  const char* forced = std::getenv("OKADFA_CPU_HALF_GEMM");
+  const std::string f = forced ? forced : "";
+  TORCH_CHECK(f.empty() || f == "half" || f == "amx" || f == "onednn" || f == "float32",
+              "okadfa: OKADFA_CPU_HALF_GEMM must be 'amx', 'onednn', 'float32' or 'half', got '", f, "'");
+  const std::string why = " (forced by OKADFA_CPU_HALF_GEMM)";
+  if (f == "float32") return {HalfGemm::kFloat32, "float32 GEMMs" + why};
+  if (f == "amx") {
+    TORCH_CHECK(amx, "okadfa: OKADFA_CPU_HALF_GEMM=amx, but this CPU or OS offers no AMX-BF16 with AVX512-BF16");
+    return {HalfGemm::kAmx, amx_path.reason + why};
+  }
+  // Forced, oneDNN runs anywhere it is built (emulated, slowly, without bfloat16 instructions).
+  if (f == "onednn" || (f == "half" && !amx)) {
+    TORCH_CHECK(onednn, "okadfa: OKADFA_CPU_HALF_GEMM=", f, ", but torch's oneDNN (mkldnn) is not built or is disabled");
+    return {HalfGemm::kOneDnn, onednn_path.reason + why};
+  }
+  if (amx) return {HalfGemm::kAmx, amx_path.reason + (f == "half" ? why : "")};
+  if (onednn && avx512_bf16) return {HalfGemm::kOneDnn, onednn_path.reason};
+#if defined(__x86_64__)
+  if (!avx512_bf16) return {HalfGemm::kFloat32, "float32 GEMMs: this CPU has neither AVX512-BF16 nor AMX-BF16"};
+  return {HalfGemm::kFloat32, "float32 GEMMs: no AMX-BF16, and torch's oneDNN (mkldnn) is not built or is disabled"};
+#else
+  return {HalfGemm::kFloat32, "float32 GEMMs: bfloat16 matrix instructions are only looked for on x86-64"};
 #endif
 }
 

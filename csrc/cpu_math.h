@@ -29,16 +29,39 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc,
           c10::BFloat16* scratch = nullptr);
 
+// The float32 GEMM above with op(A) and op(B) rounded to bfloat16 and multiplied on AMX tiles,
+// the products summed in float32 straight into C (amx_gemm.cpp). One thread; only after
+// amx_enable() said yes. scratch: amx_packed_size(m, k) + amx_packed_size(n, k) bfloat16 for the
+// packed operands. The second form takes op(B) packed once by amx_pack_b (amx_packed_size(n, k)
+// bfloat16), for an operand that several products share; its scratch needs amx_packed_size(m, k).
+void gemm_amx(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+              int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc, c10::BFloat16* scratch);
+void gemm_amx(bool trans_a, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+              const c10::BFloat16* packed_b, float beta, float* c, int64_t ldc, c10::BFloat16* scratch);
+void amx_pack_b(bool trans_b, int64_t k, int64_t n, const float* b, int64_t ldb, c10::BFloat16* out);
+int64_t amx_packed_size(int64_t rows, int64_t k);
+// Asks the OS for the AMX tile state (once per process): whether this process may use AMX.
+bool amx_enable();
+
+// C = beta·C, the product of an empty sum (beta 0: C is not read, it may hold anything).
+template <typename T>
+void scale_by_beta(int64_t m, int64_t n, T beta, T* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+}
+
 // out[r·cols + j] = x[r·ld + j] rounded to bfloat16 (nearest even; NaN stays NaN), r < rows, j < cols.
 void round_to(const float* x, int64_t rows, int64_t cols, int64_t ld, c10::BFloat16* out);
 
-// How the CPU kernels multiply matrices for inputs of a half dtype. bfloat16: in bfloat16
-// (oneDNN) where this CPU has bfloat16 matrix instructions (AVX512-BF16 or AMX-BF16) and torch
-// has oneDNN enabled, in float32 otherwise; the environment variable
-// OKADFA_CPU_HALF_GEMM=half|float32 forces one (tests, comparisons). float16: always float32,
-// since the kernels' running sums leave float16's range.
+// How the CPU kernels multiply matrices for inputs of a half dtype. bfloat16: on AMX tiles
+// (gemm_amx) where the CPU has AMX-BF16 and the OS grants it, else through oneDNN (the bfloat16
+// gemm) where the CPU has AVX512-BF16 and torch has oneDNN enabled, else in float32. The
+// environment variable OKADFA_CPU_HALF_GEMM=amx|onednn|float32 forces one (tests, comparisons;
+// "half": the best bfloat16 engine here). float16: always float32, since the kernels' running
+// sums leave float16's range.
+enum class HalfGemm { kFloat32, kOneDnn, kAmx };
 struct HalfGemmPath {
-  bool half;            // GEMM operands in the half type
+  HalfGemm engine;
   std::string reason;   // why, in words (okadfa.backends() shows it)
 };
 HalfGemmPath half_gemm_path(at::ScalarType dtype);
@@ -52,7 +75,8 @@ void dispatch_compute(at::ScalarType dtype, const char* name, Body&& body) {
     case at::kDouble: return body(double{}, double{});
     case at::kFloat: return body(float{}, float{});
     case at::kBFloat16:
-      return half_gemm_path(dtype).half ? body(float{}, c10::BFloat16{}) : body(float{}, float{});
+      if (half_gemm_path(dtype).engine != HalfGemm::kFloat32) return body(float{}, c10::BFloat16{});
+      return body(float{}, float{});
     case at::kHalf: return body(float{}, float{});
     default:
       TORCH_CHECK(false, "okadfa: ", name, " takes float64, float32, bfloat16 or float16, got ", dtype);

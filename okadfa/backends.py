@@ -124,13 +124,13 @@ _STATUS = _discover()
 def backends() -> dict[str, dict[str, object]]:
     """What each backend can do here: {name: {"available": bool, "reason": str}}; the available
     cpu backend also says how it multiplies matrices for bfloat16 and float16 inputs (bfloat16
-    GEMMs where the CPU has AVX512-BF16 or AMX-BF16, float32 otherwise; OKADFA_CPU_HALF_GEMM=
-    half|float32 forces one).
+    GEMMs on AMX tiles where the CPU has AMX-BF16, through oneDNN where it has AVX512-BF16,
+    float32 otherwise; OKADFA_CPU_HALF_GEMM=amx|onednn|float32 forces one).
 
     Example:
         >>> okadfa.backends()["cpu"]
         {'available': True, 'reason': 'native CPU kernels (okadfa._C)',
-         'bfloat16': 'bfloat16 GEMMs (oneDNN, AVX512-BF16), float32 accumulation',
+         'bfloat16': 'bfloat16 GEMMs on AMX tiles (AMX-BF16), float32 accumulation',
          'float16': "float32 GEMMs: the kernels' running sums and states leave float16's range (65504)"}
     """
     report = {name: dict(status) for name, status in _STATUS.items()}

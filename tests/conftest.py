@@ -63,10 +63,24 @@ def backend(request) -> Backend:
     return backend_info(request.param)
 
 
-@pytest.fixture(params=["half", "float32"])
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as the OS reports them (/proc/cpuinfo; empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return set(next(line for line in f if line.startswith("flags")).split()[2:])
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.fixture(params=["amx", "onednn", "float32"])
 def cpu_bf16(request, monkeypatch) -> Backend:
-    """The cpu backend with its bfloat16 GEMMs forced on ("half") or off ("float32") through
-    OKADFA_CPU_HALF_GEMM, so that both paths are tested on every CPU."""
+    """The cpu backend with its bfloat16 GEMMs forced onto one engine through OKADFA_CPU_HALF_GEMM:
+    AMX tiles, oneDNN, or float32 GEMMs. oneDNN and float32 run on every x86 CPU (oneDNN emulates
+    bfloat16 where the CPU lacks it); AMX only where the CPU has it."""
+    if request.param == "amx" and not {"amx_bf16", "avx512_bf16"} <= cpu_flags():
+        pytest.skip("this CPU has no AMX-BF16 with AVX512-BF16")
+    if request.param == "onednn" and not torch.backends.mkldnn.is_available():
+        pytest.skip("torch is built without oneDNN")
     monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", request.param)
     return backend_info("cpu")
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import okadfa
-from conftest import backend_info, check_against_float64, check_double_backward, make_inputs, shape_id
+from conftest import backend_info, check_against_float64, cpu_flags, check_double_backward, make_inputs, shape_id
 from okadfa.reference import favor_attention_naive
 from tolerances import (EXACT, REORDERED, REORDERED_GRAD, UNCHANGED, F32_ACCUMULATED, assert_close,
                         assert_rms_close, rms_error)
@@ -75,34 +75,42 @@ def test_cpu_bfloat16_matches_brute_force(cpu_bf16, causal, shape):
 
 
 def test_cpu_bfloat16_gemm_path_is_switched(monkeypatch):
-    """OKADFA_CPU_HALF_GEMM selects the path (so the test above covers both), backends() names it,
-    and a bad value is refused."""
+    """OKADFA_CPU_HALF_GEMM selects the engine (so the test above covers each), backends() names
+    it, the engines give different roundings of the same answer, and a bad value is refused."""
     backend_info("cpu")
     q, k, v, w = make_inputs(1, 2, 260, 64, 64, 256, dtype=torch.bfloat16)
+    names = {"float32": "float32 GEMMs", "onednn": "bfloat16 GEMMs (oneDNN", "amx": "bfloat16 GEMMs on AMX tiles"}
+    if not {"amx_bf16", "avx512_bf16"} <= cpu_flags():
+        del names["amx"]
     outs = {}
-    for path in ("half", "float32"):
-        monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", path)
-        assert okadfa.backends()["cpu"]["bfloat16"].startswith("bfloat16" if path == "half" else "float32")
-        outs[path] = okadfa.favor_attention(q, k, v, w, causal=True, backend="cpu")
-    assert not torch.equal(outs["half"], outs["float32"])
+    for engine, name in names.items():
+        monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", engine)
+        assert okadfa.backends()["cpu"]["bfloat16"].startswith(name)
+        outs[engine] = okadfa.favor_attention(q, k, v, w, causal=True, backend="cpu")
+    for engine in names:
+        if engine != "float32":
+            assert not torch.equal(outs[engine], outs["float32"]), engine
     monkeypatch.setenv("OKADFA_CPU_HALF_GEMM", "fast")
-    with pytest.raises(RuntimeError, match="OKADFA_CPU_HALF_GEMM must be 'half' or 'float32'"):
+    with pytest.raises(RuntimeError, match="OKADFA_CPU_HALF_GEMM must be 'amx', 'onednn', 'float32' or 'half'"):
         okadfa.favor_attention(q, k, v, w, causal=True, backend="cpu")
 
 
 def test_cpu_bfloat16_gemm_path_follows_the_cpu(monkeypatch):
-    """Unforced, bfloat16 GEMMs are used exactly where the CPU has bfloat16 matrix instructions
-    (the kernel reads CPUID; /proc/cpuinfo is the kernel's view of the same bits)."""
+    """Unforced, the bfloat16 engine follows the CPU: AMX tiles where it has AMX-BF16 (with
+    AVX512-BF16), oneDNN where it has only AVX512-BF16, float32 GEMMs otherwise (the kernel reads
+    CPUID; /proc/cpuinfo is the kernel's view of the same bits)."""
     backend_info("cpu")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next(line for line in f if line.startswith("flags")).split()
-    except (OSError, StopIteration):
+    flags = cpu_flags()
+    if not flags:
         pytest.skip("no /proc/cpuinfo flags here")
     monkeypatch.delenv("OKADFA_CPU_HALF_GEMM", raising=False)
-    has = ("avx512_bf16" in flags or "amx_bf16" in flags) and torch.backends.mkldnn.is_available()
     reason = okadfa.backends()["cpu"]["bfloat16"]
-    assert reason.startswith("bfloat16 GEMMs") == has, reason
+    if {"amx_bf16", "avx512_bf16"} <= flags:
+        assert reason.startswith("bfloat16 GEMMs on AMX tiles"), reason
+    elif "avx512_bf16" in flags and torch.backends.mkldnn.is_available():
+        assert reason.startswith("bfloat16 GEMMs (oneDNN"), reason
+    else:
+        assert reason.startswith("float32 GEMMs"), reason
     assert okadfa.backends()["cpu"]["float16"].startswith("float32 GEMMs")
 
 
