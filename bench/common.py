@@ -87,9 +87,9 @@ def make_forward(name, q, k, v, w, causal=True):
     return lambda: attn(q, k, v)
 
 
-def make_step(name, T, passes, m=M):
-    """Callable for `passes` ("fwd" or "fwd+bwd") with inputs prepared outside the timing."""
-    q, k, v, w = inputs(T, m=m)
+def make_step(name, T, passes, m=M, dtype=torch.float32):
+    """Callable for `passes` ("fwd" or "fwd+bwd") with inputs in `dtype` prepared outside the timing."""
+    q, k, v, w = inputs(T, m=m, dtype=dtype)
     if passes == "fwd":
         fwd = make_forward(name, q, k, v, w)
 
@@ -99,7 +99,7 @@ def make_step(name, T, passes, m=M):
         return run
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     fwd = make_forward(name, q, k, v, w)
-    grad = torch.randn(B, H, T, D)
+    grad = torch.randn(B, H, T, D, dtype=dtype)
 
     def run():
         for x in (q, k, v):
@@ -183,8 +183,8 @@ DFA_HEAD_SHAPE = dict(N=2048, d=768, V=50257, P=12)
 DFA_HEAD_ROWS = ("cpu", "cpu-stored", "unfused")
 
 
-def make_dfa_head_step(name, N=2048, d=768, V=50257, P=12, seed=0):
-    """One DFA head step, inputs prepared outside the timing:
+def make_dfa_head_step(name, N=2048, d=768, V=50257, P=12, seed=0, dtype=torch.float32):
+    """One DFA head step, inputs (h, w_dec, the stored feedback) in `dtype` prepared outside the timing:
 
     cpu:        okadfa.dfa_head (backend="cpu"), seeded feedback generated in the kernel;
     cpu-stored: the same with the feedback stored as a (P, d, d) tensor;
@@ -194,10 +194,11 @@ def make_dfa_head_step(name, N=2048, d=768, V=50257, P=12, seed=0):
     h = torch.randn(N, d, generator=g)
     w = torch.randn(V, d, generator=g) * d ** -0.5
     t = torch.randint(0, V, (N,), generator=g)
+    h, w = h.to(dtype), w.to(dtype)
     spec = okadfa.FeedbackSpec(P, d, d, seed=seed)
     if name == "cpu":
         return lambda: okadfa.dfa_head(h, w, t, spec, backend="cpu")
-    stored = torch.randn(P, d, d, generator=g) * d ** -0.5   # any fixed matrices will do
+    stored = (torch.randn(P, d, d, generator=g) * d ** -0.5).to(dtype)   # any fixed matrices will do
     if name == "cpu-stored":
         return lambda: okadfa.dfa_head(h, w, t, stored, backend="cpu")
     h, w = h.requires_grad_(), w.requires_grad_()

@@ -1,6 +1,6 @@
 """Benchmark report: the microbenchmarks that apply on this machine, with plots.
 
-    python -m bench.report [--device auto|cpu|cuda] [--quick] [--max-t N]
+    python -m bench.report [--device auto|cpu|cuda] [--quick] [--max-t N] [--dtype float32,bfloat16]
                            [--only favor_attention|dfa_head] [--out bench/results] [--no-plots]
     python -m bench.report --replot [--out bench/results]
 
@@ -16,6 +16,9 @@ The dfa_head section compares the fused cpu dfa_head (seeded and stored feedback
 with the unfused PyTorch head (bench.common.make_dfa_head_step) at d=768, V=50257,
 12 points, N=2048 tokens, error="hidden" (--quick: N=256, d=256, V=4096). Writes
 cpu_favor_attention[_quick].{json,md} and cpu_dfa_head[_quick].{json,md}.
+--dtype (a comma list of float32, bfloat16; default float32) repeats both cpu sections
+with every input in each dtype (SDPA and the peers too), a table per dtype, every row
+labelled with its dtype; the header names the CPU's matrix features (bench.common.cpu_meta).
 
 On cuda: the GPU suite of bench/gpu.py (triton and cuda backends, and
 flash-linear-attention when importable, against SDPA's flash kernel in bf16; the
@@ -53,16 +56,16 @@ def matmul_gflops(n=2048):
     return 2 * n ** 3 / median_time(lambda: a @ b, min_runs=10) / 1e9
 
 
-def run(Ts, names, quick=False):
+def run(Ts, names, quick=False, dtype=torch.float32):
     rows = []
     budget = dict(min_runs=3, min_seconds=0.3) if quick else dict(min_runs=5, min_seconds=1.0)
     for T in Ts:
         for name in names:
             for passes in ("fwd", "fwd+bwd"):
                 for m in ((M, 128) if name == "cpu" and passes == "fwd+bwd" else (M,)):
-                    step = make_step(name, T, passes, m=m)
-                    row = dict(backend=name, T=T, M=m, passes=passes, median_ms=1e3 * median_time(step, **budget),
-                               peak_mb=peak_memory(step) / 2 ** 20)
+                    step = make_step(name, T, passes, m=m, dtype=dtype)
+                    row = dict(backend=name, dtype=str(dtype).removeprefix("torch."), T=T, M=m, passes=passes,
+                               median_ms=1e3 * median_time(step, **budget), peak_mb=peak_memory(step) / 2 ** 20)
                     if name == "cpu":
                         flops = chunked_flops(T, m=m) + (chunked_flops(T, m=m, backward=True) if passes != "fwd" else 0)
                         row["gflops"] = flops / row["median_ms"] / 1e6
@@ -82,7 +85,7 @@ def table(rows, names):
     Ts = sorted({r["T"] for r in rows})
     out = []
     for passes in ("fwd", "fwd+bwd"):
-        out.append(f"\n**Causal, {passes}: median ms (peak MB)**\n")
+        out.append(f"\n**Causal, {passes}, {rows[0]['dtype']}: median ms (peak MB)**\n")
         out.append("| T | " + " | ".join(names) + " | cpu vs sdpa |")
         out.append("|---" * (len(names) + 2) + "|")
         for T in Ts:
@@ -104,11 +107,11 @@ def table(rows, names):
     return "\n".join(out)
 
 
-def run_dfa_head(shape, quick=False):
+def run_dfa_head(shape, quick=False, dtype=torch.float32):
     """Median time, peak memory and GFLOP/s of each DFA head row at `shape`. The rows
     take turns, one call each per round, so that a shared machine's load hits them alike."""
     names = [n for n in DFA_HEAD_ROWS if not n.startswith("cpu") or okadfa.backends()["cpu"]["available"]]
-    steps = {name: make_dfa_head_step(name, **shape) for name in names}
+    steps = {name: make_dfa_head_step(name, **shape, dtype=dtype) for name in names}
     times = {name: [] for name in names}
     for round_ in range(6 if quick else 4):          # round 0 warms up
         for name, step in steps.items():
@@ -118,7 +121,8 @@ def run_dfa_head(shape, quick=False):
                 times[name].append(time.perf_counter() - t0)
     rows = []
     for name, step in steps.items():
-        row = dict(backend=name, **shape, median_ms=1e3 * statistics.median(times[name]),
+        row = dict(backend=name, dtype=str(dtype).removeprefix("torch."), **shape,
+                   median_ms=1e3 * statistics.median(times[name]),
                    peak_mb=peak_memory(step) / 2 ** 20)
         row["gflops"] = dfa_head_flops(**shape) / row["median_ms"] / 1e6
         rows.append(row)
@@ -129,7 +133,8 @@ def run_dfa_head(shape, quick=False):
 def dfa_head_table(rows):
     base = next((r for r in rows if r["backend"] == "unfused"), None)
     s = rows[0]
-    out = [f"\n**DFA head, error=hidden, N={s['N']}, d={s['d']}, V={s['V']}, {s['P']} points: median ms, peak MB**\n",
+    out = [f"\n**DFA head, {s['dtype']}, error=hidden, N={s['N']}, d={s['d']}, V={s['V']}, {s['P']} points: "
+           "median ms, peak MB**\n",
            "| head | median ms | peak MB | GFLOP/s | time vs unfused | memory vs unfused |",
            "|---|---|---|---|---|---|"]
     for r in rows:
@@ -141,7 +146,8 @@ def dfa_head_table(rows):
 
 
 def _write(out_dir, stem, meta, rows, md, plot=True):
-    header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; "
+    header = (f"Device: CPU ({meta['processor']}; {', '.join(meta['cpu_flags'] or ['flags unknown'])}; "
+              f"bfloat16: {meta['cpu_bfloat16']}), {meta['threads']} threads; torch {meta['torch']}; "
               f"{meta['date']}; fp32 matmul {meta['matmul_gflops']:.0f}/{meta['matmul_gflops_after']:.0f} "
               f"GFLOP/s (before/after)")
     print("\n" + header + "\n" + md)
@@ -156,25 +162,30 @@ def _plot(json_path):
 
 
 def run_cpu(args):
-    suffix = "_quick" if args.quick else ""
-    meta = cpu_meta(dtype="float32")
-    meta["matmul_gflops"] = matmul_gflops()
-    print(f"machine: {meta['threads']} threads, fp32 matmul {meta['matmul_gflops']:.0f} GFLOP/s", flush=True)
-    if args.only in (None, "favor_attention"):
-        max_t = args.max_t or 8192
-        max_t = min(max_t, 1024) if args.quick else max_t
-        Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= max_t]
-        names = (["cpu"] if okadfa.backends()["cpu"]["available"] else []) + ["reference", "sdpa"] + sorted(peers())
-        rows = run(Ts, names, quick=args.quick)
-        meta["matmul_gflops_after"] = matmul_gflops()
-        _write(args.out, "cpu_favor_attention" + suffix, dict(meta, shape=dict(B=B, H=H, M=M, D=D)), rows,
-               table(rows, names), plot=not args.no_plots)
-    if args.only in (None, "dfa_head"):
-        shape = dict(N=256, d=256, V=4096, P=12) if args.quick else dict(DFA_HEAD_SHAPE)
-        rows = run_dfa_head(shape, quick=args.quick)
-        meta["matmul_gflops_after"] = matmul_gflops()
-        _write(args.out, "cpu_dfa_head" + suffix, dict(meta, shape=shape), rows, dfa_head_table(rows),
-               plot=not args.no_plots)
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+    for name in args.dtype.split(","):
+        if name not in dtypes:
+            raise SystemExit(f"bench.report: --dtype takes float32 and/or bfloat16, got {name!r}")
+        dtype = dtypes[name]
+        suffix = ("" if dtype == torch.float32 else "_bf16") + ("_quick" if args.quick else "")
+        meta = cpu_meta(dtype=name, cpu_bfloat16=okadfa.backends()["cpu"].get("bfloat16"))
+        meta["matmul_gflops"] = matmul_gflops()
+        print(f"machine: {meta['threads']} threads, fp32 matmul {meta['matmul_gflops']:.0f} GFLOP/s; {name}", flush=True)
+        if args.only in (None, "favor_attention"):
+            max_t = args.max_t or 8192
+            max_t = min(max_t, 1024) if args.quick else max_t
+            Ts = [t for t in (256, 512, 1024, 2048, 4096, 8192) if t <= max_t]
+            names = (["cpu"] if okadfa.backends()["cpu"]["available"] else []) + ["reference", "sdpa"] + sorted(peers())
+            rows = run(Ts, names, quick=args.quick, dtype=dtype)
+            meta["matmul_gflops_after"] = matmul_gflops()
+            _write(args.out, "cpu_favor_attention" + suffix, dict(meta, shape=dict(B=B, H=H, M=M, D=D)), rows,
+                   table(rows, names), plot=not args.no_plots)
+        if args.only in (None, "dfa_head"):
+            shape = dict(N=256, d=256, V=4096, P=12) if args.quick else dict(DFA_HEAD_SHAPE)
+            rows = run_dfa_head(shape, quick=args.quick, dtype=dtype)
+            meta["matmul_gflops_after"] = matmul_gflops()
+            _write(args.out, "cpu_dfa_head" + suffix, dict(meta, shape=shape), rows, dfa_head_table(rows),
+                   plot=not args.no_plots)
 
 
 def run_cuda(args):
@@ -196,6 +207,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     parser.add_argument("--max-t", type=int, help="largest T (default 8192 on cpu, 32768 on cuda)")
     parser.add_argument("--only", choices=("favor_attention", "dfa_head"), help="run one cpu section (default: both)")
+    parser.add_argument("--dtype", default="float32", help="cpu: a comma list of float32, bfloat16")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots of the JSON files in --out")

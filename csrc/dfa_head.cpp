@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 
 #include "checks.h"
 #include "cpu_math.h"
@@ -51,10 +52,22 @@ void softmax_cross_entropy(T* y, int64_t rows, int64_t V, const int64_t* targets
   });
 }
 
+// The head's bfloat16 operands for its three GEMMs through oneDNN (cpu_math.h's bfloat16 gemm,
+// multi-threaded, on AMX or AVX512-BF16): h and w_dec are the inputs themselves; dy is rounded
+// into `dy` chunk by chunk; `product` holds oneDNN's bfloat16 result before it is added into the
+// float32 logits or gradients. As in PyTorch's own bfloat16 head, each logit is rounded to
+// bfloat16 once; softmax, loss and the accumulation of grad_w_dec stay in float32.
+struct HalfOperands {
+  const c10::BFloat16* h = nullptr;
+  const c10::BFloat16* w = nullptr;
+  c10::BFloat16* dy = nullptr;
+  c10::BFloat16* product = nullptr;
+};
+
 template <typename T>
 void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, int64_t d, int64_t V,
                      int64_t ignore_index, int64_t n_valid, bool logits_error, int64_t chunk, const Feedback& fb,
-                     T* loss, T* grad_h, T* grad_w, T* signals) {
+                     const HalfOperands& half, T* loss, T* grad_h, T* grad_w, T* signals) {
   const T inv_nv = T(1) / static_cast<T>(std::max<int64_t>(n_valid, 1));
   const int64_t dp = fb.dim;
   auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
@@ -64,10 +77,26 @@ void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, 
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t n = std::min(chunk, N - r0);
     const T* h_c = h + r0 * d;
-    gemm(false, true, n, V, d, T(1), h_c, d, w, d, T(0), y, V);
+    // products below 64³ multiply-adds stay in T: oneDNN's per-call cost outweighs its speed
+    bool in_half = false;
+    if constexpr (std::is_same_v<T, float>) in_half = half.h != nullptr && n * V * d >= 64 * 64 * 64;
+    if constexpr (std::is_same_v<T, float>) {
+      if (in_half) gemm(false, true, n, V, d, 1.0f, half.h + r0 * d, d, half.w, d, 0.0f, y, V, half.product);
+    }
+    if (!in_half) gemm(false, true, n, V, d, T(1), h_c, d, w, d, T(0), y, V);
     softmax_cross_entropy(y, n, V, targets + r0, ignore_index, inv_nv, row_loss.data_ptr<double>() + r0);
-    gemm(false, false, n, d, V, T(1), y, V, w, d, T(0), grad_h + r0 * d, d);
-    gemm(true, false, V, d, n, T(1), y, V, h_c, d, r0 == 0 ? T(0) : T(1), grad_w, d);
+    if constexpr (std::is_same_v<T, float>) {
+      if (in_half) {
+        round_to(y, n, V, V, half.dy);
+        gemm(false, false, n, d, V, 1.0f, half.dy, V, half.w, d, 0.0f, grad_h + r0 * d, d, half.product);
+        gemm(true, false, V, d, n, 1.0f, half.dy, V, half.h + r0 * d, d, r0 == 0 ? 0.0f : 1.0f, grad_w, d,
+             half.product);
+      }
+    }
+    if (!in_half) {
+      gemm(false, false, n, d, V, T(1), y, V, w, d, T(0), grad_h + r0 * d, d);
+      gemm(true, false, V, d, n, T(1), y, V, h_c, d, r0 == 0 ? T(0) : T(1), grad_w, d);
+    }
     if (logits_error) project_feedback(fb, y, n, V, signals + r0 * dp, N * dp);
   }
   if (!logits_error) project_feedback(fb, grad_h, N, d, signals, N * dp);
@@ -99,9 +128,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
   at::Tensor grad_h = at::empty({N, d}, hc.options());
   at::Tensor grad_w = N > 0 ? at::empty({V, d}, hc.options()) : at::zeros({V, d}, hc.options());
   at::Tensor signals = at::empty({fb.points, N, fb.dim}, hc.options());
+  // bfloat16 h and w_dec: bfloat16 GEMMs wherever the attention kernels use them (half_gemm_path).
+  HalfOperands half;
+  at::Tensor hb, wb, half_storage;
+  if (h.scalar_type() == at::kBFloat16 && w_dec.scalar_type() == at::kBFloat16 &&
+      half_gemm_path(at::kBFloat16).engine != HalfGemm::kFloat32) {
+    hb = h.contiguous();
+    wb = w_dec.contiguous();
+    const int64_t rows = std::min(chunk_size, N);
+    half_storage = at::empty({rows * V + std::max(rows * V, V * d)}, h.options());
+    half = {hb.data_ptr<c10::BFloat16>(), wb.data_ptr<c10::BFloat16>(), half_storage.data_ptr<c10::BFloat16>(),
+            half_storage.data_ptr<c10::BFloat16>() + rows * V};
+  }
   AT_DISPATCH_FLOATING_TYPES(acc, "dfa_head", [&] {
     dfa_head_kernel<scalar_t>(hc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), tp, N, d, V, ignore_index, n_valid,
-                              logits_error, chunk_size, fb, loss.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
+                              logits_error, chunk_size, fb, half, loss.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
                               grad_w.data_ptr<scalar_t>(), signals.data_ptr<scalar_t>());
   });
   return {loss, grad_h.to(h.scalar_type()), grad_w.to(w_dec.scalar_type()), signals.to(h.scalar_type())};

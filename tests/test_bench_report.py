@@ -45,6 +45,25 @@ def test_report_quick_run(tmp_path, monkeypatch):
     assert "| 256 |" in (tmp_path / "cpu_favor_attention_quick.md").read_text()
 
 
+def test_report_dtype_axis(tmp_path, monkeypatch):
+    """--dtype float32,bfloat16: a result file per dtype, every row labelled with its dtype, the
+    header naming the bfloat16 engine; an unknown dtype is refused with a one-line error."""
+    from bench import common, report
+
+    monkeypatch.setattr(common, "H", 2)
+    monkeypatch.setattr(report, "H", 2)
+    report.main(["--device", "cpu", "--quick", "--max-t", "256", "--dtype", "float32,bfloat16", "--no-plots",
+                 "--out", str(tmp_path)])
+    for stem, dtype in (("cpu_favor_attention_quick", "float32"), ("cpu_favor_attention_bf16_quick", "bfloat16"),
+                        ("cpu_dfa_head_quick", "float32"), ("cpu_dfa_head_bf16_quick", "bfloat16")):
+        data = json.loads((tmp_path / f"{stem}.json").read_text())
+        assert data["meta"]["dtype"] == dtype and {r["dtype"] for r in data["rows"]} == {dtype}, stem
+        assert "cpu_flags" in data["meta"]
+        assert f"bfloat16: {okadfa.backends()['cpu'].get('bfloat16')}" in (tmp_path / f"{stem}.md").read_text()
+    with pytest.raises(SystemExit, match="--dtype takes float32 and/or bfloat16"):
+        report.main(["--device", "cpu", "--quick", "--dtype", "fp8", "--out", str(tmp_path)])
+
+
 # A BLAS shim preloaded in front of libtorch_cpu: it counts 2·m·n·k of every sgemm_/dgemm_ call
 # (the symbols the cpu kernels call, csrc/cpu_math.cpp) and forwards it, so the FLOP count is
 # read from outside the kernels, with nothing compiled into them.

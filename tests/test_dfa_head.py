@@ -243,3 +243,23 @@ def test_opcheck(backend, storage):
     args = ((None, 2, 7, 1, 0, False) if storage == "seeded" else
             (backend.put(torch.randn(3, 5, 20), dtype=torch.float32), 0, 0, 0, 0, False))
     torch.library.opcheck(op, (h, w, t, *args, -100, storage == "stored", 4), test_utils=utils)
+
+
+@pytest.mark.parametrize("error", ["hidden", "logits"])
+def test_cpu_bfloat16_gemms(cpu_bf16, error):
+    """bfloat16 h and w_dec on the cpu backend at a size where every chunk's GEMMs take the
+    bfloat16 path (OKADFA_CPU_HALF_GEMM picks the engine): every output at most 2× as far from
+    float64 as plain PyTorch in bfloat16, and a bfloat16 engine actually changes the result."""
+    h, w, t = make_head_inputs(300, 64, 1000)
+    h, w = h.to(torch.bfloat16), (w / 4).to(torch.bfloat16)
+    spec = FeedbackSpec(2, 16, 64 if error == "hidden" else 1000, seed=2)
+    got = okadfa.dfa_head(h, w, t, spec, chunk_size=128, error=error, backend=cpu_bf16.name)
+    b64 = materialize_feedback(spec, dtype=torch.float64)
+    expected, plain = autograd_head(h.double(), w.double(), t, b64, error), autograd_head(h, w, t, b64, error)
+    for name, a, e, b in zip(OUTPUTS, got, expected, plain):
+        assert_half_close(a, e, b, torch.bfloat16, what=name)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OKADFA_CPU_HALF_GEMM", "float32")
+        in_float32 = okadfa.dfa_head(h, w, t, spec, chunk_size=128, error=error, backend=cpu_bf16.name)
+    if okadfa.backends()["cpu"]["bfloat16"].startswith("bfloat16"):
+        assert not torch.equal(got[1], in_float32[1])
