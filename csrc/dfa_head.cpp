@@ -53,10 +53,12 @@ void softmax_cross_entropy(T* y, int64_t rows, int64_t V, const int64_t* targets
 }
 
 // The head's bfloat16 operands for its three GEMMs through oneDNN (cpu_math.h's bfloat16 gemm,
-// multi-threaded, on AMX or AVX512-BF16): h and w_dec are the inputs themselves; dy is rounded
-// into `dy` chunk by chunk; `product` holds oneDNN's bfloat16 result before it is added into the
-// float32 logits or gradients. As in PyTorch's own bfloat16 head, each logit is rounded to
-// bfloat16 once; softmax, loss and the accumulation of grad_w_dec stay in float32.
+// multi-threaded, on AMX or AVX512-BF16): h and w_dec are the inputs themselves; dy (N×V) is
+// rounded into `dy` chunk by chunk and both gradient GEMMs run once over all rows after the
+// loop (one grad_w_dec product instead of one per chunk, each of which would have to be added
+// into float32: measured, those additions cost more than the products). `product` holds oneDNN's
+// bfloat16 result before it is added into the float32 logits or gradients. As in PyTorch's own
+// bfloat16 head, each logit is rounded to bfloat16 once; softmax and the loss stay in float32.
 struct HalfOperands {
   const c10::BFloat16* h = nullptr;
   const c10::BFloat16* w = nullptr;
@@ -74,30 +76,30 @@ void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, 
   at::Tensor logits = at::empty({std::min(chunk, N), V}, opts);
   at::Tensor row_loss = at::empty({N}, at::kDouble);
   T* y = logits.data_ptr<T>();
+  bool in_half = false;
+  if constexpr (std::is_same_v<T, float>) in_half = half.h != nullptr;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t n = std::min(chunk, N - r0);
     const T* h_c = h + r0 * d;
-    // products below 64³ multiply-adds stay in T: oneDNN's per-call cost outweighs its speed
-    bool in_half = false;
-    if constexpr (std::is_same_v<T, float>) in_half = half.h != nullptr && n * V * d >= 64 * 64 * 64;
     if constexpr (std::is_same_v<T, float>) {
       if (in_half) gemm(false, true, n, V, d, 1.0f, half.h + r0 * d, d, half.w, d, 0.0f, y, V, half.product);
     }
     if (!in_half) gemm(false, true, n, V, d, T(1), h_c, d, w, d, T(0), y, V);
     softmax_cross_entropy(y, n, V, targets + r0, ignore_index, inv_nv, row_loss.data_ptr<double>() + r0);
     if constexpr (std::is_same_v<T, float>) {
-      if (in_half) {
-        round_to(y, n, V, V, half.dy);
-        gemm(false, false, n, d, V, 1.0f, half.dy, V, half.w, d, 0.0f, grad_h + r0 * d, d, half.product);
-        gemm(true, false, V, d, n, 1.0f, half.dy, V, half.h + r0 * d, d, r0 == 0 ? 0.0f : 1.0f, grad_w, d,
-             half.product);
-      }
+      if (in_half) round_to(y, n, V, V, half.dy + r0 * V);
     }
     if (!in_half) {
       gemm(false, false, n, d, V, T(1), y, V, w, d, T(0), grad_h + r0 * d, d);
       gemm(true, false, V, d, n, T(1), y, V, h_c, d, r0 == 0 ? T(0) : T(1), grad_w, d);
     }
     if (logits_error) project_feedback(fb, y, n, V, signals + r0 * dp, N * dp);
+  }
+  if constexpr (std::is_same_v<T, float>) {
+    if (in_half && N > 0) {
+      gemm(false, false, N, d, V, 1.0f, half.dy, V, half.w, d, 0.0f, grad_h, d, half.product);
+      gemm(true, false, V, d, N, 1.0f, half.dy, V, half.h, d, 0.0f, grad_w, d, half.product);
+    }
   }
   if (!logits_error) project_feedback(fb, grad_h, N, d, signals, N * dp);
   const double* rl = row_loss.data_ptr<double>();
@@ -128,17 +130,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
   at::Tensor grad_h = at::empty({N, d}, hc.options());
   at::Tensor grad_w = N > 0 ? at::empty({V, d}, hc.options()) : at::zeros({V, d}, hc.options());
   at::Tensor signals = at::empty({fb.points, N, fb.dim}, hc.options());
-  // bfloat16 h and w_dec: bfloat16 GEMMs wherever the attention kernels use them (half_gemm_path).
+  // bfloat16 h and w_dec: bfloat16 GEMMs wherever the attention kernels use them (half_gemm_path),
+  // unless a chunk's product is below 64³ multiply-adds (oneDNN's per-call cost outweighs its speed).
   HalfOperands half;
   at::Tensor hb, wb, half_storage;
-  if (h.scalar_type() == at::kBFloat16 && w_dec.scalar_type() == at::kBFloat16 &&
+  const int64_t rows = std::min(chunk_size, N);
+  if (h.scalar_type() == at::kBFloat16 && w_dec.scalar_type() == at::kBFloat16 && rows * V * d >= 64 * 64 * 64 &&
       half_gemm_path(at::kBFloat16).engine != HalfGemm::kFloat32) {
     hb = h.contiguous();
     wb = w_dec.contiguous();
-    const int64_t rows = std::min(chunk_size, N);
-    half_storage = at::empty({rows * V + std::max(rows * V, V * d)}, h.options());
+    half_storage = at::empty({N * V + std::max({rows * V, N * d, V * d})}, h.options());
     half = {hb.data_ptr<c10::BFloat16>(), wb.data_ptr<c10::BFloat16>(), half_storage.data_ptr<c10::BFloat16>(),
-            half_storage.data_ptr<c10::BFloat16>() + rows * V};
+            half_storage.data_ptr<c10::BFloat16>() + N * V};
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "dfa_head", [&] {
     dfa_head_kernel<scalar_t>(hc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), tp, N, d, V, ignore_index, n_valid,

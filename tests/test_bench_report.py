@@ -295,3 +295,29 @@ def test_dfa_sweep_runs_merges_and_reuses(tmp_path):
     assert metrics.stat().st_mtime_ns == stamp                              # reused
     assert json.loads(bp_metrics.read_text().splitlines()[-1])["step"] == 2  # redone
     assert second["rows"][0]["runs"]["0"]["val_loss"] == dfa["runs"]["0"]["val_loss"]
+def test_profile_step_tiny(tmp_path):
+    """bench.profile_step attributes every profiled microsecond to a part, the attention, head and
+    optimizer of both models show up, and only the DFA model has DFA feedback to generate."""
+    from bench import profile_step
+    profile_step.main(["--preset", "tiny", "--seq-len", "32", "--precision", "fp32,bf16", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "profile_tiny_T32.json").read_text())
+    assert {(r["precision"], r["attention"]) for r in data["rows"]} == {
+        (p, a) for p in ("fp32", "bf16") for a in ("favor", "softmax")}
+    for r in data["rows"]:
+        assert set(r["parts_ms"]) <= {*profile_step.PARTS, "other"}
+        assert math.isclose(sum(r["parts_ms"].values()), r["total_ms"])
+        assert r["parts_ms"]["attention"] > 0 and r["parts_ms"]["optimizer"] > 0 and r["parts_ms"]["head"] > 0
+        if r["attention"] == "softmax":
+            assert r["parts_ms"].get("feedback", 0) == 0
+    assert "| bf16 | favor, train dfa |" in (tmp_path / "profile_tiny_T32.md").read_text()
+
+
+def test_profile_parts_follow_the_ancestors():
+    """A matmul inside a named part belongs to that part; a bare matmul to matmuls."""
+    from types import SimpleNamespace as E
+    from bench.profile_step import part_of
+    head = E(name="okadfa::dfa_head", cpu_parent=None)
+    assert part_of(E(name="aten::mm", cpu_parent=head)) == "head"
+    assert part_of(E(name="aten::mm", cpu_parent=E(name="aten::linear", cpu_parent=None))) == "matmuls"
+    assert part_of(E(name="aten::add_", cpu_parent=E(name="Optimizer.step#AdamW.step", cpu_parent=None))) == "optimizer"
+    assert part_of(E(name="aten::copy_", cpu_parent=None)) == "other"
