@@ -57,7 +57,8 @@ void softmax_cross_entropy(T* y, int64_t rows, int64_t V, const int64_t* targets
 // rounded into `dy` chunk by chunk and both gradient GEMMs run once over all rows after the
 // loop (one grad_w_dec product instead of one per chunk, each of which would have to be added
 // into float32: measured, those additions cost more than the products). `product` holds oneDNN's
-// bfloat16 result before it is added into the float32 logits or gradients. As in PyTorch's own
+// bfloat16 gradient before it is widened into float32; a chunk's bfloat16 logits land in its dy
+// slot, which the rounded dy then overwrites (no more memory than the unfused head). As in PyTorch's own
 // bfloat16 head, each logit is rounded to bfloat16 once; softmax and the loss stay in float32.
 struct HalfOperands {
   const c10::BFloat16* h = nullptr;
@@ -80,18 +81,18 @@ void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, 
   if constexpr (std::is_same_v<T, float>) in_half = half.h != nullptr;
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t n = std::min(chunk, N - r0);
-    const T* h_c = h + r0 * d;
     if constexpr (std::is_same_v<T, float>) {
-      if (in_half) gemm(false, true, n, V, d, 1.0f, half.h + r0 * d, d, half.w, d, 0.0f, y, V, half.product);
+      // oneDNN's bfloat16 logits go where this chunk's dy will be rounded to
+      if (in_half) gemm(false, true, n, V, d, 1.0f, half.h + r0 * d, d, half.w, d, 0.0f, y, V, half.dy + r0 * V);
     }
-    if (!in_half) gemm(false, true, n, V, d, T(1), h_c, d, w, d, T(0), y, V);
+    if (!in_half) gemm(false, true, n, V, d, T(1), h + r0 * d, d, w, d, T(0), y, V);
     softmax_cross_entropy(y, n, V, targets + r0, ignore_index, inv_nv, row_loss.data_ptr<double>() + r0);
     if constexpr (std::is_same_v<T, float>) {
       if (in_half) round_to(y, n, V, V, half.dy + r0 * V);
     }
     if (!in_half) {
       gemm(false, false, n, d, V, T(1), y, V, w, d, T(0), grad_h + r0 * d, d);
-      gemm(true, false, V, d, n, T(1), y, V, h_c, d, r0 == 0 ? T(0) : T(1), grad_w, d);
+      gemm(true, false, V, d, n, T(1), y, V, h + r0 * d, d, r0 == 0 ? T(0) : T(1), grad_w, d);
     }
     if (logits_error) project_feedback(fb, y, n, V, signals + r0 * dp, N * dp);
   }
@@ -124,29 +125,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
     ++n_valid;
   }
   const at::ScalarType acc = at::promote_types(at::promote_types(h.scalar_type(), w_dec.scalar_type()), at::kFloat);
-  const at::Tensor hc = h.to(acc).contiguous(), wc = w_dec.to(acc).contiguous();
-  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, logits_error ? V : d, acc, hc);
-  at::Tensor loss = at::empty({}, hc.options());
-  at::Tensor grad_h = at::empty({N, d}, hc.options());
-  at::Tensor grad_w = N > 0 ? at::empty({V, d}, hc.options()) : at::zeros({V, d}, hc.options());
-  at::Tensor signals = at::empty({fb.points, N, fb.dim}, hc.options());
   // bfloat16 h and w_dec: bfloat16 GEMMs wherever the attention kernels use them (half_gemm_path),
-  // unless a chunk's product is below 64³ multiply-adds (oneDNN's per-call cost outweighs its speed).
-  HalfOperands half;
-  at::Tensor hb, wb, half_storage;
+  // unless a chunk's product is below 64³ multiply-adds (oneDNN's per-call cost outweighs its speed);
+  // then no float32 copies of h and w_dec are made.
   const int64_t rows = std::min(chunk_size, N);
-  if (h.scalar_type() == at::kBFloat16 && w_dec.scalar_type() == at::kBFloat16 && rows * V * d >= 64 * 64 * 64 &&
-      half_gemm_path(at::kBFloat16).engine != HalfGemm::kFloat32) {
-    hb = h.contiguous();
-    wb = w_dec.contiguous();
-    half_storage = at::empty({N * V + std::max({rows * V, N * d, V * d})}, h.options());
-    half = {hb.data_ptr<c10::BFloat16>(), wb.data_ptr<c10::BFloat16>(), half_storage.data_ptr<c10::BFloat16>(),
+  const bool use_half = h.scalar_type() == at::kBFloat16 && w_dec.scalar_type() == at::kBFloat16 &&
+                        rows * V * d >= 64 * 64 * 64 && half_gemm_path(at::kBFloat16).engine != HalfGemm::kFloat32;
+  const at::Tensor hc = use_half ? h.contiguous() : h.to(acc).contiguous();
+  const at::Tensor wc = use_half ? w_dec.contiguous() : w_dec.to(acc).contiguous();
+  const auto out_options = h.options().dtype(acc);
+  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, logits_error ? V : d, acc, hc);
+  at::Tensor loss = at::empty({}, out_options);
+  at::Tensor grad_h = at::empty({N, d}, out_options);
+  at::Tensor grad_w = N > 0 ? at::empty({V, d}, out_options) : at::zeros({V, d}, out_options);
+  at::Tensor signals = at::empty({fb.points, N, fb.dim}, out_options);
+  HalfOperands half;
+  at::Tensor half_storage;
+  if (use_half) {
+    half_storage = at::empty({N * V + std::max(N * d, V * d)}, h.options());
+    half = {hc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), half_storage.data_ptr<c10::BFloat16>(),
             half_storage.data_ptr<c10::BFloat16>() + N * V};
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "dfa_head", [&] {
-    dfa_head_kernel<scalar_t>(hc.data_ptr<scalar_t>(), wc.data_ptr<scalar_t>(), tp, N, d, V, ignore_index, n_valid,
-                              logits_error, chunk_size, fb, half, loss.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(),
-                              grad_w.data_ptr<scalar_t>(), signals.data_ptr<scalar_t>());
+    // in half mode the kernel reads only `half`
+    const scalar_t* hp = use_half ? nullptr : hc.data_ptr<scalar_t>();
+    const scalar_t* wp = use_half ? nullptr : wc.data_ptr<scalar_t>();
+    dfa_head_kernel<scalar_t>(hp, wp, tp, N, d, V, ignore_index, n_valid, logits_error, chunk_size, fb, half,
+                              loss.data_ptr<scalar_t>(), grad_h.data_ptr<scalar_t>(), grad_w.data_ptr<scalar_t>(),
+                              signals.data_ptr<scalar_t>());
   });
   return {loss, grad_h.to(h.scalar_type()), grad_w.to(w_dec.scalar_type()), signals.to(h.scalar_type())};
 }
