@@ -152,16 +152,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     seq_lens = [int(t) for t in args.seq_lens.split(",")]
     config = OKADFAConfig.preset(args.preset)
-    n_params = OKADFAModel(config).num_parameters()
+    # the two training rules build different models (DFA: untied unembedding, post-LN; models.RULE_DEFAULTS)
+    n_params = {rule: OKADFAModel(OKADFAConfig.preset(args.preset, training=rule)).num_parameters()
+                for rule in ("bp", "dfa")}
     meta = cpu_meta(preset=args.preset, batch=args.batch, config=config.to_dict(), parameters=n_params,
-                    parameter_mb=4 * n_params / 2**20, precisions=args.precision)
-    print(f"{args.preset}: {n_params / 1e6:.1f}M parameters, batch {args.batch}, {meta['threads']} threads", flush=True)
+                    parameter_mb={rule: 4 * n / 2**20 for rule, n in n_params.items()}, precisions=args.precision)
+    print(f"{args.preset}: {n_params['bp'] / 1e6:.1f}M parameters (DFA: {n_params['dfa'] / 1e6:.1f}M), "
+          f"batch {args.batch}, {meta['threads']} threads", flush=True)
     rows = run(args.preset, seq_lens, args.batch, args.precision)
     precisions = ", ".join("float32" if p == "fp32" else f"{p} (torch.autocast, float32 parameters)"
                            for p in args.precision)
     header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; {meta['date']}. "
-              f"`{args.preset}` ({n_params / 1e6:.1f}M parameters: {meta['parameter_mb']:.0f} MB in float32, "
-              f"gradients as much, AdamW state twice that), batch {args.batch}, {precisions}. Peak MB = torch's CPU "
+              f"`{args.preset}`: {n_params['bp'] / 1e6:.1f}M parameters for forward and train bp "
+              f"({meta['parameter_mb']['bp']:.0f} MB in float32), {n_params['dfa'] / 1e6:.1f}M for train dfa, whose "
+              f"default model has its own unembedding ({meta['parameter_mb']['dfa']:.0f} MB); gradients as much, "
+              f"AdamW state twice that, and the optimizer step is not in the times (bench.profile_step has it). "
+              f"Batch {args.batch}, {precisions}. Peak MB = torch's CPU "
               f"allocator beyond the model and its gradients (activations, workspaces, logits, temporaries).")
     md = header + "\n\n" + table(rows) + "\n"
     print("\n" + md)

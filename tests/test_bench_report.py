@@ -256,7 +256,9 @@ def test_model_bench_tiny(tmp_path):
     from bench import model as model_bench
     model_bench.main(["--preset", "tiny", "--seq-lens", "16,24", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "model_tiny.json").read_text())
-    assert data["meta"]["parameters"] > 0
+    # DFA's default model has its own unembedding (V·d) and, post-LN, no final LayerNorm (2d)
+    n, V, d = data["meta"]["parameters"], data["meta"]["config"]["vocab_size"], data["meta"]["config"]["d_model"]
+    assert n["dfa"] - n["bp"] == V * d - 2 * d
     rows = data["rows"]
     assert {(r["T"], r["attention"], r["mode"]) for r in rows} == {
         (T, a, m) for T in (16, 24) for a in ("favor", "softmax") for m in model_bench.MODES}
