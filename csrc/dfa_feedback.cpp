@@ -156,8 +156,9 @@ void seeded_tile(const Feedback& fb, uint32_t p, float sqrt_e, int64_t i0, int64
 }  // namespace
 
 
-template <typename T>
-void project_feedback(const Feedback& fb, const T* e, int64_t rows, int64_t lde, T* out, int64_t point_stride) {
+template <typename T, typename G>
+void project_feedback(const Feedback& fb, const G* e, int64_t rows, int64_t lde, T* out, int64_t point_stride) {
+  constexpr bool kHalf = !std::is_same_v<G, T>;
   const int64_t P = fb.points, d = fb.dim, E = fb.error_dim;
   if (rows == 0 || P == 0 || d == 0) return;
   if (E == 0) {
@@ -170,23 +171,30 @@ void project_feedback(const Feedback& fb, const T* e, int64_t rows, int64_t lde,
   const int64_t ti = std::min(d, kTileRows), tj = std::min(E, kTileCols);
   const int64_t row_tiles = (d + ti - 1) / ti;
   const float sqrt_e = std::sqrt(static_cast<float>(E));
-  const T* stored = seeded ? nullptr : fb.stored.data_ptr<T>();
-  // One tile buffer per thread, from torch's allocator (so memory profiles see it).
-  at::Tensor tiles = at::empty({seeded ? at::get_num_threads() * ti * tj : 0},
-                               at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value));
+  const G* stored = seeded ? nullptr : fb.stored.data_ptr<G>();
+  // Per thread, from torch's allocator (so memory profiles see it): a tile of B and, for
+  // bfloat16 operands, the rows×ti bfloat16 product before it is added into float32.
+  const int64_t per_thread = (seeded ? ti * tj : 0) + (kHalf ? rows * ti : 0);
+  at::Tensor work = at::empty({at::get_num_threads() * per_thread},
+                              at::TensorOptions().dtype(c10::CppTypeToScalarType<G>::value));
   at::parallel_for(0, computed * row_tiles, 1, [&](int64_t begin, int64_t end) {
-    T* tile = seeded ? tiles.data_ptr<T>() + at::get_thread_num() * ti * tj : nullptr;
+    G* mine = work.data_ptr<G>() + at::get_thread_num() * per_thread;
+    G* tile = seeded ? mine : nullptr;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t p = task / row_tiles, i0 = (task % row_tiles) * ti, ni = std::min(ti, d - i0);
       for (int64_t j0 = 0; j0 < E; j0 += tj) {
         const int64_t nj = std::min(tj, E - j0);
-        const T* b = tile;
+        const G* b = tile;
         if (seeded)
           seeded_tile(fb, static_cast<uint32_t>(p), sqrt_e, i0, ni, j0, nj, tile);
         else
           b = stored + (p * d + i0) * E + j0;
-        gemm(false, true, rows, ni, nj, T(1), e + j0, lde, b, seeded ? nj : E, j0 == 0 ? T(0) : T(1),
-             out + p * point_stride + i0, d);
+        T* o = out + p * point_stride + i0;
+        const T beta = j0 == 0 ? T(0) : T(1);
+        if constexpr (kHalf)
+          gemm(false, true, rows, ni, nj, 1.0f, e + j0, lde, b, seeded ? nj : E, beta, o, d, mine + (seeded ? ti * tj : 0));
+        else
+          gemm(false, true, rows, ni, nj, T(1), e + j0, lde, b, seeded ? nj : E, beta, o, d);
       }
     }
   });
@@ -194,23 +202,37 @@ void project_feedback(const Feedback& fb, const T* e, int64_t rows, int64_t lde,
     for (int64_t n = 0; n < rows; ++n) std::memcpy(out + p * point_stride + n * d, out + n * d, d * sizeof(T));
 }
 
-template void project_feedback<float>(const Feedback&, const float*, int64_t, int64_t, float*, int64_t);
-template void project_feedback<double>(const Feedback&, const double*, int64_t, int64_t, double*, int64_t);
+template void project_feedback<float, float>(const Feedback&, const float*, int64_t, int64_t, float*, int64_t);
+template void project_feedback<double, double>(const Feedback&, const double*, int64_t, int64_t, double*, int64_t);
+template void project_feedback<float, c10::BFloat16>(const Feedback&, const c10::BFloat16*, int64_t, int64_t, float*,
+                                                     int64_t);
+
+bool half_projection(at::ScalarType dtype, int64_t rows, int64_t dim, int64_t error_dim) {
+  return dtype == at::kBFloat16 && rows * std::min(dim, kTileRows) * std::min(error_dim, kTileCols) >= 64 * 64 * 64 &&
+         half_gemm_path(at::kBFloat16).engine != HalfGemm::kFloat32;
+}
 
 namespace {
 
-// (P, N, d) in error's dtype; half types are computed in float32.
+// (P, N, d) in error's dtype; half types are computed in float32, bfloat16 with bfloat16
+// GEMM operands where half_projection says so.
 at::Tensor dfa_feedback_cpu(const at::Tensor& error, const std::optional<at::Tensor>& feedback, int64_t points,
                             int64_t dim, int64_t seed, int64_t dist, bool shared) {
   check_error(error);
   const at::ScalarType acc = at::promote_types(error.scalar_type(), at::kFloat);
-  const at::Tensor e = error.to(acc).contiguous();
-  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, e.size(1), acc, e);
-  at::Tensor out = at::empty({fb.points, e.size(0), fb.dim}, e.options());
-  AT_DISPATCH_FLOATING_TYPES(acc, "dfa_feedback", [&] {
-    project_feedback<scalar_t>(fb, e.data_ptr<scalar_t>(), e.size(0), e.size(1), out.data_ptr<scalar_t>(),
-                               e.size(0) * fb.dim);
-  });
+  const int64_t N = error.size(0), E = error.size(1);
+  const int64_t d = feedback.has_value() && feedback->defined() && feedback->dim() == 3 ? feedback->size(1) : dim;
+  const bool half = half_projection(error.scalar_type(), N, d, E);
+  const at::Tensor e = half ? error.contiguous() : error.to(acc).contiguous();
+  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, E, e.scalar_type(), e);
+  at::Tensor out = at::empty({fb.points, N, fb.dim}, e.options().dtype(acc));
+  if (half) {
+    project_feedback<float, c10::BFloat16>(fb, e.data_ptr<c10::BFloat16>(), N, E, out.data_ptr<float>(), N * fb.dim);
+  } else {
+    AT_DISPATCH_FLOATING_TYPES(acc, "dfa_feedback", [&] {
+      project_feedback<scalar_t, scalar_t>(fb, e.data_ptr<scalar_t>(), N, E, out.data_ptr<scalar_t>(), N * fb.dim);
+    });
+  }
   return out.to(error.scalar_type());
 }
 

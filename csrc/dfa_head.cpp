@@ -60,11 +60,14 @@ void softmax_cross_entropy(T* y, int64_t rows, int64_t V, const int64_t* targets
 // bfloat16 gradient before it is widened into float32; a chunk's bfloat16 logits land in its dy
 // slot, which the rounded dy then overwrites (no more memory than the unfused head). As in PyTorch's own
 // bfloat16 head, each logit is rounded to bfloat16 once; softmax and the loss stay in float32.
+// With `projection` the feedback projection takes bfloat16 operands too (dfa_projection.h's
+// half_projection): the rounded dy (error="logits") or grad_h rounded into `product`.
 struct HalfOperands {
   const c10::BFloat16* h = nullptr;
   const c10::BFloat16* w = nullptr;
   c10::BFloat16* dy = nullptr;
   c10::BFloat16* product = nullptr;
+  bool projection = false;
 };
 
 template <typename T>
@@ -79,6 +82,13 @@ void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, 
   T* y = logits.data_ptr<T>();
   bool in_half = false;
   if constexpr (std::is_same_v<T, float>) in_half = half.h != nullptr;
+  // signals (rows from `out`) = e B_pᵀ for e given in T, or its bfloat16 copy `e_half`
+  auto project = [&](const T* e, const c10::BFloat16* e_half, int64_t rows, int64_t lde, T* out) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (half.projection) return project_feedback<float, c10::BFloat16>(fb, e_half, rows, lde, out, N * dp);
+    }
+    project_feedback<T, T>(fb, e, rows, lde, out, N * dp);
+  };
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t n = std::min(chunk, N - r0);
     if constexpr (std::is_same_v<T, float>) {
@@ -94,7 +104,7 @@ void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, 
       gemm(false, false, n, d, V, T(1), y, V, w, d, T(0), grad_h + r0 * d, d);
       gemm(true, false, V, d, n, T(1), y, V, h + r0 * d, d, r0 == 0 ? T(0) : T(1), grad_w, d);
     }
-    if (logits_error) project_feedback(fb, y, n, V, signals + r0 * dp, N * dp);
+    if (logits_error) project(y, half.projection ? half.dy + r0 * V : nullptr, n, V, signals + r0 * dp);
   }
   if constexpr (std::is_same_v<T, float>) {
     if (in_half && N > 0) {
@@ -102,7 +112,12 @@ void dfa_head_kernel(const T* h, const T* w, const int64_t* targets, int64_t N, 
       gemm(true, false, V, d, N, 1.0f, half.dy, V, half.h, d, 0.0f, grad_w, d, half.product);
     }
   }
-  if (!logits_error) project_feedback(fb, grad_h, N, d, signals, N * dp);
+  if (!logits_error) {
+    if constexpr (std::is_same_v<T, float>) {
+      if (half.projection) round_to(grad_h, N, d, d, half.product);
+    }
+    project(grad_h, half.product, N, d, signals);
+  }
   const double* rl = row_loss.data_ptr<double>();
   double total = 0.0;
   for (int64_t r = 0; r < N; ++r) total += rl[r];
@@ -134,7 +149,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
   const at::Tensor hc = use_half ? h.contiguous() : h.to(acc).contiguous();
   const at::Tensor wc = use_half ? w_dec.contiguous() : w_dec.to(acc).contiguous();
   const auto out_options = h.options().dtype(acc);
-  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, logits_error ? V : d, acc, hc);
+  const int64_t error_dim = logits_error ? V : d;
+  const int64_t dp = feedback.has_value() && feedback->defined() && feedback->dim() == 3 ? feedback->size(1) : dim;
+  const bool half_fb = use_half && half_projection(at::kBFloat16, logits_error ? rows : N, dp, error_dim);
+  const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, error_dim,
+                                    half_fb ? at::kBFloat16 : acc, hc);
   at::Tensor loss = at::empty({}, out_options);
   at::Tensor grad_h = at::empty({N, d}, out_options);
   at::Tensor grad_w = N > 0 ? at::empty({V, d}, out_options) : at::zeros({V, d}, out_options);
@@ -144,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
   if (use_half) {
     half_storage = at::empty({N * V + std::max(N * d, V * d)}, h.options());
     half = {hc.data_ptr<c10::BFloat16>(), wc.data_ptr<c10::BFloat16>(), half_storage.data_ptr<c10::BFloat16>(),
-            half_storage.data_ptr<c10::BFloat16>() + N * V};
+            half_storage.data_ptr<c10::BFloat16>() + N * V, half_fb};
   }
   AT_DISPATCH_FLOATING_TYPES(acc, "dfa_head", [&] {
     // in half mode the kernel reads only `half`

@@ -38,7 +38,15 @@ namespace okadfa::cpu {
 // out[p·point_stride + n·d + i] = Σ_j e[n·lde + j]·B_p[i, j] for p < P, n < rows, i < d.
 // Parallel over (point, tile of B's rows): each seeded entry is generated once per call;
 // every task writes its own part of out, so the result does not depend on the threads.
-template <typename T>
-void project_feedback(const Feedback& fb, const T* e, int64_t rows, int64_t lde, T* out, int64_t point_stride);
+// G = T, or G = bfloat16 with T = float: e and B (the stored matrices, or the seeded
+// entries rounded once) in bfloat16, each tile's product through cpu_math.h's bfloat16 GEMM
+// (float32 accumulation) added into the float32 out.
+template <typename T, typename G = T>
+void project_feedback(const Feedback& fb, const G* e, int64_t rows, int64_t lde, T* out, int64_t point_stride);
+
+// Whether a projection of `rows` errors of dtype `dtype` (bfloat16 only) through (dim, error_dim)
+// matrices takes bfloat16 operands: where the attention kernels use a bfloat16 engine and a
+// tile's product has at least 64³ multiply-adds (below, oneDNN's per-call cost outweighs its speed).
+bool half_projection(at::ScalarType dtype, int64_t rows, int64_t dim, int64_t error_dim);
 
 }  // namespace okadfa::cpu
