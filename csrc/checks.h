@@ -47,6 +47,16 @@ inline void check_attention_inputs(const at::Tensor& q, const at::Tensor& k, con
   check_size(k, "k", 3, q.size(3));
 }
 
+// key_mask: None, or a bool (B, H, T) tensor over q's first three dimensions (true = a real
+// key, okadfa/reference/attention.py). Returns its bytes, or nullptr for None.
+inline const uint8_t* key_mask_data(const std::optional<at::Tensor>& key_mask, const at::Tensor& q) {
+  if (!key_mask.has_value() || !key_mask->defined()) return nullptr;
+  check_tensor(*key_mask, "key_mask", 3, q, at::kBool);
+  TORCH_CHECK(key_mask->sizes() == q.sizes().slice(0, 3), "okadfa: key_mask must have shape ", q.sizes().slice(0, 3),
+              ", got ", key_mask->sizes());
+  return reinterpret_cast<const uint8_t*>(key_mask->data_ptr<bool>());
+}
+
 // The saved tensors a backward op receives: grad_out and out like v, lognorm (B, H, T), all
 // three in the compute dtype (float32 for half inputs: what the forward returned).
 inline void check_saved(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& v, const at::Tensor& out,

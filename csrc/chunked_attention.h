@@ -8,6 +8,11 @@
 //   lk  [n, M]  key logits √s·k·w_m - s‖k‖²/2 ;  c_s = max(P, max_{s'<=s} max_m lk_s')
 //   fk  [n, M]  exp(lk_s - c_s) <= 1 (a running maximum: nothing depends on later keys)
 //   vx  [n, W]  the values with a ones column appended (the normaliser rides along)
+// Key padding (key_mask, 1 = a real key): a masked key's logits are −inf (given features: 0),
+// so it leaves every sum and the running maximum, and its values are read as 0; c is floored
+// at kKeyFloor (okadfa/reference/attention.py's KEY_FLOOR), so rows before the first real key
+// keep finite shifts. Query rows at masked positions output 0 with lognorm −inf (the underflow
+// guard's row: no gradient).
 //   S   [M, W]  carried state Σ_s exp(lk_s - P) vx_sᵀ at reference P (the running max)
 // The weight of key s for query t is fq_t·fk_s·exp(c_s - c_t): the true weight
 // times a factor that depends on t alone, which cancels in the normalisation.
@@ -35,6 +40,7 @@ struct AttentionProblem {
   const T* k;        // [BH, Tn, Dq]
   const T* v;        // [BH, Tn, Dv]
   const T* w;        // [M, Dk] projection (fused only)
+  const uint8_t* key_mask;   // [BH, Tn], 1 = a real key; nullptr: every key is real
   int64_t bh, tn, dq, m, dv;
   bool fused, causal;
   T sqrt_scale;      // √scale, fused only
@@ -188,6 +194,7 @@ class ChunkedAttention {
   }
 
   static constexpr T kNegInf = -std::numeric_limits<T>::infinity();
+  static constexpr T kKeyFloor = T(-1e30);
   // min_normal^0.8: ~1e-31 (float32), ~1e-246 (float64). Above it, 1/den' leaves
   // the backward enough headroom not to overflow.
   static inline const T kTiny = std::pow(std::numeric_limits<T>::min(), T(0.8));
@@ -219,9 +226,12 @@ class ChunkedAttention {
   // Key features relative to a per-row shift c: causal c_s = max(P, running max),
   // otherwise the chunk's new state reference max(P, chunk max) for every row.
   // Returns the new state reference (c of the last row).
-  T key_features(const T* k, int64_t n, T pref, bool running, Workspace& ws) const {
+  // mask: the chunk's key_mask entries (nullptr: none masked).
+  T key_features(const T* k, const uint8_t* mask, int64_t n, T pref, bool running, Workspace& ws) const {
     if (!p_.fused) {
       std::memcpy(ws.fk.data(), k, sizeof(T) * n * p_.m);
+      for (int64_t i = 0; mask && i < n; ++i)
+        if (!mask[i]) std::fill_n(ws.fk.data() + i * p_.m, p_.m, T(0));
       std::fill_n(ws.c.data(), n, T(0));
       return T(0);
     }
@@ -233,9 +243,10 @@ class ChunkedAttention {
       for (int64_t j = 0; j < p_.dq; ++j) sq += k[i * p_.dq + j] * k[i * p_.dq + j];
       const T shift = half_scale * sq;
       for (int64_t j = 0; j < p_.m; ++j) lk[i * p_.m + j] -= shift;
+      if (mask && !mask[i]) std::fill_n(lk + i * p_.m, p_.m, kNegInf);
     }
     row_max(lk, n, p_.m, p_.m, ws.rmax.data());
-    T run = pref;
+    T run = std::max(pref, kKeyFloor);
     for (int64_t i = 0; i < n; ++i) {
       run = std::max(run, ws.rmax[i]);
       ws.c[i] = run;
@@ -245,11 +256,15 @@ class ChunkedAttention {
     return run;
   }
 
-  // vx = [v[:, d0:d1], 1 (if with_ones)]
-  void load_values(const T* v, int64_t n, int64_t d0, int64_t d1, bool with_ones, Workspace& ws) const {
+  // vx = [v[:, d0:d1], 1 (if with_ones)], masked keys' values 0
+  void load_values(const T* v, const uint8_t* mask, int64_t n, int64_t d0, int64_t d1, bool with_ones,
+                   Workspace& ws) const {
     const int64_t W = d1 - d0 + (with_ones ? 1 : 0);
     for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(ws.vx.data() + i * W, v + i * p_.dv + d0, sizeof(T) * (d1 - d0));
+      if (mask && !mask[i])
+        std::fill_n(ws.vx.data() + i * W, d1 - d0, T(0));
+      else
+        std::memcpy(ws.vx.data() + i * W, v + i * p_.dv + d0, sizeof(T) * (d1 - d0));
       if (with_ones) ws.vx[i * W + W - 1] = T(1);
     }
   }
@@ -282,14 +297,16 @@ class ChunkedAttention {
     const T* v = p_.v + b * p_.tn * p_.dv;
     T* o = out + b * p_.tn * p_.dv;
     T* ln = lognorm + b * p_.tn;
+    const uint8_t* mask = p_.key_mask ? p_.key_mask + b * p_.tn : nullptr;
+    auto at = [mask](int64_t t0) { return mask ? mask + t0 : nullptr; };   // the chunk's mask entries
     std::fill(ws.s.begin(), ws.s.end(), T(0));
     T pref = initial_reference();
     T* num = ws.e.data();
     if (!p_.causal) {
       for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
         const int64_t n = std::min(C, p_.tn - t0);
-        const T pnew = key_features(k + t0 * p_.dq, n, pref, false, ws);
-        load_values(v + t0 * p_.dv, n, d0, d1, true, ws);
+        const T pnew = key_features(k + t0 * p_.dq, at(t0), n, pref, false, ws);
+        load_values(v + t0 * p_.dv, at(t0), n, d0, d1, true, ws);
         update_state(n, W, pref, pnew, ws);
         pref = pnew;
       }
@@ -298,15 +315,15 @@ class ChunkedAttention {
         query_features(q + t0 * p_.dq, n, ws);
         mm(ws, false, false, n, W, M, T(1), ws.fq.data(), M, ws.s.data(), W, T(0), num, W);
         std::fill_n(ws.c.data(), n, pref);
-        finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
+        finish_rows(n, t0, d0, d1, at(t0), ws, o, d0 == 0 ? ln : nullptr);
       }
       return;
     }
     for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
       const int64_t n = std::min(C, p_.tn - t0);
       query_features(q + t0 * p_.dq, n, ws);
-      const T pnew = key_features(k + t0 * p_.dq, n, pref, true, ws);
-      load_values(v + t0 * p_.dv, n, d0, d1, true, ws);
+      const T pnew = key_features(k + t0 * p_.dq, at(t0), n, pref, true, ws);
+      load_values(v + t0 * p_.dv, at(t0), n, d0, d1, true, ws);
       // intra-chunk: (fq fkᵀ ⊙ decay) vx
       mm(ws, false, true, n, n, M, T(1), ws.fq.data(), M, ws.fk.data(), M, T(0), ws.a.data(), n);
       causal_decay(ws.a.data(), n, n, ws.c.data(), !p_.fused);
@@ -321,7 +338,7 @@ class ChunkedAttention {
         }
         mm(ws, false, false, n, W, M, T(1), fq.data(), M, ws.s.data(), W, T(1), num, W);
       }
-      finish_rows(n, t0, d0, d1, ws, o, d0 == 0 ? ln : nullptr);
+      finish_rows(n, t0, d0, d1, at(t0), ws, o, d0 == 0 ? ln : nullptr);
       update_state(n, W, pref, pnew, ws);
       pref = pnew;
     }
@@ -353,13 +370,15 @@ class ChunkedAttention {
   // out = num[:, :-1] / num[:, -1]; lognorm = log(den') + aq + c. The guard: a
   // row whose stabilised normaliser den' fell below kTiny (only for inputs so
   // large that the weights leave the dtype's range) is 0 with lognorm = -inf.
-  // Given features are not rescaled, so there only an exact 0 counts.
-  void finish_rows(int64_t n, int64_t t0, int64_t d0, int64_t d1, const Workspace& ws, T* o, T* ln) const {
+  // Given features are not rescaled, so there only an exact 0 counts. Masked query rows
+  // (mask: the chunk's key_mask entries) are such rows too.
+  void finish_rows(int64_t n, int64_t t0, int64_t d0, int64_t d1, const uint8_t* mask, const Workspace& ws, T* o,
+                   T* ln) const {
     const int64_t W = d1 - d0 + 1;
     const T* num = ws.e.data();
     for (int64_t i = 0; i < n; ++i) {
       const T den = num[i * W + W - 1];
-      const bool underflow = p_.fused ? den < kTiny : den == T(0);
+      const bool underflow = (mask && !mask[i]) || (p_.fused ? den < kTiny : den == T(0));
       for (int64_t j = 0; j < d1 - d0; ++j)
         o[(t0 + i) * p_.dv + d0 + j] = underflow ? T(0) : num[i * W + j] / den;
       if (ln) ln[t0 + i] = underflow ? kNegInf : std::log(den) + ws.aq[i] + ws.c[i];
@@ -384,9 +403,13 @@ class ChunkedAttention {
 
   // From feature gradients df to input gradients. Fused: dlogit = f ⊙ df,
   // dx = √s·dlogit W (- s·Σ_m dlogit·x for keys: the -s‖k‖²/2 term), dW += √s·dlogitᵀx.
-  // The query norm term and the row shifts drop out: Σ_m dlogit_q = 0 exactly.
-  void features_backward(const T* x, const T* f, T* df, int64_t n, bool key, T* dx, T* dw, Workspace& ws) const {
+  // The query norm term and the row shifts drop out: Σ_m dlogit_q = 0 exactly. Masked rows
+  // (mask: the chunk's key_mask entries) get none: their features were set, not computed.
+  void features_backward(const T* x, const uint8_t* mask, const T* f, T* df, int64_t n, bool key, T* dx, T* dw,
+                         Workspace& ws) const {
     const int64_t M = p_.m, D = p_.dq;
+    for (int64_t i = 0; mask && i < n; ++i)
+      if (!mask[i]) std::fill_n(df + i * M, M, T(0));
     if (!p_.fused) {
       for (int64_t i = 0; i < n * M; ++i) dx[i] += df[i];
       return;
@@ -417,6 +440,8 @@ class ChunkedAttention {
     T* dqb = dq + off * p_.dq;
     T* dkb = dk + off * p_.dq;
     T* dvb = dv + off * p_.dv;
+    const uint8_t* mask = p_.key_mask ? p_.key_mask + off : nullptr;
+    auto at = [mask](int64_t t0) { return mask ? mask + t0 : nullptr; };   // the chunk's mask entries
     std::fill_n(dqb, p_.tn * p_.dq, T(0));
     std::fill_n(dkb, p_.tn * p_.dq, T(0));
     const int64_t nchunks = (p_.tn + C - 1) / C;
@@ -430,8 +455,8 @@ class ChunkedAttention {
         std::copy_n(ws.s.data(), M * W, ws.states.data() + j * M * W);
         ws.pstate[j] = pref;
       }
-      const T pnew = key_features(k + t0 * p_.dq, n, pref, false, ws);
-      load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
+      const T pnew = key_features(k + t0 * p_.dq, at(t0), n, pref, false, ws);
+      load_values(v + t0 * p_.dv, at(t0), n, d0, d1, owner, ws);
       update_state(n, W, pref, pnew, ws);
       pref = pnew;
     }
@@ -448,17 +473,17 @@ class ChunkedAttention {
         load_output_grads(g + t0 * p_.dv, o + t0 * p_.dv, ln + t0, n, d0, d1, owner, ws);
         mm(ws, false, true, n, M, W, T(1), ws.e.data(), W, ws.s.data(), W, T(0), ws.dfq.data(), M);
         mm(ws, true, false, M, W, n, T(1), ws.fq.data(), M, ws.e.data(), W, T(1), r, W);
-        features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw, ws);
+        features_backward(q + t0 * p_.dq, at(t0), ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw, ws);
       }
       // Pass 3: keys. dfk = vx Rᵀ ; dv = fk R[:, :w].
       for (int64_t t0 = 0; t0 < p_.tn; t0 += C) {
         const int64_t n = std::min(C, p_.tn - t0);
-        key_features(k + t0 * p_.dq, n, cref, false, ws);
-        load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
+        key_features(k + t0 * p_.dq, at(t0), n, cref, false, ws);
+        load_values(v + t0 * p_.dv, at(t0), n, d0, d1, owner, ws);
         mm(ws, false, true, n, M, W, T(1), ws.vx.data(), W, r, W, T(0), ws.dfk.data(), M);
         mm(ws, false, false, n, w, M, T(1), ws.fk.data(), M, r, W, T(0), ws.dv1.data(), w);
         store_dv(n, t0, d0, w, ws.dv1.data(), dvb);
-        features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw, ws);
+        features_backward(k + t0 * p_.dq, at(t0), ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw, ws);
       }
       return;
     }
@@ -470,8 +495,8 @@ class ChunkedAttention {
       const T pj = ws.pstate[j];
       const T* sj = ws.states.data() + j * M * W;
       query_features(q + t0 * p_.dq, n, ws);
-      key_features(k + t0 * p_.dq, n, pj, true, ws);
-      load_values(v + t0 * p_.dv, n, d0, d1, owner, ws);
+      key_features(k + t0 * p_.dq, at(t0), n, pj, true, ws);
+      load_values(v + t0 * p_.dv, at(t0), n, d0, d1, owner, ws);
       load_output_grads(g + t0 * p_.dv, o + t0 * p_.dv, ln + t0, n, d0, d1, owner, ws);
       T* A = ws.a.data();
       T* B = ws.b.data();
@@ -495,7 +520,7 @@ class ChunkedAttention {
       scale_rows(ws.dv2.data(), n, w, ws.c.data(), rref);
       for (int64_t i = 0; i < n * w; ++i) ws.dv1[i] += ws.dv2[i];
       store_dv(n, t0, d0, w, ws.dv1.data(), dvb);
-      features_backward(k + t0 * p_.dq, ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw, ws);
+      features_backward(k + t0 * p_.dq, at(t0), ws.fk.data(), ws.dfk.data(), n, true, dkb + t0 * p_.dq, dw, ws);
       // R_{j-1} = exp(P_j - P_{j+1}) R_j + fqᵀ diag(exp(P_j - c)) dext  (zero at j = 0)
       if (j > 0) {
         if (pj != rref) {
@@ -504,7 +529,7 @@ class ChunkedAttention {
         }
         mm(ws, true, false, M, W, n, T(1), ws.fq.data(), M, E, W, T(1), r, W);
       }
-      features_backward(q + t0 * p_.dq, ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw, ws);
+      features_backward(q + t0 * p_.dq, at(t0), ws.fq.data(), ws.dfq.data(), n, false, dqb + t0 * p_.dq, dw, ws);
       rref = pj;
     }
   }

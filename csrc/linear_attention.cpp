@@ -10,22 +10,25 @@ namespace {
 
 template <typename T>
 cpu::AttentionProblem<T> linear_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                        bool causal, int64_t chunk) {
-  return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), nullptr,
+                                        const uint8_t* key_mask, bool causal, int64_t chunk) {
+  return {q.data_ptr<T>(), k.data_ptr<T>(), v.data_ptr<T>(), nullptr, key_mask,
           q.size(0) * q.size(1), q.size(2), q.size(3), q.size(3), v.size(3),
           /*fused=*/false, causal, T(1), check_chunk(chunk)};
 }
 
 // out and lognorm in the compute dtype (float32 for half inputs, see check_attention_inputs).
 std::tuple<at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                            const at::Tensor& v_in, bool causal, int64_t chunk) {
+                                                            const at::Tensor& v_in,
+                                                            const std::optional<at::Tensor>& key_mask, bool causal,
+                                                            int64_t chunk) {
   check_attention_inputs(q_in, k_in, v_in);
+  const uint8_t* mask = key_mask_data(key_mask, q_in);
   const at::Tensor q = computed(q_in), k = computed(k_in), v = computed(v_in);
   auto out = at::empty_like(v);
   auto lognorm = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   cpu::dispatch_compute(q_in.scalar_type(), "linear_attention_fwd", [&](auto t, auto g) {
     using T = decltype(t);
-    auto p = linear_problem<T>(q, k, v, causal, chunk);
+    auto p = linear_problem<T>(q, k, v, mask, causal, chunk);
     cpu::ChunkedAttention<T, decltype(g)>(p).forward(out.data_ptr<T>(), lognorm.data_ptr<T>());
   });
   return {out, lognorm};
@@ -34,14 +37,16 @@ std::tuple<at::Tensor, at::Tensor> linear_attention_fwd_cpu(const at::Tensor& q_
 // Gradients in the dtypes of q_feat, k_feat and v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cpu(
     const at::Tensor& grad_out, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-    const at::Tensor& out, const at::Tensor& lognorm, bool causal, int64_t chunk) {
+    const at::Tensor& out, const at::Tensor& lognorm, const std::optional<at::Tensor>& key_mask, bool causal,
+    int64_t chunk) {
   check_attention_inputs(q_in, k_in, v_in);
+  const uint8_t* mask = key_mask_data(key_mask, q_in);
   check_saved(grad_out, q_in, v_in, out, lognorm);
   const at::Tensor q = computed(q_in), k = computed(k_in), v = computed(v_in);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   cpu::dispatch_compute(q_in.scalar_type(), "linear_attention_bwd", [&](auto t, auto g) {
     using T = decltype(t);
-    auto p = linear_problem<T>(q, k, v, causal, chunk);
+    auto p = linear_problem<T>(q, k, v, mask, causal, chunk);
     cpu::ChunkedAttention<T, decltype(g)>(p).backward(grad_out.data_ptr<T>(), out.data_ptr<T>(),
                                                       lognorm.data_ptr<T>(), dq.data_ptr<T>(), dk.data_ptr<T>(),
                                                       dv.data_ptr<T>(), nullptr);

@@ -7,15 +7,16 @@
 #include "cpu_math.h"
 
 TORCH_LIBRARY(okadfa, m) {
-  m.def("favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, bool causal, float scale, "
-        "int chunk_size) -> (Tensor, Tensor)");
+  // key_mask: None or bool (B, H, T), true = a real key (key padding; masked query rows are 0).
+  m.def("favor_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor projection, Tensor? key_mask, bool causal, "
+        "float scale, int chunk_size) -> (Tensor, Tensor)");
   m.def("favor_attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor projection, Tensor out, "
-        "Tensor lognorm, bool causal, float scale, int chunk_size, bool projection_grad) "
+        "Tensor lognorm, Tensor? key_mask, bool causal, float scale, int chunk_size, bool projection_grad) "
         "-> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("linear_attention_fwd(Tensor q_feat, Tensor k_feat, Tensor v, bool causal, int chunk_size) "
-        "-> (Tensor, Tensor)");
+  m.def("linear_attention_fwd(Tensor q_feat, Tensor k_feat, Tensor v, Tensor? key_mask, bool causal, "
+        "int chunk_size) -> (Tensor, Tensor)");
   m.def("linear_attention_bwd(Tensor grad_out, Tensor q_feat, Tensor k_feat, Tensor v, Tensor out, "
-        "Tensor lognorm, bool causal, int chunk_size) -> (Tensor, Tensor, Tensor)");
+        "Tensor lognorm, Tensor? key_mask, bool causal, int chunk_size) -> (Tensor, Tensor, Tensor)");
   // DFA (DESIGN.md §4). feedback: a stored (P, dim, E) tensor, or None for seeded
   // matrices (points, dim, seed = the uint64 seed's bits, dist 0 normal / 1 uniform,
   // shared); the other feedback arguments are ignored when it is stored.

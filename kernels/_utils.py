@@ -88,6 +88,15 @@ def check_attention(q: Tensor, k: Tensor, v: Tensor, chunk_size: int, projection
         raise ValueError(f"okadfa: scale must be positive and finite, got {scale}")
 
 
+def check_key_mask(key_mask: Optional[Tensor], q: Tensor) -> None:
+    """key_mask: None, or a contiguous bool (B, H, T) tensor over q's first three dimensions."""
+    if key_mask is None:
+        return
+    check_tensor(key_mask, "key_mask", tuple(q.shape[:3]), q)
+    if key_mask.dtype != torch.bool:
+        raise TypeError(f"okadfa: key_mask must be bool (True = a real key), got {key_mask.dtype}")
+
+
 def check_saved(grad_out: Tensor, q: Tensor, v: Tensor, out: Tensor, lognorm: Tensor) -> None:
     """A backward op's saved tensors: grad_out and out like v, lognorm float32 (B, H, T)."""
     check_tensor(grad_out, "grad_out", tuple(v.shape), q)
@@ -104,4 +113,4 @@ def holds_data(x: Tensor) -> bool:
 
 
 __all__ = ["triton_op", "wrap_triton", "SUPPORTED", "INTERPRETED", "dot_f32", "pow2", "fp32_dot", "check_dtypes",
-           "check_positive", "check_tensor", "check_attention", "check_saved", "holds_data"]
+           "check_positive", "check_tensor", "check_attention", "check_key_mask", "check_saved", "holds_data"]

@@ -23,7 +23,10 @@ z (M), all in float32. With lq = √s·q Wᵀ, lk = √s·k Wᵀ − s‖k‖²/
 exactly the stabilisers of okadfa/reference/attention.py and csrc/chunked_attention.h: the state
 is kept relative to P, the c of the last folded key, and rescaled by exp(P − P') ≤ 1. The guard:
 a row with den' < float32's min_normal^0.8 (given features: den' = 0) is 0, lognorm −inf, and
-passes no gradient. lognorm is the log of the true normaliser up to log M + ‖q̂‖²/2, the same
+passes no gradient. Key padding (HAS_MASK, a (BH, T) bool mask, true = a real key): a masked
+key's logits are −inf (given features: 0) and its values 0, so it leaves every sum and the
+running maximum; c is floored at KEY_FLOOR (okadfa/reference/attention.py), so that rows before
+the first real key keep finite shifts; masked query rows take the guard's 0 and −inf. lognorm is the log of the true normaliser up to log M + ‖q̂‖²/2, the same
 statistic the native kernels return.
 
 Backward (memory linear in T, features recomputed): with den' = exp(lognorm − aq − c),
@@ -44,7 +47,7 @@ BLOCK_T = the power of two ≥ chunk_size, clamped to [16, 128] (tl.dot needs �
 the chunk loop carries the state, software pipelining its loads only costs shared memory)
 per (M, Dk, Dv, chunk), never depending on T.
 """
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -60,6 +63,7 @@ FAVOR = tl.constexpr(1)   # positive random features exp(w·x̂ − ‖x̂‖²/
 _TINY = torch.finfo(torch.float32).tiny ** 0.8
 # Elements per (BLOCK_T × M) feature tile and per (M × BLOCK_DV) state: bounds the block sizes.
 _TILE = 4096
+KEY_FLOOR = tl.constexpr(-1e30)   # okadfa.reference.attention.KEY_FLOOR
 
 
 @triton.jit
@@ -72,6 +76,15 @@ def _tile(ptr, rows, cols, n_rows, n_cols):
     """x[rows, cols] of a row-major (n_rows, n_cols) matrix in float32, 0 outside."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _real(m_ptr, rows, T, HAS_MASK: tl.constexpr):
+    """[rows] whether each row is a position < T that key_mask (if any) keeps."""
+    valid = rows < T
+    if HAS_MASK:
+        valid = valid & (tl.load(m_ptr + rows, mask=valid, other=0) != 0)
+    return valid
 
 
 @triton.jit
@@ -94,20 +107,21 @@ def _query_features(q_ptr, w_ptr, rows, T, M, DQ, sqrt_scale,
 
 
 @triton.jit
-def _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale,
+def _key_logits(k_ptr, w_ptr, rows, real, T, M, DQ, sqrt_scale,
                 FEATURE_MAP: tl.constexpr, M_PAD: tl.constexpr, DQ_PAD: tl.constexpr, PRECISION: tl.constexpr):
-    """(x, lk, rmax): FAVOR, lk = √s·x Wᵀ − s‖x‖²/2 (−inf outside the valid rows and features)
-    and rmax its row maximum; otherwise x = lk = the given features and rmax = 0."""
+    """(x, lk, rmax): FAVOR, lk = √s·x Wᵀ − s‖x‖²/2 (−inf outside the real rows, _real, and the
+    features) and rmax its row maximum; otherwise x = lk = the given features (0 outside the real
+    rows) and rmax = 0."""
     fm = tl.arange(0, M_PAD)
     if FEATURE_MAP == FAVOR:
         x = _tile(k_ptr, rows, tl.arange(0, DQ_PAD), T, DQ)
         w = _tile(w_ptr, fm, tl.arange(0, DQ_PAD), M, DQ)
         lk = _dot(x, tl.trans(w), PRECISION) * sqrt_scale \
             - (0.5 * sqrt_scale * sqrt_scale) * tl.sum(x * x, axis=1)[:, None]
-        lk = tl.where((rows[:, None] < T) & (fm[None, :] < M), lk, float("-inf"))
+        lk = tl.where(real[:, None] & (fm[None, :] < M), lk, float("-inf"))
         rmax = tl.max(lk, axis=1)
     else:
-        x = _tile(k_ptr, rows, fm, T, M)
+        x = tl.where(real[:, None], _tile(k_ptr, rows, fm, T, M), 0.0)
         lk = x
         rmax = tl.zeros_like(rows).to(tl.float32)
     return x, lk, rmax
@@ -116,15 +130,16 @@ def _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale,
 @triton.jit
 def _key_features(lk, rmax, P, RUNNING: tl.constexpr, FEATURE_MAP: tl.constexpr, BLOCK_T: tl.constexpr):
     """(c, fk): the per-key shift c and fk = exp(lk − c) ≤ 1. RUNNING: c_t = max(P, max_{s≤t} rmax_s)
-    (BLOCK_T² compares, no scan); otherwise every row gets max(P, max_s rmax_s). Given features:
+    (BLOCK_T² compares, no scan); otherwise every row gets max(P, max_s rmax_s); both floored at
+    KEY_FLOOR. Given features:
     c = 0 and fk = lk."""
     if FEATURE_MAP == FAVOR:
         if RUNNING:
             t = tl.arange(0, BLOCK_T)
             before = tl.where(t[None, :] <= t[:, None], rmax[None, :], float("-inf"))
-            c = tl.maximum(tl.max(before, axis=1), P)
+            c = tl.maximum(tl.maximum(tl.max(before, axis=1), P), KEY_FLOOR)
         else:
-            c = tl.zeros_like(rmax) + tl.maximum(tl.max(rmax, axis=0), P)
+            c = tl.zeros_like(rmax) + tl.maximum(tl.maximum(tl.max(rmax, axis=0), P), KEY_FLOOR)
         fk = tl.exp(lk - c[:, None])
     else:
         c = tl.zeros_like(rmax)
@@ -171,28 +186,36 @@ def _fold_keys(S, z, P, fk, c, v, PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _fold_all_keys(k_ptr, w_ptr, v_ptr, cols, T, M, DQ, DV, sqrt_scale, S, z, P, FEATURE_MAP: tl.constexpr,
-                   BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, DQ_PAD: tl.constexpr, PRECISION: tl.constexpr):
+def _fold_all_keys(k_ptr, w_ptr, v_ptr, m_ptr, cols, T, M, DQ, DV, sqrt_scale, S, z, P, FEATURE_MAP: tl.constexpr,
+                   HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr, DQ_PAD: tl.constexpr,
+                   PRECISION: tl.constexpr):
     """Non-causal: every key of the sequence folded into (S, z) at one reference, the running
     maximum of all chunks (forward and backward both start with it). Returns (S', z', P')."""
     for t0 in range(0, T, BLOCK_T):
         rows = t0 + tl.arange(0, BLOCK_T)                                    # [BLOCK_T]
-        _, lk, rmax = _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
+        real = _real(m_ptr, rows, T, HAS_MASK)
+        _, lk, rmax = _key_logits(k_ptr, w_ptr, rows, real, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
                                   PRECISION)                                 # lk [BLOCK_T, M_PAD]
         c, fk = _key_features(lk, rmax, P, False, FEATURE_MAP, BLOCK_T)     # c [BLOCK_T], fk [BLOCK_T, M_PAD]
-        S, z, P = _fold_keys(S, z, P, fk, c, _tile(v_ptr, rows, cols, T, DV), PRECISION)
+        S, z, P = _fold_keys(S, z, P, fk, c, _values(v_ptr, rows, cols, real, T, DV), PRECISION)
     return S, z, P
 
 
 @triton.jit
-def _finish(out_ptr, ln_ptr, rows, cols, num, den, shift, T, DV, tiny, ln_rows, FEATURE_MAP: tl.constexpr):
+def _values(v_ptr, rows, cols, real, T, DV):
+    """The value tile, 0 outside the real rows (a masked key's NaN reaches nothing)."""
+    return tl.where(real[:, None], _tile(v_ptr, rows, cols, T, DV), 0.0)
+
+
+@triton.jit
+def _finish(out_ptr, ln_ptr, rows, cols, num, den, shift, real, T, DV, tiny, ln_rows, FEATURE_MAP: tl.constexpr):
     """out = num/den, lognorm = log den + shift (stored for rows < ln_rows: T in the program of
-    column block 0, else 0). Guard:
-    den < tiny (given features: den = 0) gives out = 0 and lognorm = −inf."""
+    column block 0, else 0). Guard: den < tiny (given features: den = 0) or a row that is not
+    real (a masked query) gives out = 0 and lognorm = −inf."""
     if FEATURE_MAP == FAVOR:
-        bad = den < tiny
+        bad = (den < tiny) | ~real
     else:
-        bad = den == 0.0
+        bad = (den == 0.0) | ~real
     safe = tl.where(bad, 1.0, den)
     out = tl.where(bad[:, None], 0.0, num / safe[:, None])
     mask = (rows[:, None] < T) & (cols[None, :] < DV)
@@ -211,12 +234,14 @@ def _output_grads(g_ptr, ln_ptr, delta_ptr, rows, cols, shift, T, DV, owner):
 
 
 @triton.jit
-def _input_grads(x, f, df, w_ptr, dx_ptr, dw, rows, T, M, DQ, sqrt_scale, KEY: tl.constexpr, FEATURE_MAP: tl.constexpr,
-                 DW: tl.constexpr, M_PAD: tl.constexpr, DQ_PAD: tl.constexpr, PRECISION: tl.constexpr):
+def _input_grads(x, f, df, real, w_ptr, dx_ptr, dw, rows, T, M, DQ, sqrt_scale, KEY: tl.constexpr,
+                 FEATURE_MAP: tl.constexpr, DW: tl.constexpr, M_PAD: tl.constexpr, DQ_PAD: tl.constexpr,
+                 PRECISION: tl.constexpr):
     """Store dx for feature gradients df and return dW + its contribution. Fused: dlogit = f ⊙ df,
     dx = √s·dlogit W − [KEY] s·(Σ_m dlogit)·x, dW += √s·dlogitᵀ x (queries need no norm term:
     out is invariant to a query row's scale, so Σ_m dlogit = 0 over all column blocks).
-    Given features: dx = df."""
+    Given features: dx = df. Rows that are not real (masked) get none: their features were set."""
+    df = tl.where(real[:, None], df, 0.0)
     if FEATURE_MAP == FAVOR:
         fm = tl.arange(0, M_PAD)
         cols = tl.arange(0, DQ_PAD)
@@ -235,11 +260,11 @@ def _input_grads(x, f, df, w_ptr, dx_ptr, dw, rows, T, M, DQ, sqrt_scale, KEY: t
 
 
 @triton.jit
-def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, out_ptr, ln_ptr, T, M, DQ, DV, sqrt_scale, tiny,
-                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_T: tl.constexpr, M_PAD: tl.constexpr,
-                DQ_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, m_ptr, out_ptr, ln_ptr, T, M, DQ, DV, sqrt_scale, tiny,
+                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, BLOCK_T: tl.constexpr,
+                M_PAD: tl.constexpr, DQ_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """out (BH, T, DV) and lognorm (BH, T), float32; grid (BH, column blocks). q, k: (BH, T, DQ),
-    DQ = Dk (FAVOR, w: (M, Dk)) or M (GIVEN features)."""
+    DQ = Dk (FAVOR, w: (M, Dk)) or M (GIVEN features); m: the (BH, T) key mask (HAS_MASK)."""
     bh = tl.program_id(0).to(tl.int64)
     ln_rows = tl.where(tl.program_id(1) == 0, T, 0)
     cols = tl.program_id(1) * BLOCK_DV + tl.arange(0, BLOCK_DV)
@@ -248,18 +273,20 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, out_ptr, ln_ptr, T, M, DQ, DV, sqrt_
     v_ptr += bh * T * DV
     out_ptr += bh * T * DV
     ln_ptr += bh * T
+    m_ptr += bh * T
     S = tl.zeros((M_PAD, BLOCK_DV), dtype=tl.float32)                   # [M_PAD, BLOCK_DV] state
     z = tl.zeros((M_PAD,), dtype=tl.float32)                            # [M_PAD] normaliser state
     P = _initial_reference(FEATURE_MAP, BLOCK_T)                        # scalar reference of the state
     if CAUSAL:
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)                           # [BLOCK_T]
+            real = _real(m_ptr, rows, T, HAS_MASK)                      # [BLOCK_T]
             _, fq, aq = _query_features(q_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
                                         PRECISION)                      # fq [BLOCK_T, M_PAD], aq [BLOCK_T]
-            _, lk, rmax = _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
+            _, lk, rmax = _key_logits(k_ptr, w_ptr, rows, real, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
                                       PRECISION)                        # lk [BLOCK_T, M_PAD]
             c, fk = _key_features(lk, rmax, P, True, FEATURE_MAP, BLOCK_T)   # c [BLOCK_T], fk [BLOCK_T, M_PAD]
-            v = _tile(v_ptr, rows, cols, T, DV)                         # [BLOCK_T, BLOCK_DV]
+            v = _values(v_ptr, rows, cols, real, T, DV)                 # [BLOCK_T, BLOCK_DV]
             t = tl.arange(0, BLOCK_T)
             # Selected, not multiplied, to 0 above the diagonal: a later key's NaN/Inf times 0 is
             # NaN, and would reach earlier queries.
@@ -268,23 +295,25 @@ def _fwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, out_ptr, ln_ptr, T, M, DQ, DV, sqrt_
             carry = tl.exp(P - c)                                       # [BLOCK_T], e^{P − c_t} ≤ 1
             num = _lower_product(a, v, PRECISION) + carry[:, None] * _dot(fq, S, PRECISION)   # [BLOCK_T, BLOCK_DV]
             den = tl.sum(a, axis=1) + carry * tl.sum(fq * z[None, :], axis=1)    # [BLOCK_T]
-            _finish(out_ptr, ln_ptr, rows, cols, num, den, aq + c, T, DV, tiny, ln_rows, FEATURE_MAP)
+            _finish(out_ptr, ln_ptr, rows, cols, num, den, aq + c, real, T, DV, tiny, ln_rows, FEATURE_MAP)
             S, z, P = _fold_keys(S, z, P, fk, c, v, PRECISION)
     else:
-        S, z, P = _fold_all_keys(k_ptr, w_ptr, v_ptr, cols, T, M, DQ, DV, sqrt_scale, S, z, P,
-                                 FEATURE_MAP, BLOCK_T, M_PAD, DQ_PAD, PRECISION)
+        S, z, P = _fold_all_keys(k_ptr, w_ptr, v_ptr, m_ptr, cols, T, M, DQ, DV, sqrt_scale, S, z, P,
+                                 FEATURE_MAP, HAS_MASK, BLOCK_T, M_PAD, DQ_PAD, PRECISION)
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             _, fq, aq = _query_features(q_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD, PRECISION)
             num = _dot(fq, S, PRECISION)
             den = tl.sum(fq * z[None, :], axis=1)
-            _finish(out_ptr, ln_ptr, rows, cols, num, den, aq + P, T, DV, tiny, ln_rows, FEATURE_MAP)
+            _finish(out_ptr, ln_ptr, rows, cols, num, den, aq + P, _real(m_ptr, rows, T, HAS_MASK), T, DV, tiny,
+                    ln_rows, FEATURE_MAP)
 
 
 @triton.jit
-def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, p_ptr,
+def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, m_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr, dw_ptr, p_ptr,
                 BH, T, M, DQ, DV, sqrt_scale, n_chunks,
-                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, DW: tl.constexpr, BLOCK_T: tl.constexpr,
+                FEATURE_MAP: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DW: tl.constexpr,
+                BLOCK_T: tl.constexpr,
                 M_PAD: tl.constexpr, DQ_PAD: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Gradients (module docstring); grid (BH, column blocks), float32 outputs: dq, dk partials
     (blocks, BH, T, DQ), dv (BH, T, DV), dW partials (BH·blocks, M, Dk); p_ptr: (BH·blocks, n_chunks)
@@ -299,6 +328,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk
     v_ptr += bh * T * DV
     g_ptr += bh * T * DV
     ln_ptr += bh * T
+    m_ptr += bh * T
     delta_ptr += bh * T
     dq_ptr += (block * BH + bh) * T * DQ
     dk_ptr += (block * BH + bh) * T * DQ
@@ -315,16 +345,18 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk
         for j in range(0, n_chunks):
             rows = j * BLOCK_T + tl.arange(0, BLOCK_T)
             tl.store(p_ptr + j, P)
+            real = _real(m_ptr, rows, T, HAS_MASK)
             qx, fq, aq = _query_features(q_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
                                          PRECISION)
-            _, lk, rmax = _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD, PRECISION)
+            _, lk, rmax = _key_logits(k_ptr, w_ptr, rows, real, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
+                                      PRECISION)
             c, fk = _key_features(lk, rmax, P, True, FEATURE_MAP, BLOCK_T)
-            v = _tile(v_ptr, rows, cols, T, DV)
+            v = _values(v_ptr, rows, cols, real, T, DV)
             ge, dz = _output_grads(g_ptr, ln_ptr, delta_ptr, rows, cols, aq + c, T, DV, owner)
             b = (_dot(ge, tl.trans(v), PRECISION) + dz[:, None]) * _causal_weights(c, BLOCK_T)
             dfq = _dot(b, fk, PRECISION) + tl.exp(P - c)[:, None] * (
                 _dot(ge, tl.trans(S), PRECISION) + dz[:, None] * z[None, :])
-            dw = _input_grads(qx, fq, dfq, w_ptr, dq_ptr, dw, rows, T, M, DQ, sqrt_scale, False, FEATURE_MAP, DW,
+            dw = _input_grads(qx, fq, dfq, real, w_ptr, dq_ptr, dw, rows, T, M, DQ, sqrt_scale, False, FEATURE_MAP, DW,
                               M_PAD, DQ_PAD, PRECISION)
             S, z, P = _fold_keys(S, z, P, fk, c, v, PRECISION)
         tl.debug_barrier()   # the stored references are read back below
@@ -334,10 +366,12 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk
             j = n_chunks - 1 - i
             rows = j * BLOCK_T + tl.arange(0, BLOCK_T)
             p_j = tl.load(p_ptr + j)
+            real = _real(m_ptr, rows, T, HAS_MASK)
             _, fq, aq = _query_features(q_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD, PRECISION)
-            kx, lk, rmax = _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD, PRECISION)
+            kx, lk, rmax = _key_logits(k_ptr, w_ptr, rows, real, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
+                                       PRECISION)
             c, fk = _key_features(lk, rmax, p_j, True, FEATURE_MAP, BLOCK_T)
-            v = _tile(v_ptr, rows, cols, T, DV)
+            v = _values(v_ptr, rows, cols, real, T, DV)
             ge, dz = _output_grads(g_ptr, ln_ptr, delta_ptr, rows, cols, aq + c, T, DV, owner)
             weights = _causal_weights(c, BLOCK_T)
             a = _dot(fq, tl.trans(fk), PRECISION) * weights
@@ -347,7 +381,7 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk
             dv = _dot(tl.trans(a), ge, PRECISION) + up * _dot(fk, R, PRECISION)
             tl.store(dv_ptr + rows[:, None].to(tl.int64) * DV + cols[None, :], dv,
                      mask=(rows[:, None] < T) & (cols[None, :] < DV))
-            dw = _input_grads(kx, fk, dfk, w_ptr, dk_ptr, dw, rows, T, M, DQ, sqrt_scale, True, FEATURE_MAP, DW,
+            dw = _input_grads(kx, fk, dfk, real, w_ptr, dk_ptr, dw, rows, T, M, DQ, sqrt_scale, True, FEATURE_MAP, DW,
                               M_PAD, DQ_PAD, PRECISION)
             fq_j = fq * tl.exp(p_j - c)[:, None]                    # this chunk's queries at reference P_j
             decay = tl.exp(p_j - ref)
@@ -355,29 +389,32 @@ def _bwd_kernel(q_ptr, k_ptr, v_ptr, w_ptr, g_ptr, ln_ptr, delta_ptr, dq_ptr, dk
             r = r * decay + tl.sum(fq_j * dz[:, None], axis=0)
             ref = p_j
     else:
-        S, z, P = _fold_all_keys(k_ptr, w_ptr, v_ptr, cols, T, M, DQ, DV, sqrt_scale, S, z, P,
-                                 FEATURE_MAP, BLOCK_T, M_PAD, DQ_PAD, PRECISION)
+        S, z, P = _fold_all_keys(k_ptr, w_ptr, v_ptr, m_ptr, cols, T, M, DQ, DV, sqrt_scale, S, z, P,
+                                 FEATURE_MAP, HAS_MASK, BLOCK_T, M_PAD, DQ_PAD, PRECISION)
         # Queries: dfq_t = S ge_t + z dz_t; R = Σ_t fq_t ge_tᵀ, r = Σ_t fq_t dz_t (all at reference P).
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
+            real = _real(m_ptr, rows, T, HAS_MASK)
             qx, fq, aq = _query_features(q_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
                                          PRECISION)
             ge, dz = _output_grads(g_ptr, ln_ptr, delta_ptr, rows, cols, aq + P, T, DV, owner)
             dfq = _dot(ge, tl.trans(S), PRECISION) + dz[:, None] * z[None, :]
-            dw = _input_grads(qx, fq, dfq, w_ptr, dq_ptr, dw, rows, T, M, DQ, sqrt_scale, False, FEATURE_MAP, DW,
+            dw = _input_grads(qx, fq, dfq, real, w_ptr, dq_ptr, dw, rows, T, M, DQ, sqrt_scale, False, FEATURE_MAP, DW,
                               M_PAD, DQ_PAD, PRECISION)
             R += _dot(tl.trans(fq), ge, PRECISION)
             r += tl.sum(fq * dz[:, None], axis=0)
         # Keys: dfk_s = R v_s + r, dv_s = Rᵀ fk_s.
         for t0 in range(0, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
-            kx, lk, rmax = _key_logits(k_ptr, w_ptr, rows, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD, PRECISION)
+            real = _real(m_ptr, rows, T, HAS_MASK)
+            kx, lk, rmax = _key_logits(k_ptr, w_ptr, rows, real, T, M, DQ, sqrt_scale, FEATURE_MAP, M_PAD, DQ_PAD,
+                                       PRECISION)
             c, fk = _key_features(lk, rmax, P, False, FEATURE_MAP, BLOCK_T)
-            v = _tile(v_ptr, rows, cols, T, DV)
+            v = _values(v_ptr, rows, cols, real, T, DV)
             dfk = _dot(v, tl.trans(R), PRECISION) + r[None, :]
             tl.store(dv_ptr + rows[:, None].to(tl.int64) * DV + cols[None, :], _dot(fk, R, PRECISION),
                      mask=(rows[:, None] < T) & (cols[None, :] < DV))
-            dw = _input_grads(kx, fk, dfk, w_ptr, dk_ptr, dw, rows, T, M, DQ, sqrt_scale, True, FEATURE_MAP, DW,
+            dw = _input_grads(kx, fk, dfk, real, w_ptr, dk_ptr, dw, rows, T, M, DQ, sqrt_scale, True, FEATURE_MAP, DW,
                               M_PAD, DQ_PAD, PRECISION)
     if DW:
         fm = tl.arange(0, M_PAD)
@@ -395,8 +432,12 @@ class Launch:
     feature tiles and the state hold at most _TILE elements each (shared memory: with
     num_stages=1, M = 256 and Dk = 64 need at most 120 KB on sm_90)."""
 
-    def __init__(self, q: Tensor, v: Tensor, m: int, causal: bool, chunk_size: int, feature_map: tl.constexpr):
+    def __init__(self, q: Tensor, v: Tensor, m: int, causal: bool, chunk_size: int, feature_map: tl.constexpr,
+                 key_mask: Optional[Tensor] = None):
         check_positive("chunk_size", chunk_size)
+        # the (BH, T) mask the kernels read, or (unread) q when there is none
+        self.has_mask = key_mask is not None
+        self.mask = key_mask if self.has_mask else q
         B, H, self.T, self.DQ = q.shape
         self.BH, self.M, self.DV = B * H, m, v.shape[3]
         self.feature_map, self.causal = feature_map.value, causal   # GIVEN or FAVOR, passed as an int
@@ -414,7 +455,8 @@ class Launch:
         return self.BH * self.T * self.DV == 0
 
     def meta(self) -> dict:
-        return dict(FEATURE_MAP=self.feature_map, CAUSAL=self.causal, BLOCK_T=self.block_t, M_PAD=self.m_pad,
+        return dict(FEATURE_MAP=self.feature_map, CAUSAL=self.causal, HAS_MASK=self.has_mask, BLOCK_T=self.block_t,
+                    M_PAD=self.m_pad,
                     DQ_PAD=self.dq_pad, BLOCK_DV=self.block_dv, PRECISION=self.precision)
 
 
@@ -423,7 +465,7 @@ def forward(q: Tensor, k: Tensor, v: Tensor, w: Tensor, launch: Launch, sqrt_sca
     lognorm = q.new_zeros(q.shape[:3], dtype=torch.float32)
     if not launch.empty:
         wrap_triton(_fwd_kernel)[launch.grid](
-            q, k, v, w, out, lognorm, launch.T, launch.M, launch.DQ, launch.DV, sqrt_scale, _TINY,
+            q, k, v, w, launch.mask, out, lognorm, launch.T, launch.M, launch.DQ, launch.DV, sqrt_scale, _TINY,
             num_stages=1, **launch.meta())
     return out, lognorm          # float32: the backward's g·out must not see a half-rounded out
 
@@ -441,7 +483,7 @@ def backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, w: Tensor, out: 
         delta = (grad_out.to(f32) * out.to(f32)).sum(-1)
         scratch = q.new_empty((launch.BH * launch.blocks, launch.n_chunks if launch.causal else 1), dtype=f32)
         wrap_triton(_bwd_kernel)[launch.grid](
-            q, k, v, w, grad_out, lognorm, delta, dq, dk, dv, dw, scratch, launch.BH, launch.T, launch.M,
+            q, k, v, w, launch.mask, grad_out, lognorm, delta, dq, dk, dv, dw, scratch, launch.BH, launch.T, launch.M,
             launch.DQ, launch.DV, sqrt_scale, launch.n_chunks, DW=weight_grad, num_stages=1,
             **launch.meta())
     dw_total = dw.sum(0).to(w.dtype) if weight_grad else w.new_zeros(w.shape)

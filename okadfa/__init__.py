@@ -13,5 +13,9 @@ from .reference import favor_features, random_features
 
 __version__ = "0.1.0"
 
+# attn_implementation="okadfa_favor" for transformers, without importing it (integrations/_autoregister.py)
+from .integrations import _autoregister
+_autoregister.install()
+
 __all__ = ["FavorState", "FeedbackSpec", "KVCache", "OrthoSchedule", "backends", "dfa_feedback", "dfa_head", "favor_attention", "favor_features",
            "favor_sdpa", "linear_attention", "materialize_feedback", "orthogonality_loss", "random_features", "reference"]

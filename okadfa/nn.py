@@ -35,6 +35,21 @@ def _check_causal_mask(mask: Tensor, is_causal: bool, who: str) -> bool:
                      "a mask would act on); pass is_causal=True")
 
 
+def _key_mask(key_padding_mask: Tensor, batch: int, S: int, who: str) -> Tensor:
+    """MultiheadAttention's key_padding_mask (N, S) (bool: True = ignore; float: added, 0 keeps
+    and −inf ignores) as okadfa's key_mask (True = a real key)."""
+    m = key_padding_mask
+    if not isinstance(m, Tensor) or m.dim() != 2 or tuple(m.shape) != (batch, S):
+        raise ValueError(f"{who}: key_padding_mask must be a (N, S) = ({batch}, {S}) tensor, got "
+                         f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}")
+    if m.dtype == torch.bool:
+        return ~m
+    if m.is_floating_point() and bool(((m == 0) | (m == -math.inf)).all()):
+        return m == 0
+    raise ValueError(f"{who}: key_padding_mask must be bool (True = padding) or float with 0 and -inf only "
+                     f"(FAVOR+ has no weights to add a bias to), got {m.dtype}")
+
+
 class _ProjectedAttention(nn.Module):
     """Q/K/V/O projections around an attention kernel, with MultiheadAttention's
     constructor and call conventions. Subclasses implement `_attend`."""
@@ -89,11 +104,12 @@ class _ProjectedAttention(nn.Module):
         an attn_mask is accepted only if it is the (L, L) causal mask (bool, True above
         the diagonal, or float, −inf above it), as `nn.Transformer` layers pass it; with
         is_causal=True it is taken as a hint, as MultiheadAttention does, and not read.
+        key_padding_mask: (N, S) as in MultiheadAttention, True (or −inf) at padding: padded
+            keys are left out exactly, and when S = L the outputs at padded positions are 0
+            (MultiheadAttention's are whatever the padded queries attend to).
         cache: a state from `new_cache()` for incremental decoding (causal): the L
         positions are appended to it and attend to every earlier one it holds.
         """
-        if key_padding_mask is not None:
-            raise ValueError(f"{type(self).__name__} supports no key_padding_mask: batch sequences of equal length")
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = (x.unsqueeze(1 if not self.batch_first else 0) for x in (query, key, value))
@@ -109,10 +125,16 @@ class _ProjectedAttention(nn.Module):
                              f"{tuple(attn_mask.shape)}")
         if attn_mask is not None:
             is_causal = _check_causal_mask(attn_mask, is_causal, type(self).__name__)
+        key_mask = None
+        if key_padding_mask is not None:
+            if cache is not None:
+                raise ValueError("a decoding cache takes no key_padding_mask: decode each sequence on its own")
+            key_padding_mask = key_padding_mask.unsqueeze(0) if unbatched else key_padding_mask
+            key_mask = _key_mask(key_padding_mask, key.shape[0], key.shape[1], type(self).__name__)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         if cache is not None and not is_causal:
             raise ValueError("a decoding cache needs is_causal=True")
-        out = self._attend(q, k, v, bool(is_causal)) if cache is None else cache.extend(q, k, v)
+        out = self._attend(q, k, v, bool(is_causal), key_mask) if cache is None else cache.extend(q, k, v)
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         out = self.out_proj(out)
         if not self.batch_first:
@@ -166,12 +188,12 @@ class FavorAttention(_ProjectedAttention):
         """An empty `FavorState` on the current projection, for `forward(..., cache=...)`."""
         return FavorState(self.projection)
 
-    def _attend(self, q, k, v, causal):
+    def _attend(self, q, k, v, causal, key_mask=None):
         if self.training and self.redraw_interval is not None:
             if int(self.steps) > 0 and int(self.steps) % self.redraw_interval == 0:
                 self.redraw()
             self.steps += 1
-        return favor_attention(q, k, v, self.projection, causal=causal, backend=self.backend)
+        return favor_attention(q, k, v, self.projection, causal=causal, key_mask=key_mask, backend=self.backend)
 
 
 class SoftmaxAttention(_ProjectedAttention):
@@ -189,8 +211,16 @@ class SoftmaxAttention(_ProjectedAttention):
         """An empty `KVCache`, for `forward(..., cache=...)`."""
         return KVCache()
 
-    def _attend(self, q, k, v, causal):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    def _attend(self, q, k, v, causal, key_mask=None):
+        if key_mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        L, S = q.shape[2], k.shape[2]
+        allowed = key_mask[:, None, None, :]
+        if causal:
+            allowed = allowed & torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        # rows that attend nothing would be NaN: they attend everything and are zeroed below (as FavorAttention)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed | ~allowed.any(-1, keepdim=True))
+        return out.masked_fill(~key_mask[:, None, :, None], 0) if L == S else out
 
 
 class KOABlock(nn.Module):

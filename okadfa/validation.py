@@ -162,6 +162,22 @@ def check_chunk(chunk_size, default: int) -> int:
     return chunk_size
 
 
+def key_mask(mask, batch: torch.Size, S: int, device: torch.device) -> Tensor | None:
+    """The attention ops' key_mask: None, or a bool (B, S) tensor (B = batch[0] or 1) on `device`,
+    True = a real key. Returns it as the kernels take it: bool (B, H, S), contiguous."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_mask must be a bool tensor (B, S) or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"key_mask must be bool (True = a real key, False = padding), got {mask.dtype}")
+    if mask.dim() != 2 or mask.shape[1] != S or mask.shape[0] not in (1, batch[0]):
+        raise ValueError(f"key_mask must have shape (B, S) = ({batch[0]}, {S}) (B may be 1), got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_mask is on {mask.device} but q is on {device}")
+    return mask[:, None, :].expand(batch[0], batch[1], S).contiguous()
+
+
 def check_causal(causal) -> bool:
     # Python's bool or NumPy's bool_ (without importing NumPy).
     if not (isinstance(causal, bool) or type(causal).__name__ in ("bool_", "bool")):

@@ -105,9 +105,9 @@ for causal in (True, False):
         q, k = torch.randn(2, B, H, T, Dk).unbind(0)
         v, w = torch.randn(B, H, T, Dv), okadfa.random_features(M, Dk)
         counter(1)
-        out, lognorm = torch.ops.okadfa.favor_attention_fwd(q, k, v, w, causal, 0.3, chunk)
+        out, lognorm = torch.ops.okadfa.favor_attention_fwd(q, k, v, w, None, causal, 0.3, chunk)
         fwd = counter(1)
-        torch.ops.okadfa.favor_attention_bwd(torch.randn_like(out), q, k, v, w, out, lognorm, causal, 0.3, chunk,
+        torch.ops.okadfa.favor_attention_bwd(torch.randn_like(out), q, k, v, w, out, lognorm, None, causal, 0.3, chunk,
                                              False)
         counts[f"{causal}-{T}-{chunk}"] = (fwd, counter(1))
 print(json.dumps(counts))

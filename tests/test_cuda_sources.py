@@ -192,10 +192,11 @@ EMULATION_SHIM = r"""
 #include "cuda/launchers.h"
 using namespace okadfa::cuda;
 extern "C" int attention(long bh, long tn, long dq, long m, long dv, int fused, int causal, double ss, long group,
-                         const double* q, const double* k, const double* v, const double* w, double* out,
-                         double* ln, const double* go, double* gq, double* gk, double* gv, double* gw) {
+                         const double* q, const double* k, const double* v, const double* w, const unsigned char* mask,
+                         double* out, double* ln, const double* go, double* gq, double* gk, double* gv, double* gw) {
   AttentionShape s;
   s.bh = bh; s.tn = tn; s.dq = dq; s.m = m; s.dv = dv; s.fused = fused; s.causal = causal; s.sqrt_scale = ss;
+  s.key_mask = mask;
   s.need_dw = fused;
   std::vector<double> ws(attention_workspace(s, true, group), 777.0);   // garbage: nothing may read it unwritten
   int rc = attention_forward<double>(s, q, k, v, w, out, ln, ws.data(), group, nullptr);
@@ -253,8 +254,9 @@ def _rel(actual, expected):
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-3)).item()
 
 
-def _run_emulated(emulated, q, k, v, w, go, M, fused, causal, scale):
-    """The emulated CUDA forward and backward (heads in groups of 2): out, lognorm, dq, dk, dv, dw."""
+def _run_emulated(emulated, q, k, v, w, go, M, fused, causal, scale, key_mask=None):
+    """The emulated CUDA forward and backward (heads in groups of 2): out, lognorm, dq, dk, dv, dw.
+    key_mask: None or bool (B, H, T), True = a real key."""
     B, H, T, Dv = v.shape
     out, ln = torch.empty_like(v), torch.empty(B, H, T, dtype=torch.float64)
     gq, gk, gv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -262,8 +264,9 @@ def _run_emulated(emulated, q, k, v, w, go, M, fused, causal, scale):
     rc = emulated.attention(ctypes.c_long(B * H), ctypes.c_long(T), ctypes.c_long(q.shape[-1]), ctypes.c_long(M),
                             ctypes.c_long(Dv), ctypes.c_int(fused), ctypes.c_int(causal),
                             ctypes.c_double(math.sqrt(scale) if fused else 1.0), ctypes.c_long(2),
-                            _ptr(q), _ptr(k), _ptr(v), _ptr(w), _ptr(out), _ptr(ln), _ptr(go), _ptr(gq), _ptr(gk),
-                            _ptr(gv), _ptr(gw))
+                            _ptr(q), _ptr(k), _ptr(v), _ptr(w),
+                            _ptr(None if key_mask is None else key_mask.contiguous()), _ptr(out), _ptr(ln), _ptr(go),
+                            _ptr(gq), _ptr(gk), _ptr(gv), _ptr(gw))
     assert rc == 0
     return out, ln, gq, gk, gv, gw
 
@@ -319,6 +322,41 @@ def test_emulated_attention_matches_reference(emulated, fused, causal):
         a = q @ k.transpose(-1, -2)
     a = a.tril() if causal else a
     assert _rel(ln, a.sum(-1).log()) < 1e-12
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["favor", "linear"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_emulated_key_mask_matches_reference(emulated, fused, causal):
+    """Left and right padding and a hole (a fully masked first chunk in one head): outputs and every
+    gradient equal the reference's with the same key_mask; masked keys' NaN values and keys reach nothing."""
+    g = torch.Generator().manual_seed(4)
+    B, H, T, Dk, M, Dv = 1, 3, 45, 6, 10, 4
+    v = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    if fused:
+        q, k = (torch.randn(B, H, T, Dk, generator=g, dtype=torch.float64) for _ in range(2))
+        w = random_features(M, Dk, generator=g, dtype=torch.float64)
+        scale = 0.4
+    else:
+        q, k = (torch.rand(B, H, T, M, generator=g, dtype=torch.float64) + 0.05 for _ in range(2))
+        w, scale = None, 1.0
+    mask = torch.ones(B, H, T, dtype=torch.bool)
+    mask[0, 0, :35] = False                          # left padding past the first chunk of 32
+    mask[0, 1, 40:] = False                          # right padding
+    mask[0, 2, 10:13] = False                        # a hole
+    go = torch.randn(B, H, T, Dv, generator=g, dtype=torch.float64)
+    leaves = [x.clone().requires_grad_() for x in ((q, k, v, w) if fused else (q, k, v))]
+    if fused:
+        ref = favor_attention(*leaves, causal=causal, scale=scale, key_mask=mask)
+    else:
+        ref = linear_attention(*leaves, causal=causal, key_mask=mask)
+    ref.backward(go)
+    v_bad = v.clone()
+    v_bad[~mask] = math.nan
+    out, ln, gq, gk, gv, gw = _run_emulated(emulated, q, k, v_bad, w, go, M, fused, causal, scale, mask)
+    assert _rel(out, ref.detach()) < 1e-12
+    assert torch.equal(out[~mask], torch.zeros_like(out[~mask])) and (ln[~mask] == -math.inf).all()
+    for name, got, leaf in zip(("dq", "dk", "dv", "dw"), (gq, gk, gv, gw), leaves):
+        assert _rel(got, leaf.grad) < 1e-11, name
 
 
 @pytest.mark.parametrize("dist", ["normal", "uniform"])

@@ -52,6 +52,28 @@ def test_half_types(backend, dtype, storage):
     assert_max_rel_close(out, expected, dtype, what="signals")
 
 
+@pytest.mark.parametrize("storage", ["seeded", "stored"])
+def test_cpu_bfloat16_gemms(cpu_bf16, storage):
+    """bfloat16 errors on the cpu backend at a size where every tile's product takes the bfloat16
+    path (OKADFA_CPU_HALF_GEMM picks the engine; E > 1024: products of several tiles are summed):
+    at most 2× as far from float64 as plain PyTorch in bfloat16, and a bfloat16 engine actually
+    changes the result."""
+    spec = FeedbackSpec(3, 70, 1100, seed=7)
+    b = materialize_feedback(spec)
+    feedback = spec if storage == "seeded" else b
+    e = _error(300, 1100).to(torch.bfloat16)
+    out = okadfa.dfa_feedback(e, feedback, backend=cpu_bf16.name)
+    assert out.dtype == torch.bfloat16 and out.shape == (3, 300, 70)
+    expected = ref_feedback(e.double(), b.double())
+    plain = torch.einsum("ne,pde->pnd", e, b.to(torch.bfloat16))
+    assert_half_close(out, expected, plain, torch.bfloat16, what="signals")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OKADFA_CPU_HALF_GEMM", "float32")
+        in_float32 = okadfa.dfa_feedback(e, feedback, backend=cpu_bf16.name)
+    if okadfa.backends()["cpu"]["bfloat16"].startswith("bfloat16"):
+        assert not torch.equal(out, in_float32)
+
+
 @pytest.mark.parametrize("N,P,d,E", [(1, 1, 1, 1), (33, 5, 12, 20), (64, 2, 9, 50)], ids=lambda v: str(v))
 @pytest.mark.parametrize("stored", [True, False], ids=["stored", "seeded"])
 def test_reference_matches_einsum(N, P, d, E, stored):

@@ -330,7 +330,7 @@ def test_lognorm_is_the_log_normaliser(backend, causal):
         pair = pair.masked_fill(~torch.ones(37, 37, dtype=torch.bool).tril(), -math.inf)
     expected = torch.logsumexp(pair, dim=-1)
     for chunk in (16, 64):
-        _, lognorm = fwd(*backend.put(q, k, v, w), causal, scale, chunk)
+        _, lognorm = fwd(*backend.put(q, k, v, w), None, causal, scale, chunk)
         kind = F32_ACCUMULATED if backend.exact == torch.float32 else REORDERED
         assert_close(lognorm.double().cpu(), expected, kind)
 
@@ -345,12 +345,14 @@ def test_opcheck(backend, causal):
     if backend.name != "triton" or backend.device == "cuda":
         utils += ("test_aot_dispatch_dynamic",)
     q, k, v, w = backend.put(*make_inputs(1, 2, 33, 8, 5, 12, seed=9), dtype=torch.float32)
-    for requires_grad in (False, True):
-        args = [x.clone().requires_grad_(requires_grad) for x in (q, k, v, w)]
-        torch.library.opcheck(fwd, (*args, causal, 0.3, 16), test_utils=utils)
-    out, lognorm = fwd(q, k, v, w, causal, 0.3, 16)
-    torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, w, out, lognorm, causal, 0.3, 16, True),
-                          test_utils=utils)
+    mask = torch.rand(1, 2, 33, generator=torch.Generator().manual_seed(3)).to(q.device) > 0.3
+    for key_mask in (None, mask):
+        for requires_grad in (False, True):
+            args = [x.clone().requires_grad_(requires_grad) for x in (q, k, v, w)]
+            torch.library.opcheck(fwd, (*args, key_mask, causal, 0.3, 16), test_utils=utils)
+        out, lognorm = fwd(q, k, v, w, key_mask, causal, 0.3, 16)
+        torch.library.opcheck(bwd, (torch.randn_like(out), q, k, v, w, out, lognorm, key_mask, causal, 0.3, 16, True),
+                              test_utils=utils)
 
 
 def test_torch_compile_fullgraph(backend):
@@ -389,23 +391,28 @@ def test_raw_ops_reject_bad_input_before_any_kernel(backend):
     q, k, v, w = backend.put(*make_inputs(1, 2, 8, 4, 3, 6), dtype=torch.float32)
     # each backend's first refused dtype (the cpu kernels take all four floating types)
     bad_dtype = {"triton": torch.float64, "cpu": torch.int32}.get(backend.name, torch.float16)
+    mask = torch.ones(1, 2, 8, dtype=torch.bool, device=q.device)
     calls = [
-        ("q", lambda: fwd(_strided(q), k, v, w, True, 0.5, 16)),
-        ("k", lambda: fwd(q, k[:, :, :7].contiguous(), v, w, True, 0.5, 16)),
-        ("v", lambda: fwd(q, k, v.expand(2, -1, -1, -1).contiguous(), w, True, 0.5, 16)),
-        ("projection", lambda: fwd(q, k, v, w[:, :3].contiguous(), True, 0.5, 16)),
-        ("chunk_size", lambda: fwd(q, k, v, w, True, 0.5, 0)),
-        ("chunk_size", lambda: fwd(q, k, v, w, True, 0.5, 2000)),
-        ("scale", lambda: fwd(q, k, v, w, True, -1.0, 16)),
-        ("one device", lambda: fwd(q.to("meta"), k, v, w, True, 0.5, 16)),
-        ("float", lambda: fwd(*(x.to(bad_dtype) for x in (q, k, v, w)), True, 0.5, 16)),
+        ("q", lambda: fwd(_strided(q), k, v, w, None, True, 0.5, 16)),
+        ("k", lambda: fwd(q, k[:, :, :7].contiguous(), v, w, None, True, 0.5, 16)),
+        ("v", lambda: fwd(q, k, v.expand(2, -1, -1, -1).contiguous(), w, None, True, 0.5, 16)),
+        ("projection", lambda: fwd(q, k, v, w[:, :3].contiguous(), None, True, 0.5, 16)),
+        ("key_mask", lambda: fwd(q, k, v, w, mask[:, :, :7].contiguous(), True, 0.5, 16)),
+        ("key_mask", lambda: fwd(q, k, v, w, mask.to(torch.uint8), True, 0.5, 16)),
+        ("key_mask", lambda: fwd(q, k, v, w, mask[:, :1].expand(1, 2, 8), True, 0.5, 16)),   # not contiguous
+        ("chunk_size", lambda: fwd(q, k, v, w, None, True, 0.5, 0)),
+        ("chunk_size", lambda: fwd(q, k, v, w, None, True, 0.5, 2000)),
+        ("scale", lambda: fwd(q, k, v, w, None, True, -1.0, 16)),
+        ("one device", lambda: fwd(q.to("meta"), k, v, w, None, True, 0.5, 16)),
+        ("float", lambda: fwd(*(x.to(bad_dtype) for x in (q, k, v, w)), None, True, 0.5, 16)),
     ]
-    out, lognorm = fwd(q, k, v, w, True, 0.5, 16)
+    out, lognorm = fwd(q, k, v, w, None, True, 0.5, 16)
     g = torch.randn_like(out)
     calls += [
-        ("grad_out", lambda: bwd(g[:, :1].contiguous(), q, k, v, w, out, lognorm, True, 0.5, 16, True)),
-        ("lognorm", lambda: bwd(g, q, k, v, w, out, lognorm[:, :, :5].contiguous(), True, 0.5, 16, True)),
-        ("k", lambda: bwd(g, q, _strided(k), v, w, out, lognorm, True, 0.5, 16, True)),
+        ("grad_out", lambda: bwd(g[:, :1].contiguous(), q, k, v, w, out, lognorm, None, True, 0.5, 16, True)),
+        ("lognorm", lambda: bwd(g, q, k, v, w, out, lognorm[:, :, :5].contiguous(), None, True, 0.5, 16, True)),
+        ("k", lambda: bwd(g, q, _strided(k), v, w, out, lognorm, None, True, 0.5, 16, True)),
+        ("key_mask", lambda: bwd(g, q, k, v, w, out, lognorm, mask[:, :1].contiguous(), True, 0.5, 16, True)),
     ]
     for name, call in calls:
         with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"okadfa: .*{name}"):
@@ -419,8 +426,8 @@ def test_chunk_size_limit_is_one_in_python_and_cpp(native):
     with pytest.raises(ValueError, match=rf"chunk_size must be in \[1, {MAX_CHUNK}\]"):
         okadfa.favor_attention(q, k, v, w, backend=native.name, chunk_size=MAX_CHUNK + 1)
     with pytest.raises(RuntimeError, match=rf"chunk_size must be in \[1, {MAX_CHUNK}\]"):
-        torch.ops.okadfa.favor_attention_fwd(q, k, v, w, True, 0.5, MAX_CHUNK + 1)
-    torch.ops.okadfa.favor_attention_fwd(q, k, v, w, True, 0.5, MAX_CHUNK)
+        torch.ops.okadfa.favor_attention_fwd(q, k, v, w, None, True, 0.5, MAX_CHUNK + 1)
+    torch.ops.okadfa.favor_attention_fwd(q, k, v, w, None, True, 0.5, MAX_CHUNK)
 
 
 @pytest.mark.triton
@@ -430,7 +437,7 @@ def test_triton_refuses_float64_before_any_kernel():
     with pytest.raises(TypeError, match="triton backend supports float32, float16 and bfloat16.*float64"):
         okadfa.favor_attention(q, k, v, w, backend="triton")
     with pytest.raises(TypeError, match="projection is torch.float64"):
-        torch.ops.okadfa.triton_favor_attention_fwd(q.float(), k.float(), v.float(), w, True, 0.5, 16)
+        torch.ops.okadfa.triton_favor_attention_fwd(q.float(), k.float(), v.float(), w, None, True, 0.5, 16)
 
 
 def test_empty_batch_or_heads(backend):

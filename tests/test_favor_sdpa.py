@@ -107,7 +107,9 @@ def test_error_against_softmax_attention_falls_with_the_number_of_features():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(attn_mask=torch.ones(9, 9, dtype=torch.bool)), "no attn_mask"),
+    (dict(attn_mask=torch.ones(9, 9, dtype=torch.bool).triu(1)), "key padding, alone or with the causal pattern"),
+    (dict(attn_mask=torch.randn(9, 9)), "additive masks of 0 and -inf"),
+    (dict(attn_mask=torch.ones(9, 9, dtype=torch.int64)), "attn_mask must be bool or floating point"),
     (dict(dropout_p=0.1), "no attention dropout"),
     (dict(is_causal=1), "causal must be a bool"),
     (dict(num_features=0), "num_features"),
@@ -116,6 +118,55 @@ def test_unsupported_arguments_raise(bad, match):
     q, k, v = _qkv((1, 2, 9, 8), (1, 2, 9, 8))
     with pytest.raises((ValueError, TypeError), match=match):
         okadfa.favor_sdpa(q, k, v, **bad)
+
+
+def _hf_mask(valid, causal, dtype=None):
+    """valid (B, S) bool → the (B, 1, S, S) mask Hugging Face builds: bool, or additive in `dtype`
+    (0, finfo.min), rows of padded queries unmasked entirely as HF's SDPA path does."""
+    B, S = valid.shape
+    allowed = valid[:, None, None, :] & (torch.ones(S, S, dtype=torch.bool).tril() if causal else True)
+    allowed = allowed | ~allowed.any(-1, keepdim=True)          # a row attending nothing attends everything
+    if dtype is None:
+        return allowed
+    return torch.zeros(B, 1, S, S, dtype=dtype).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("kind", ["bool", "float"])
+def test_padding_masks_become_key_masks(causal, kind):
+    """An HF-style padded-batch mask (left padding, right padding, none) gives favor_attention with
+    that key_mask, causal or not as the mask's pattern says; padded query rows are 0."""
+    q, k, v = _qkv((3, 2, 9, 8), (3, 2, 9, 8))
+    valid = torch.ones(3, 9, dtype=torch.bool)
+    valid[0, :4] = False
+    valid[1, 6:] = False
+    mask = _hf_mask(valid, causal, None if kind == "bool" else torch.float32)
+    w = okadfa.random_features(32, 8, generator=torch.Generator().manual_seed(0))
+    out = okadfa.favor_sdpa(q, k, v, attn_mask=mask, projection=w)
+    expected = okadfa.favor_attention(q, k, v, w, causal=causal, key_mask=valid)
+    assert torch.equal(out, expected)
+    assert (out[~valid[:, None, :].expand(3, 2, 9)] == 0).all()
+    # the causal pattern alone (no padding) is is_causal
+    if causal:
+        tril = torch.ones(9, 9, dtype=torch.bool).tril()
+        assert torch.equal(okadfa.favor_sdpa(q, k, v, attn_mask=tril, projection=w),
+                           okadfa.favor_sdpa(q, k, v, is_causal=True, projection=w))
+
+
+def test_masks_favor_cannot_apply_are_refused():
+    q, k, v = _qkv((2, 2, 9, 8), (2, 2, 9, 8))
+    valid = torch.ones(2, 9, dtype=torch.bool)
+    valid[0, 7:] = False
+    per_head = _hf_mask(valid, True).expand(2, 2, 9, 9).clone()
+    per_head[0, 1, 3, 2] = False                                  # one head masks one more key
+    with pytest.raises(ValueError, match="one attn_mask for every head"):
+        okadfa.favor_sdpa(q, k, v, attn_mask=per_head)
+    holed = _hf_mask(valid, True).clone()
+    holed[1, 0, 5, 2] = False                                     # one real query skips one real key
+    with pytest.raises(ValueError, match="key padding, alone or with the causal pattern"):
+        okadfa.favor_sdpa(q, k, v, attn_mask=holed)
+    with pytest.raises(ValueError, match="key padding, alone or with the causal pattern"):
+        okadfa.favor_sdpa(q, k, v, attn_mask=_hf_mask(valid, False), is_causal=True)
 
 
 def test_bad_shapes_and_dtypes_raise():

@@ -131,16 +131,23 @@ def test_raw_ops_reject_bad_input_before_any_kernel(backend):
     """As test_favor_attention's: the registered ops check their own arguments."""
     fwd, bwd = backend.op("linear_attention_fwd"), backend.op("linear_attention_bwd")
     fq, fk, v = backend.put(*make_features(1, 2, 8, 5, 3), dtype=torch.float32)
+    mask = torch.ones(1, 2, 8, dtype=torch.bool, device=fq.device)
     calls = [
-        ("q_feat|q", lambda: fwd(fq.transpose(-1, -2).contiguous().transpose(-1, -2), fk, v, True, 16)),
-        ("k_feat|k", lambda: fwd(fq, fk[..., :4].contiguous(), v, True, 16)),
-        ("v", lambda: fwd(fq, fk, v[:, :, :7].contiguous(), True, 16)),
-        ("chunk_size", lambda: fwd(fq, fk, v, True, 0)),
-        ("one device", lambda: fwd(fq, fk.to("meta"), v, True, 16)),
+        ("q_feat|q", lambda: fwd(fq.transpose(-1, -2).contiguous().transpose(-1, -2), fk, v, None, True, 16)),
+        ("k_feat|k", lambda: fwd(fq, fk[..., :4].contiguous(), v, None, True, 16)),
+        ("v", lambda: fwd(fq, fk, v[:, :, :7].contiguous(), None, True, 16)),
+        ("key_mask", lambda: fwd(fq, fk, v, mask[:, :, :7].contiguous(), True, 16)),
+        ("key_mask", lambda: fwd(fq, fk, v, mask.float(), True, 16)),
+        ("chunk_size", lambda: fwd(fq, fk, v, None, True, 0)),
+        ("one device", lambda: fwd(fq, fk.to("meta"), v, None, True, 16)),
     ]
-    out, lognorm = fwd(fq, fk, v, True, 16)
-    calls += [("lognorm", lambda: bwd(torch.randn_like(out), fq, fk, v, out, lognorm[:, :1].contiguous(), True, 16)),
-              ("grad_out", lambda: bwd(torch.randn_like(out)[..., :2].contiguous(), fq, fk, v, out, lognorm, True, 16))]
+    out, lognorm = fwd(fq, fk, v, None, True, 16)
+    calls += [("lognorm", lambda: bwd(torch.randn_like(out), fq, fk, v, out, lognorm[:, :1].contiguous(), None, True,
+                                      16)),
+              ("grad_out", lambda: bwd(torch.randn_like(out)[..., :2].contiguous(), fq, fk, v, out, lognorm, None, True,
+                                       16)),
+              ("key_mask", lambda: bwd(torch.randn_like(out), fq, fk, v, out, lognorm, mask[:1, :1].contiguous(), True,
+                                       16))]
     for name, call in calls:
         with pytest.raises((RuntimeError, ValueError, TypeError), match=rf"okadfa: .*({name})"):
             call()
@@ -155,11 +162,14 @@ def test_opcheck(backend, causal):
     if backend.name != "triton" or backend.device == "cuda":
         utils += ("test_aot_dispatch_dynamic",)
     fq, fk, v = backend.put(*make_features(1, 2, 21, 6, 5), dtype=torch.float32)
-    for requires_grad in (False, True):
-        args = [x.clone().requires_grad_(requires_grad) for x in (fq, fk, v)]
-        torch.library.opcheck(fwd, (*args, causal, 8), test_utils=utils)
-    out, lognorm = fwd(fq, fk, v, causal, 8)
-    torch.library.opcheck(bwd, (torch.randn_like(out), fq, fk, v, out, lognorm, causal, 8), test_utils=utils)
+    mask = torch.rand(1, 2, 21, generator=torch.Generator().manual_seed(3)).to(fq.device) > 0.3
+    for key_mask in (None, mask):
+        for requires_grad in (False, True):
+            args = [x.clone().requires_grad_(requires_grad) for x in (fq, fk, v)]
+            torch.library.opcheck(fwd, (*args, key_mask, causal, 8), test_utils=utils)
+        out, lognorm = fwd(fq, fk, v, key_mask, causal, 8)
+        torch.library.opcheck(bwd, (torch.randn_like(out), fq, fk, v, out, lognorm, key_mask, causal, 8),
+                              test_utils=utils)
 
 
 def test_torch_compile_fullgraph(backend):

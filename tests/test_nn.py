@@ -32,6 +32,33 @@ def test_softmax_attention_equals_multihead_attention(batch_first):
     assert_close(out, expected, REORDERED)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_key_padding_mask(causal):
+    """MultiheadAttention's key_padding_mask (True = padding, or −inf): SoftmaxAttention equals
+    MultiheadAttention at real positions, FavorAttention equals favor_attention with the key_mask;
+    outputs at padded positions are 0 in both."""
+    torch.manual_seed(3)
+    mha, mine, favor = (torch.nn.MultiheadAttention(32, 4, batch_first=True), SoftmaxAttention(32, 4, batch_first=True),
+                        FavorAttention(32, 4, batch_first=True, nb_features=16))
+    _copy_weights(mha, mine)
+    x = torch.randn(3, 10, 32)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[0, 7:] = True                                     # right padding
+    padding[1, :2] = True                                     # left padding
+    causal_mask = torch.nn.Transformer.generate_square_subsequent_mask(10) if causal else None
+    expected, _ = mha(x, x, x, key_padding_mask=padding, attn_mask=causal_mask, is_causal=causal, need_weights=False)
+    for kpm in (padding, torch.zeros(3, 10).masked_fill(padding, float("-inf"))):
+        out, _ = mine(x, x, x, key_padding_mask=kpm, is_causal=causal)
+        assert_close(out[~padding], expected[~padding], REORDERED)
+        assert (out[padding] == mine.out_proj.bias).all()    # 0 before the output projection
+        got, _ = favor(x, x, x, key_padding_mask=kpm, is_causal=causal)
+        q, k, v = (favor._heads(p(x)) for p in (favor.q_proj, favor.k_proj, favor.v_proj))
+        heads = okadfa.favor_attention(q, k, v, favor.projection, causal=causal, key_mask=~padding)
+        assert_close(got, favor.out_proj(heads.transpose(1, 2).reshape(3, 10, 32)), EXACT)
+    with pytest.raises(ValueError, match="takes no key_padding_mask"):
+        favor(x, x, x, key_padding_mask=padding, is_causal=True, cache=favor.new_cache())
+
+
 def test_favor_attention_matches_functional_op_and_shapes():
     torch.manual_seed(1)
     attn = FavorAttention(48, 6, batch_first=True, nb_features=32)
@@ -84,7 +111,8 @@ def test_redraw_interval_is_deterministic():
     (dict(add_bias_kv=True), None, "add_bias_kv"),
     (dict(), dict(attn_mask=torch.zeros(4, 4)), "attn_mask other than the causal one"),
     (dict(), dict(attn_mask=torch.ones(4, 4, dtype=torch.bool).tril()), "attn_mask other than the causal one"),
-    (dict(), dict(key_padding_mask=torch.zeros(1, 4, dtype=torch.bool)), "key_padding_mask"),
+    (dict(), dict(key_padding_mask=torch.zeros(1, 3, dtype=torch.bool)), r"key_padding_mask must be a \(N, S\)"),
+    (dict(), dict(key_padding_mask=torch.ones(1, 4)), "key_padding_mask must be bool"),
 ])
 def test_unsupported_arguments(kwargs, call, match):
     with pytest.raises(ValueError, match=match):

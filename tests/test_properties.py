@@ -610,7 +610,8 @@ def test_favor_sdpa_rejects_bad_input(name):
             kw.update({n: put(*shape) for n, shape in zip(SDPA_NAMES, shapes)},
                       is_causal=m[1] == "causal L != S", enable_gqa=m[1] == "heads not a multiple")
         elif m[:2] == ("arg", "attn_mask"):
-            kw["attn_mask"] = torch.ones(5, 5, dtype=m[2], device=backend.device)
+            # neither key padding nor the causal pattern (anti-causal; as a float mask, biases of 1)
+            kw["attn_mask"] = torch.ones(5, 5, device=backend.device).triu(1).to(m[2])
         elif m[0] == "cached":
             kw.update(projection=None, **{m[1]: m[2]})
         elif m[0] == "float64 on triton":

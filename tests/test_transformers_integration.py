@@ -90,6 +90,43 @@ def test_importing_okadfa_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+@pytest.mark.parametrize("order", ["okadfa first", "transformers first"])
+def test_available_without_a_register_call(order):
+    """A fresh process that imports okadfa, before or after transformers' model code, can pass
+    attn_implementation="okadfa_favor" as a plain string: registered by the import hook."""
+    imports = ["import okadfa", "import transformers.modeling_utils"]
+    code = "\n".join([*(imports if order == "okadfa first" else imports[::-1]),
+                      "import torch, transformers",
+                      "cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, "
+                      "num_attention_heads=4, num_key_value_heads=2, vocab_size=100)",
+                      "model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation='okadfa_favor')",
+                      "assert model(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)",
+                      "fn = transformers.AttentionInterface._global_mapping['okadfa_favor']",
+                      "assert fn.__name__ == 'okadfa_favor_attention_forward', fn"])
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_register_hook_can_be_turned_off():
+    code = ("import okadfa, transformers.modeling_utils as mu, transformers\n"
+            "assert 'okadfa_favor' not in transformers.AttentionInterface._global_mapping")
+    env = {**__import__("os").environ, "OKADFA_HF_REGISTER": "0"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_check_reports_unsupported_config_features():
+    hf.check(llama_config())
+    hf.check(gpt2_config(), training=False)
+    with pytest.raises(ValueError, match=r"attn_pdrop=0\.1"):
+        hf.check(gpt2_config())
+    mistral = transformers.MistralConfig(sliding_window=4, max_position_embeddings=64)
+    with pytest.raises(ValueError, match="sliding_window=4"):
+        hf.check(mistral)
+    hf.check(transformers.MistralConfig(sliding_window=None))
+    gemma = transformers.Gemma2Config(attn_logit_softcapping=50.0, attention_dropout=0.0)
+    with pytest.raises(ValueError, match="attn_logit_softcapping=50.0"):
+        hf.check(gemma, training=False)
+
+
 # ----------------------------------------------------------------------------- forward / backward
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -209,16 +246,46 @@ def test_generate_with_a_static_cache_and_a_batch_of_equal_lengths():
 
 # ----------------------------------------------------------------------------- what is refused
 
+def _padded(seqs, side):
+    """(input_ids, attention_mask) of a batch of token lists, padded with token 0 on `side`."""
+    n = max(len(x) for x in seqs)
+    ids, mask = torch.zeros(len(seqs), n, dtype=torch.long), torch.zeros(len(seqs), n, dtype=torch.long)
+    for b, x in enumerate(seqs):
+        cols = slice(0, len(x)) if side == "right" else slice(n - len(x), n)
+        ids[b, cols], mask[b, cols] = torch.tensor(x), 1
+    return ids, mask
+
+
+SEQS = [list(range(3, 15)), list(range(20, 27)), list(range(40, 44))]     # lengths 12, 7, 4
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
-def test_padding_mask_raises_a_clear_error(arch):
-    model, ids = make_model(arch), input_ids()
-    model(ids, attention_mask=torch.ones_like(ids))    # all ones: fine
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with pytest.raises(ValueError, match="supports no padding"):
-        model(ids, attention_mask=mask)
-    with pytest.raises(ValueError, match="supports no padding"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=2, do_sample=False)
+def test_padded_batch_logits_equal_each_sequence_alone(arch, side):
+    """Each sequence's logits at its real positions equal those of running it alone (positions
+    counted from its first real token, as generate does)."""
+    model = make_model(arch)
+    ids, mask = _padded(SEQS, side)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, position_ids=positions).logits
+        for b, x in enumerate(SEQS):
+            alone = model(torch.tensor([x])).logits[0]
+            assert_close(logits[b][mask[b].bool()], alone, DEEP)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_batched_left_padded_generation_equals_one_by_one(arch):
+    """Greedy generation of a left-padded batch (HF's way of batching prompts) gives each prompt
+    the tokens it gets when generated alone, with the cache."""
+    model = make_model(arch)
+    ids, mask = _padded(SEQS, "left")
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
+    for b, x in enumerate(SEQS):
+        alone = model.generate(torch.tensor([x]), max_new_tokens=6, do_sample=False)[0, len(x):]
+        # alone stops at the end-of-sequence token (0, also the pad token); the batch pads after it
+        assert torch.equal(batched[b][:len(alone)], alone), (b, batched[b], alone)
+        assert (batched[b][len(alone):] == 0).all()
 
 
 def test_4d_masks_causal_accepted_others_refused():
@@ -227,7 +294,7 @@ def test_4d_masks_causal_accepted_others_refused():
     with torch.no_grad():
         assert_close(model(ids, attention_mask=causal).logits, model(ids).logits, EXACT)
     window = causal & ~torch.ones(12, 12, dtype=torch.bool).tril(-4)    # a sliding window of 4
-    with pytest.raises(ValueError, match="only causal"):
+    with pytest.raises(ValueError, match="only key padding with causal"):
         model(ids, attention_mask=window)
 
 
@@ -235,13 +302,13 @@ def test_packed_sequences_and_sliding_windows_are_refused():
     model, ids = make_model("llama"), input_ids()
     if hasattr(transformers, "masking_utils"):    # transformers >= 4.53 detects packed sequences
         packed = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)    # two documents per row
-        with pytest.raises(ValueError, match="only causal"):
+        with pytest.raises(ValueError, match="only key padding with causal"):
             model(ids, position_ids=packed, use_cache=False)    # HF detects packing only without a cache
     cfg = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=100, sliding_window=4)
     mistral = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation=NAME).eval()
     mistral(ids[:, :4])    # a window that does not bite is plain causal attention
-    with pytest.raises(ValueError, match="only causal"):
+    with pytest.raises(ValueError, match="only key padding with causal"):
         mistral(ids)
 
 

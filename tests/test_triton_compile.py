@@ -38,17 +38,21 @@ SCRIPT = textwrap.dedent('''
                                        V="i32", ignore_index="i32"), dict(BLOCK_R=4, BLOCK_V=1024))
 
     import okadfa.kernels.chunked_attention as a
-    fwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", out_ptr="*fp32", ln_ptr="*fp32", T="i32",
+    fwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", m_ptr="*i1", out_ptr="*fp32", ln_ptr="*fp32",
+               T="i32",
                M="i32", DQ="i32", DV="i32", sqrt_scale="fp32", tiny="fp32")
-    bwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", g_ptr="*bf16", ln_ptr="*fp32",
+    bwd = dict(q_ptr="*bf16", k_ptr="*bf16", v_ptr="*bf16", w_ptr="*bf16", m_ptr="*i1", g_ptr="*bf16", ln_ptr="*fp32",
                delta_ptr="*fp32", dq_ptr="*fp32", dk_ptr="*fp32", dv_ptr="*fp32", dw_ptr="*fp32", p_ptr="*fp32",
                BH="i32", T="i32", M="i32", DQ="i32", DV="i32", sqrt_scale="fp32", n_chunks="i32")
-    # the issue's shape (M = 256, Dk = 64) in bf16, and float32 with IEEE products
-    for types, precision in ((None, "tf32"), ("*fp32", "ieee")):
+    # the issue's shape (M = 256, Dk = 64) in bf16, and float32 with IEEE products; with a key mask in bf16
+    # (causal FAVOR+ and non-causal given features: every masked code path once)
+    for types, precision, has_mask in ((None, "tf32", False), ("*fp32", "ieee", False), (None, "tf32", True)):
         for causal in (True, False):
             for fused in (True, False):
-                meta = dict(FEATURE_MAP=int(fused), CAUSAL=causal, BLOCK_T=16, M_PAD=256, DQ_PAD=64 if fused else 256,
-                            BLOCK_DV=16, PRECISION=precision)
+                if has_mask and causal != fused:
+                    continue
+                meta = dict(FEATURE_MAP=int(fused), CAUSAL=causal, HAS_MASK=has_mask, BLOCK_T=16, M_PAD=256,
+                            DQ_PAD=64 if fused else 256, BLOCK_DV=16, PRECISION=precision)
                 cast = lambda sig: {k: (types if types and v == "*bf16" else v) for k, v in sig.items()}
                 build(a._fwd_kernel, cast(fwd), meta)
                 build(a._bwd_kernel, cast(bwd), dict(meta, DW=fused))

@@ -11,7 +11,9 @@
 //   out_t = num_t[:Dv] / den'_t,   den'_t = num_t[Dv],   lognorm_t = log den'_t + aq_t + c_t
 //
 // with the CPU's underflow guard (den' < min_normal^0.8 fused, den' = 0 given: row 0,
-// lognorm −inf, no gradient). Structure of one pass over a group of heads:
+// lognorm −inf, no gradient) and its key padding (key_mask: masked keys' logits −inf, given
+// features and values 0; c floored at kKeyFloor; masked query rows take the guard's 0 and −inf;
+// masked rows get no feature gradient). Structure of one pass over a group of heads:
 //   1. features: two GEMMs (q Wᵀ, k Wᵀ) and row kernels (one warp per row) for the
 //      shifts; c by a warp scan per head. Features are kept per head (tn × M).
 //   2. non-causal: everything is a batched GEMM over heads (S = fkᵀ vx, num = fq S, ...).
@@ -30,6 +32,9 @@ namespace okadfa::cuda {
 namespace {
 
 constexpr int kChunk = 32;   // rows per chunk in the causal kernels (kChunk² = 4·kThreads)
+constexpr double kKeyFloor = -1e30;   // chunked_attention.h's kKeyFloor
+
+__host__ __device__ __forceinline__ bool masked(const uint8_t* mask, int64_t r) { return mask && !mask[r]; }
 
 template <typename T>
 __host__ __device__ __forceinline__ T neg_inf() {
@@ -59,9 +64,10 @@ __global__ void query_rows_kernel(T* lq, T* aq, int64_t rows, int64_t m) {
   }
 }
 
-// lk −= (s/2)‖k‖² in place, rk = row max.
+// lk −= (s/2)‖k‖² in place (masked rows: −inf), rk = row max.
 template <typename T>
-__global__ void key_rows_kernel(T* lk, T* rk, const T* k, int64_t rows, int64_t m, int64_t dk, T half_scale) {
+__global__ void key_rows_kernel(T* lk, T* rk, const T* k, const uint8_t* mask, int64_t rows, int64_t m, int64_t dk,
+                                T half_scale) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
   for (int64_t r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
@@ -71,7 +77,7 @@ __global__ void key_rows_kernel(T* lk, T* rk, const T* k, int64_t rows, int64_t 
     T* x = lk + r * m;
     T mx = neg_inf<T>();
     for (int64_t j = lane; j < m; j += 32) {
-      const T y = x[j] - shift;
+      const T y = masked(mask, r) ? neg_inf<T>() : x[j] - shift;
       x[j] = y;
       mx = max(mx, y);
     }
@@ -80,16 +86,17 @@ __global__ void key_rows_kernel(T* lk, T* rk, const T* k, int64_t rows, int64_t 
   }
 }
 
-// c = running max of rk along each head (causal) or its maximum (non-causal). One warp per head.
+// c = running max of rk along each head (causal) or its maximum (non-causal), floored at
+// kKeyFloor. One warp per head.
 template <typename T>
 __global__ void key_reference_kernel(const T* rk, T* c, int64_t heads, int64_t tn, bool causal) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32);
-  const T ninf = neg_inf<T>();
+  const T ninf = neg_inf<T>(), floor = static_cast<T>(kKeyFloor);
   for (int64_t h = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; h < heads; h += warps) {
     const T* x = rk + h * tn;
     T* y = c + h * tn;
-    T carry = ninf;
+    T carry = floor;
     for (int64_t t0 = 0; t0 < tn; t0 += 32) {
       const int64_t t = t0 + lane;
       T v = t < tn ? x[t] : ninf;
@@ -119,26 +126,35 @@ __global__ void key_exp_kernel(T* lk, const T* c, int64_t rows, int64_t m) {
     lk[e] = dev_exp(lk[e] - c[e / m]);
 }
 
-// vx = [v, 1].
+// vx = [v, 1], masked rows' values 0.
 template <typename T>
-__global__ void values_kernel(const T* v, T* vx, int64_t rows, int64_t dv) {
+__global__ void values_kernel(const T* v, T* vx, const uint8_t* mask, int64_t rows, int64_t dv) {
   const int64_t w = dv + 1, n = rows * w;
   for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
        e += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t r = e / w, j = e % w;
-    vx[e] = j < dv ? v[r * dv + j] : T(1);
+    vx[e] = j < dv ? (masked(mask, r) ? T(0) : v[r * dv + j]) : T(1);
   }
 }
 
-// out = num[:, :Dv] / den', lognorm = log den' + aq + c, with the underflow guard.
+// dst = src with masked rows 0 (rows × width; dst may be src).
 template <typename T>
-__global__ void finish_kernel(const T* num, const T* aq, const T* c, T* out, T* lognorm, int64_t rows, int64_t dv,
-                              bool fused, T tiny) {
+__global__ void mask_rows_kernel(const T* src, T* dst, const uint8_t* mask, int64_t rows, int64_t width) {
+  const int64_t n = rows * width;
+  for (int64_t e = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; e < n;
+       e += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    dst[e] = masked(mask, e / width) ? T(0) : src[e];
+}
+
+// out = num[:, :Dv] / den', lognorm = log den' + aq + c, with the underflow guard (masked rows too).
+template <typename T>
+__global__ void finish_kernel(const T* num, const T* aq, const T* c, const uint8_t* mask, T* out, T* lognorm,
+                              int64_t rows, int64_t dv, bool fused, T tiny) {
   const int lane = threadIdx.x % 32;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * (blockDim.x / 32), w = dv + 1;
   for (int64_t r = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; r < rows; r += warps) {
     const T den = num[r * w + dv];
-    const bool underflow = fused ? den < tiny : den == T(0);
+    const bool underflow = masked(mask, r) || (fused ? den < tiny : den == T(0));
     for (int64_t j = lane; j < dv; j += 32) out[r * dv + j] = underflow ? T(0) : num[r * w + j] / den;
     if (lane == 0)
       lognorm[r] = underflow ? neg_inf<T>()
@@ -377,8 +393,9 @@ int64_t aligned(int64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
 
 int64_t per_head(const AttentionShape& s, bool backward) {
   const int64_t tm = s.tn * s.m, tw = s.tn * (s.dv + 1), mw = s.m * (s.dv + 1);
-  if (!backward) return (s.fused ? 2 * tm + 3 * s.tn : 0) + 2 * tw + mw;
-  return (s.fused ? 3 * tm + 3 * s.tn + (s.need_dw ? s.m * s.dq : 0) : 0) + 2 * tw + 2 * mw;
+  const int64_t given_keys = !s.fused && s.key_mask ? tm : 0;   // the masked copy of the given key features
+  if (!backward) return (s.fused ? 2 * tm + 3 * s.tn : given_keys) + 2 * tw + mw;
+  return (s.fused ? 3 * tm + 3 * s.tn + (s.need_dw ? s.m * s.dq : 0) : given_keys) + 2 * tw + 2 * mw;
 }
 
 // Workspace carve-out, in the order of per_head().
@@ -401,6 +418,8 @@ struct Work {
       c = take(rows);
       rk = take(rows);
       if (backward && s.need_dw) dwp = take(g * s.m * s.dq);
+    } else if (s.key_mask) {
+      fk = take(rows * s.m);
     }
     vx = take(rows * W);
     ext = take(rows * W);
@@ -416,13 +435,17 @@ T tiny_normal() {
 
 // The inputs of `g` heads starting at q, k, v in the kernels' layout: vx = [v | 1] and the
 // features (fq, fk): when fused computed from q, k and w (with aq and the key reference c, fk
-// relative to c), otherwise q and k themselves.
+// relative to c), otherwise q and k themselves (k with masked rows 0). mask: the group's key_mask.
 template <typename T>
 std::pair<const T*, const T*> prepare_group(const AttentionShape& s, int64_t g, const T* q, const T* k, const T* v,
-                                            const T* w, Work<T>& ws, cudaStream_t stream) {
+                                            const T* w, const uint8_t* mask, Work<T>& ws, cudaStream_t stream) {
   const int64_t rows = g * s.tn;
-  values_kernel<T><<<grid_for(rows * (s.dv + 1)), kThreads, 0, stream>>>(v, ws.vx, rows, s.dv);
-  if (!s.fused) return {q, k};
+  values_kernel<T><<<grid_for(rows * (s.dv + 1)), kThreads, 0, stream>>>(v, ws.vx, mask, rows, s.dv);
+  if (!s.fused && !mask) return {q, k};
+  if (!s.fused) {
+    mask_rows_kernel<T><<<grid_for(rows * s.m), kThreads, 0, stream>>>(k, ws.fk, mask, rows, s.m);
+    return {q, ws.fk};
+  }
   const T ss = static_cast<T>(s.sqrt_scale);
   gemm<T>(stream, 1, rows, s.m, s.dq, ss, Strided<T>{q, s.dq, 0, false}, Strided<T>{w, s.dq, 0, true}, T(0), ws.fq,
           s.m, 0);
@@ -430,7 +453,7 @@ std::pair<const T*, const T*> prepare_group(const AttentionShape& s, int64_t g, 
           s.m, 0);
   const unsigned row_grid = grid_for(rows, kThreads / 32);
   query_rows_kernel<T><<<row_grid, kThreads, 0, stream>>>(ws.fq, ws.aq, rows, s.m);
-  key_rows_kernel<T><<<row_grid, kThreads, 0, stream>>>(ws.fk, ws.rk, k, rows, s.m, s.dq, ss * ss / 2);
+  key_rows_kernel<T><<<row_grid, kThreads, 0, stream>>>(ws.fk, ws.rk, k, mask, rows, s.m, s.dq, ss * ss / 2);
   key_reference_kernel<T><<<grid_for(g, kThreads / 32), kThreads, 0, stream>>>(ws.rk, ws.c, g, s.tn, s.causal);
   key_exp_kernel<T><<<grid_for(rows * s.m), kThreads, 0, stream>>>(ws.fk, ws.c, rows, s.m);
   return {ws.fq, ws.fk};
@@ -456,8 +479,9 @@ cudaError_t attention_forward(const AttentionShape& s, const T* q, const T* k, c
   for (int64_t h0 = 0; h0 < s.bh; h0 += group) {
     const int64_t g = std::min(group, s.bh - h0), rows = g * s.tn;
     Work<T> ws(s, false, g, workspace);
+    const uint8_t* mask = s.key_mask ? s.key_mask + h0 * s.tn : nullptr;
     const auto [fq, fk] = prepare_group(s, g, q + h0 * s.tn * s.dq, k + h0 * s.tn * s.dq, v + h0 * s.tn * s.dv, w,
-                                        ws, stream);
+                                        mask, ws, stream);
     T* num = ws.ext;
     if (s.causal) {
       causal_prefix_kernel<T><<<static_cast<unsigned>(g), kThreads, 0, stream>>>(fq, fk, ws.c, ws.vx, nullptr, num,
@@ -469,7 +493,7 @@ cudaError_t attention_forward(const AttentionShape& s, const T* q, const T* k, c
               T(0), num, W, s.tn * W);
     }
     finish_kernel<T><<<grid_for(rows, kThreads / 32), kThreads, 0, stream>>>(
-        num, ws.aq, ws.c, out + h0 * s.tn * s.dv, lognorm + h0 * s.tn, rows, s.dv, s.fused, tiny_normal<T>());
+        num, ws.aq, ws.c, mask, out + h0 * s.tn * s.dv, lognorm + h0 * s.tn, rows, s.dv, s.fused, tiny_normal<T>());
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -494,7 +518,8 @@ cudaError_t attention_backward(const AttentionShape& s, const T* grad_out, const
     const T* qh = q + qoff;
     const T* kh = k + qoff;
     Work<T> ws(s, true, g, workspace);
-    const auto [fq, fk] = prepare_group(s, g, qh, kh, v + voff, w, ws, stream);
+    const uint8_t* mask = s.key_mask ? s.key_mask + h0 * s.tn : nullptr;
+    const auto [fq, fk] = prepare_group(s, g, qh, kh, v + voff, w, mask, ws, stream);
     output_grads_kernel<T><<<grid_for(rows, kThreads / 32), kThreads, 0, stream>>>(
         grad_out + voff, out + voff, lognorm + h0 * s.tn, ws.aq, ws.c, ws.ext, rows, s.dv);
     // Feature gradients: fused → dlogits (f ⊙ df) in dlq/dlk; given features → dq, dk directly.
@@ -518,6 +543,8 @@ cudaError_t attention_backward(const AttentionShape& s, const T* grad_out, const
       gemm<T>(stream, g, s.tn, M, W, T(1), Strided<T>{ws.ext, W, s.tn * W, false}, Strided<T>{ws.S, W, M * W, true},
               T(0), dlq, M, s.tn * M, s.fused ? fq : nullptr);
     }
+    if (!s.fused && mask)   // a masked key's given features were set to 0: they get no gradient
+      mask_rows_kernel<T><<<grid_for(rows * M), kThreads, 0, stream>>>(dlk, dlk, mask, rows, M);
     if (s.fused) {
       // dq = √s dlq W ; dk = √s dlk W − s(Σ_m dlk) k ; dW += √s (dlqᵀ q + dlkᵀ k).
       gemm<T>(stream, 1, rows, D, M, ss, Strided<T>{dlq, M, 0, false}, Strided<T>{w, D, 0, false}, T(0), dq + qoff, D,

@@ -17,8 +17,10 @@ namespace okadfa::cuda {
 // FAVOR+ feature map (dq = Dk), or q, k given features (dq = m, w unused).
 // Outputs: out (bh, tn, dv), lognorm (bh, tn) (forward); dq, dk, dv and dw (m, dq,
 // optional) (backward). lognorm_t = log(den'_t) + aq_t + c_t exactly as on the CPU.
+// key_mask (bh, tn), device memory, 1 = a real key: key padding as in chunked_attention.h.
 struct AttentionShape {
   int64_t bh = 0, tn = 0, dq = 0, m = 0, dv = 0;
+  const uint8_t* key_mask = nullptr;   // nullptr: every key is real
   bool fused = false, causal = false;
   double sqrt_scale = 1.0;   // √scale (fused only)
   bool need_dw = false;      // backward: compute the projection gradient

@@ -8,20 +8,25 @@ namespace okadfa {
 namespace {
 
 std::tuple<at::Tensor, at::Tensor> linear_attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
-                                                             const at::Tensor& v, bool causal, int64_t chunk) {
+                                                             const at::Tensor& v,
+                                                             const std::optional<at::Tensor>& key_mask, bool causal,
+                                                             int64_t chunk) {
   check_attention(q, k, v);
   check_chunk(chunk);
-  const auto s = attention_shape(q, v, q.size(3), /*fused=*/false, causal, 1.0);
+  auto s = attention_shape(q, v, q.size(3), /*fused=*/false, causal, 1.0);
+  s.key_mask = key_mask_data(key_mask, q);
   return forward(s, q, k, v, at::Tensor(), "linear_attention_fwd");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_attention_bwd_cuda(
     const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const at::Tensor& out, const at::Tensor& lognorm, bool causal, int64_t chunk) {
+    const at::Tensor& out, const at::Tensor& lognorm, const std::optional<at::Tensor>& key_mask, bool causal,
+    int64_t chunk) {
   check_attention(q, k, v);
   check_saved(grad_out, q, v, out, lognorm);
   check_chunk(chunk);
-  const auto s = attention_shape(q, v, q.size(3), /*fused=*/false, causal, 1.0);
+  auto s = attention_shape(q, v, q.size(3), /*fused=*/false, causal, 1.0);
+  s.key_mask = key_mask_data(key_mask, q);
   auto dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
   backward(s, grad_out, q, k, v, at::Tensor(), out, lognorm, dq, dk, dv, nullptr, "linear_attention_bwd");
   return {dq, dk, dv};

@@ -1,6 +1,8 @@
 """FAVOR+ as a Hugging Face transformers attention implementation (extra `hf`).
 
-`register()` adds "okadfa_favor" to transformers' attention registry
+Importing okadfa registers "okadfa_favor" with the default settings as soon as transformers'
+model code is imported (okadfa/integrations/_autoregister.py); `register()` adds it, or other
+settings, to transformers' attention registry
 (`AttentionInterface`, plus a mask function in `AttentionMaskInterface`), so a causal LM
 built with `attn_implementation="okadfa_favor"` computes every self-attention with
 `okadfa.favor_sdpa` instead of softmax attention:
@@ -23,12 +25,16 @@ last key, as with HF's KV cache):
 Each layer's `scaling` is favor_sdpa's `scale`. The random projection is favor_sdpa's
 cached one (num_features × head_dim, drawn from `seed`), shared by all layers.
 
+Padding. Key padding is exact (`okadfa.favor_attention`'s key_mask): a 2-D attention_mask
+with zeros (right padding for training, left padding for batched generation) becomes HF's 4-D
+mask, which is decomposed into a key mask and the causal (or full) pattern; padded keys leave
+every sum, and outputs at padded positions are 0. Each sequence of a padded batch gets the
+outputs it gets alone (tested: padded-batch logits, batched left-padded greedy generation).
+
 What FAVOR+ cannot do, and what this backend then does:
-    * masks other than causal: FAVOR+ never forms the L×S weights a mask acts on. A 2-D
-      attention_mask with zeros (padding, e.g. batched generation with left padding)
-      raises ValueError; so does any 4-D mask that is not a causal (or full) prefix pattern
-      (packed sequences, sliding windows that bite, custom masks). Batch sequences of
-      equal length, or generate one sequence at a time.
+    * masks other than key padding with the causal or full pattern: FAVOR+ never forms the
+      L×S weights a mask acts on. Packed sequences, sliding windows that bite and custom
+      masks raise ValueError.
     * attention dropout: ValueError when the module is training with dropout > 0 (set
       e.g. GPT-2's attn_pdrop / Llama's attention_dropout to 0). In eval mode it is 0.
     * attention weights: never formed, returned as None. output_attentions=True raises
@@ -58,9 +64,9 @@ except ImportError as exc:    # pragma: no cover - exercised only without the ex
                       "pip install 'okadfa[hf]'") from exc
 
 from ..validation import check_feature_settings
-from ..ops.favor_sdpa import favor_sdpa
+from ..ops.favor_sdpa import favor_sdpa, key_padding
 
-__all__ = ["DEFAULT_NAME", "favor_attention_forward", "favor_attention_mask", "register"]
+__all__ = ["DEFAULT_NAME", "check", "favor_attention_forward", "favor_attention_mask", "register"]
 
 DEFAULT_NAME = "okadfa_favor"
 _MIN_VERSION = (4, 48)
@@ -85,9 +91,6 @@ except ImportError:    # pragma: no cover
 
 _SETTINGS: dict[str, dict] = {}    # registered name -> favor_sdpa keywords
 
-_PADDING_MESSAGE = ("the okadfa_favor attention (FAVOR+) supports no padding: its attention weights are never "
-                    "formed, so an attention_mask with zeros cannot be applied. Batch sequences of equal length "
-                    "(no pad tokens, attention_mask all ones or None), or generate one sequence at a time")
 
 
 # ----------------------------------------------------------------------------- masks
@@ -97,19 +100,18 @@ def favor_attention_mask(batch_size: int, q_length: int | None = None, kv_length
                          **kwargs) -> Tensor | None:
     """Mask function registered in `AttentionMaskInterface` next to the attention.
 
-    Raises ValueError when the 2-D padding mask has a zero. Returns None (no mask: the
-    attention applies causality itself) for the plain causal pattern whose queries end at
-    the last key, `q_offset + q_length == kv_offset + kv_length` — every training step,
-    prefill and decoding step with a dynamic cache. Anything else (static cache, sliding
-    window, packed sequences, custom overlays) is materialised as SDPA would and checked by
-    the attention, which accepts only causal and full prefix patterns. (transformers < 5
-    passes `cache_position` instead of q_length/q_offset; both are understood.)
+    Returns None (no mask: the attention applies causality itself) for the plain causal
+    pattern without padding whose queries end at the last key, `q_offset + q_length ==
+    kv_offset + kv_length` — every training step, prefill and decoding step with a dynamic
+    cache. Anything else (padding, static cache, sliding window, packed sequences, custom
+    overlays) is materialised as SDPA would and decomposed by the attention, which accepts key
+    padding with the causal or full pattern (`okadfa.ops.favor_sdpa.key_padding`). (transformers
+    < 5 passes `cache_position` instead of q_length/q_offset; both are understood.)
     """
-    if attention_mask is not None and attention_mask.dim() == 2 and not _fast_all(attention_mask):
-        raise ValueError(_PADDING_MESSAGE)
     if mask_function is None:
         mask_function = _masking.causal_mask_function
-    if mask_function is _masking.causal_mask_function and kwargs.get("local_size") is None:
+    padded = attention_mask is not None and attention_mask.dim() == 2 and not _fast_all(attention_mask)
+    if mask_function is _masking.causal_mask_function and kwargs.get("local_size") is None and not padded:
         try:
             if cache_position is not None:
                 q_length, q_offset = cache_position.shape[0], int(cache_position[0])
@@ -132,22 +134,22 @@ def _fast_all(mask: Tensor) -> bool:
     return bool(mask.sum() == mask.numel())
 
 
-_LAST_MASK: list = [None, None]    # [weakref to the last 4-D mask checked, its (keys, causal)]
+_LAST_MASK: list = [None, None]    # [weakref to the last 4-D mask decomposed, its (keys, causal, key_mask, version)]
 
 
-def _mask_pattern(mask: Tensor, q_length: int) -> tuple[int, bool | None]:
-    """(keys, causal) of a 4-D mask (B|1, H|1, L|1, S): query i may see keys 0 … n_i − 1.
-
-    Accepted: n_i = n − L + 1 + i (causal, queries aligned to key n − 1) or n_i = S for all
-    i (full attention); the same for every batch row and head. A mask broadcast over the
-    queries (L = 1 < q_length, a padding mask) is accepted when it masks nothing: causal is
-    then None (the module decides). ValueError otherwise. The result is memoised for the
-    last mask seen: all layers of a forward share one mask.
+def _mask_pattern(mask: Tensor, q_length: int, causal: bool) -> tuple[int, bool | None, Tensor | None]:
+    """(keys, causal, key_mask) of a 4-D mask (B|1, H|1, L|1, S): attend to the first `keys` keys,
+    causally (query i at key position keys − L + i) or not, leaving out those key_mask (B, keys)
+    marks False (None: none). The pattern is key padding with the causal or full pattern
+    (`favor_sdpa.key_padding`, queries aligned to the last key); keys after the last one any
+    query sees (a static cache's unfilled tail) are cut off. A mask broadcast over the queries
+    (a padding mask) gives causal None (the module decides). ValueError for anything else. The
+    result is memoised for the last mask seen: all layers of a forward share one mask.
     """
     version = _tensor_version(mask)
     ref, result = _LAST_MASK
-    if version is not None and ref is not None and ref() is mask and result[2] == version:
-        return result[:2]
+    if version is not None and ref is not None and ref() is mask and result[3] == version:
+        return result[:3]
     if mask.dim() != 4 or mask.shape[-2] not in (1, q_length):
         raise ValueError(f"okadfa_favor expects a 4-D attention mask (batch, heads, {q_length}, keys), got shape "
                          f"{tuple(mask.shape)}")
@@ -158,28 +160,22 @@ def _mask_pattern(mask: Tensor, q_length: int) -> tuple[int, bool | None]:
         allowed = mask == 0
     else:
         allowed = mask if mask.dtype == torch.bool else mask != 0
-    s = allowed.shape[-1]
+    if allowed.shape[1] > 1 and not bool((allowed == allowed[:, :1]).all()):
+        raise ValueError("okadfa_favor needs one attention mask for every head (key padding)")
+    seen = allowed.flatten(0, -2).any(0).nonzero()
+    keys = int(seen.max()) + 1 if seen.numel() else allowed.shape[-1]
+    allowed = allowed[:, :1, :, :keys]
+    mask_causal = None
     if allowed.shape[-2] != q_length:    # a padding mask broadcast over the queries
-        if not _fast_all(allowed):
-            raise ValueError(_PADDING_MESSAGE)
-        return s, None
-    counts = allowed.sum(-1).reshape(-1, q_length)
-    n = counts[0]
-    prefix = torch.arange(s, device=allowed.device) < n[:, None]
-    if not bool((counts == n).all()):
-        raise ValueError(_PADDING_MESSAGE + " (the attention mask differs between batch rows)")
-    if not bool((allowed == prefix).all()):
-        raise ValueError("okadfa_favor supports only causal attention: the attention mask is not a causal prefix "
-                         "pattern (padding, packed sequences, a sliding window or a custom mask). FAVOR+ never forms "
-                         "the attention weights a mask would act on")
-    n_list = n.tolist()
-    if q_length > 1 and all(x == s for x in n_list):
-        result = (s, False)
-    elif n_list[0] >= 1 and all(b - a == 1 for a, b in zip(n_list, n_list[1:])):
-        result = (n_list[-1], True)
+        key_mask = allowed[:, 0, 0]
     else:
-        raise ValueError(f"okadfa_favor supports only causal attention; the attention mask lets the queries see "
-                         f"{n_list} keys")
+        try:
+            key_mask, mask_causal = key_padding(allowed, allowed.shape[0], q_length, keys, causal, aligned=True)
+        except ValueError:
+            raise ValueError("okadfa_favor supports only key padding with causal (or full) attention: the attention "
+                             "mask is another pattern (packed sequences, a sliding window that bites or a custom "
+                             "mask). FAVOR+ never forms the attention weights a mask would act on") from None
+    result = (keys, mask_causal, None if _fast_all(key_mask) else key_mask)
     if version is not None:
         _LAST_MASK[:] = [weakref.ref(mask), (*result, version)]
     return result
@@ -195,7 +191,8 @@ def _tensor_version(x: Tensor) -> int | None:
 # ----------------------------------------------------------------------------- attention
 
 def _causal_favor(query: Tensor, key: Tensor, value: Tensor, scale, gqa: bool, options: dict) -> Tensor:
-    """Causal FAVOR+ with query i at position S − L + i (lower-right alignment)."""
+    """Causal FAVOR+ with query i at position S − L + i (lower-right alignment); options may hold
+    a key_mask (B, S)."""
     q_length, kv_length = query.shape[2], key.shape[2]
     if q_length == kv_length:
         return favor_sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=gqa, **options)
@@ -241,8 +238,10 @@ def favor_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
     if attention_mask is not None:
         if not isinstance(attention_mask, Tensor):
             raise ValueError(f"okadfa_favor got an attention mask of type {type(attention_mask).__name__}; it "
-                             "supports only causal attention without a mask")
-        keys, mask_causal = _mask_pattern(attention_mask, q_length)
+                             "takes a tensor mask (key padding with causal or full attention)")
+        keys, mask_causal, key_mask = _mask_pattern(attention_mask, q_length, causal)
+        if key_mask is not None:
+            options["key_mask"] = key_mask.expand(query.shape[0], keys)
         if mask_causal is None:    # a padding mask masking nothing: the module's own nature decides (callers
             # such as GPT-2 in transformers 4.4x pass is_causal=False whenever a mask is given)
             mask_causal = getattr(module, "is_causal", causal) and not getattr(module, "is_cross_attention", False)
@@ -255,6 +254,44 @@ def favor_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
     else:
         out = favor_sdpa(query, key, value, scale=scaling, enable_gqa=gqa, **options)
     return out.transpose(1, 2).contiguous(), None
+
+
+# ----------------------------------------------------------------------------- config check
+
+def check(config, *, training: bool = True) -> None:
+    """Raise ValueError naming every feature of a transformers `config` that this backend cannot
+    run, before any model is built or forward runs (otherwise they surface at the first forward):
+    attention dropout when `training` (`attention_dropout`, GPT-2's `attn_pdrop`), attention-logit
+    soft-capping (`attn_logit_softcapping`, e.g. Gemma 2), a sliding window shorter than the
+    context that the model uses (`sliding_window` with `use_sliding_window` where the model has
+    that switch, or `layer_types` with sliding layers), and output_attentions. Returns None when
+    the config is fine.
+
+    Example:
+        >>> check(AutoConfig.from_pretrained(path))    # ValueError: ... sliding_window=4096 ...
+    """
+    problems = []
+    for name in ("attention_dropout", "attn_pdrop"):
+        rate = getattr(config, name, None)
+        if training and isinstance(rate, (int, float)) and rate > 0:
+            problems.append(f"{name}={rate}: FAVOR+ has no attention dropout (set it to 0.0, or check with "
+                            "training=False for inference)")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        problems.append(f"attn_logit_softcapping={config.attn_logit_softcapping}: FAVOR+ cannot modify the "
+                        "attention logits")
+    window = getattr(config, "sliding_window", None)
+    context = getattr(config, "max_position_embeddings", None)
+    layer_types = getattr(config, "layer_types", None) or ()
+    uses_window = getattr(config, "use_sliding_window", True) and window is not None
+    if any(t == "sliding_attention" for t in layer_types):
+        uses_window = window is not None
+    if uses_window and (context is None or window < context):
+        problems.append(f"sliding_window={window} (max_position_embeddings={context}): FAVOR+ attends to every "
+                        "earlier position; sequences longer than the window would be refused at the first forward")
+    if getattr(config, "output_attentions", False):
+        problems.append("output_attentions=True: FAVOR+ never forms attention weights")
+    if problems:
+        raise ValueError("okadfa_favor cannot run this model config: " + "; ".join(problems))
 
 
 # ----------------------------------------------------------------------------- registration

@@ -18,19 +18,20 @@ from ._registration import attention_implementations, register
 
 
 # fake tensor implementation of okadfa::favor_attention_fwd and okadfa::triton_favor_attention_fwd
-def _fwd_fake(q, k, v, projection, causal, scale, chunk_size):
+def _fwd_fake(q, k, v, projection, key_mask, causal, scale, chunk_size):
     # float32 for half inputs (the cpu and Triton ops take them; the cuda ones get float32 already)
     return (v.new_empty(v.shape, dtype=validation.native_dtype(v.dtype)),
             q.new_empty(q.shape[:3], dtype=validation.native_dtype(q.dtype)))   # out, lognorm
 
 
 # fake tensor implementation of okadfa::favor_attention_bwd and okadfa::triton_favor_attention_bwd
-def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, causal, scale, chunk_size, projection_grad):
+def _bwd_fake(grad_out, q, k, v, projection, out, lognorm, key_mask, causal, scale, chunk_size, projection_grad):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), torch.empty_like(projection)
 
 
-def _reference(q, k, v, projection, causal, scale, chunk_size):
-    return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk_size)
+def _reference(q, k, v, projection, key_mask, causal, scale, chunk_size):
+    return reference.favor_attention(q, k, v, projection, causal=causal, scale=scale, chunk_size=chunk_size,
+                                     key_mask=key_mask)
 
 
 # backend -> (the dtype it computes an input dtype in, the forward)
@@ -42,7 +43,8 @@ register("favor_attention_fwd", _fwd_fake, backward="favor_attention_bwd", backw
 
 @validation.errors_as_in_eager()
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
-                    scale: float | None = None, backend: str = "auto", chunk_size: int | None = None) -> Tensor:
+                    scale: float | None = None, key_mask: Tensor | None = None, backend: str = "auto",
+                    chunk_size: int | None = None) -> Tensor:
     """FAVOR+ attention: softmax attention approximated by positive random features.
 
     With q̂ = q·√scale, k̂ = k·√scale and φ(x̂)_m = exp(w_m·x̂ − ‖x̂‖²/2)/√M,
@@ -65,6 +67,11 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
             gradient if it requires one.
         causal: attend to s ≤ t only.
         scale: logit scale, default Dk^-1/2 as in scaled_dot_product_attention.
+        key_mask: None, or a bool (B, S) tensor (B may be 1), True = a real key, False = padding
+            (SDPA's convention for boolean masks; nn.MultiheadAttention's key_padding_mask is the
+            opposite). Masked keys leave every sum exactly: their features count as 0 and their
+            values are not read. When L = S, output rows at masked positions are 0 and pass no
+            gradient; a row whose keys are all masked is 0 too.
         backend: "auto", "cpu", "cuda", "triton" or "reference" (see `okadfa.backends()`).
         chunk_size: positions per chunk of the native kernels (default 64, 128 for bfloat16 on
             the CPU; the triton backend rounds it to a power of two in [16, 128], smaller for large M).
@@ -95,6 +102,7 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
         raise ValueError(f"projection must have shape (M, {q.shape[3]}) with M >= 1, got {tuple(projection.shape)}")
     causal = validation.check_causal(causal)
     batch = validation.attention_batch_shape(q, k, v, "q", "k", cross=not causal)
+    key_mask = validation.key_mask(key_mask, batch, k.shape[2], q.device)
     scale = validation.check_scale(scale, q.shape[3], q.dtype)
     chunk = validation.check_chunk(chunk_size, validation.default_chunk(q, reference.attention.DEFAULT_CHUNK))
     compute, forward = dispatch(IMPLEMENTATIONS, backend, q.device)
@@ -105,5 +113,5 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     dtype = validation.compute_dtype(compute, batch, q, k, v)
     q, k, v_c = (validation.prepare(x, batch, dtype) for x in (q, k, v))
     with torch.autocast(q.device.type, enabled=False):     # the plain-PyTorch paths compute in `dtype`
-        out = forward(q, k, v_c, projection.to(dtype).contiguous(), causal, scale, chunk)
+        out = forward(q, k, v_c, projection.to(dtype).contiguous(), key_mask, causal, scale, chunk)
     return out.to(v.dtype)

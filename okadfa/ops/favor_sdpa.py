@@ -46,9 +46,8 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
     if not query.dim() == key.dim() == value.dim():
         raise ValueError(f"query, key and value must have the same number of dimensions, got {query.dim()}, "
                          f"{key.dim()} and {value.dim()}")
-    if attn_mask is not None:
-        raise ValueError("favor_sdpa supports no attn_mask: FAVOR+ never forms the L×S weights a mask would "
-                         "act on. Use is_causal=True for causal attention (a padding mask has no equivalent)")
+    if attn_mask is not None and not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a tensor or None, got {type(attn_mask).__name__}")
     if dropout_p != 0.0:
         raise ValueError(f"favor_sdpa has no attention dropout (got dropout_p={dropout_p}): the weights are "
                          "never formed; apply dropout to the output instead")
@@ -76,6 +75,66 @@ def _check_arguments(query, key, value, attn_mask, dropout_p, is_causal, enable_
     validation.check_feature_settings(num_features, seed)
 
 
+def key_padding(attn_mask: Tensor, batch: int, L: int, S: int, is_causal: bool,
+                aligned: bool = False) -> tuple[Tensor, bool]:
+    """(key_mask (batch, S) bool, causal) such that attn_mask is key padding combined with full
+    attention, or with the causal pattern, on every row of a real query; ValueError for any other
+    mask (FAVOR+ never forms the L×S weights an arbitrary mask acts on).
+
+    A boolean attn_mask attends where True; a float one is additive: 0 attends, −inf or anything
+    at or below half the dtype's lowest value (what Hugging Face writes) masks, other values are
+    refused. It broadcasts to (batch, heads, L, S) as in SDPA and must be the same for every head.
+    Queries and keys are one sequence when L = S, or with `aligned` (query i at key position
+    S − L + i, as in a KV cache; the causal pattern is then aligned to the last key); otherwise
+    the queries are their own sequence (cross-attention, full only). Rows of padded queries are
+    not checked (they output 0): Hugging Face fills them either way, some versions with
+    everything. is_causal=True with a mask (SDPA refuses the pair) asks for the causal pattern."""
+    m = attn_mask
+    if m.dtype != torch.bool:
+        if not m.is_floating_point():
+            raise TypeError(f"attn_mask must be bool or floating point, got {m.dtype}")
+        low = m <= torch.finfo(m.dtype).min / 2
+        if bool(((m != 0) & ~low).any()):
+            raise ValueError("favor_sdpa takes additive masks of 0 and -inf (or the dtype's lowest value) only: "
+                             "FAVOR+ has no L×S weights to add a bias to")
+        m = ~low
+    if m.dim() < 2 or m.shape[-2] not in (1, L) or m.shape[-1] != S:
+        raise ValueError(f"attn_mask must broadcast to (..., L, S) = (..., {L}, {S}), got shape {tuple(m.shape)}")
+    m = m.reshape(-1, *m.shape[-3:]) if m.dim() > 3 else m.reshape(-1, 1, *m.shape[-2:])
+    if m.shape[0] not in (1, batch):
+        raise ValueError(f"attn_mask's batch dims ({m.shape[0]} entries) do not broadcast to the inputs' {batch}")
+    if m.shape[1] > 1 and not bool((m == m[:, :1]).all()):
+        raise ValueError("favor_sdpa needs one attn_mask for every head (a key padding mask)")
+    m = m[:, 0].expand(batch, L, S)                       # (batch, L, S)
+    everything = m.all(-1)                                # (batch, L): rows that attend every key
+    one_sequence = aligned or L == S
+    if one_sequence and L <= S:
+        # Key s is real where its own query attends to it (keys before the first query: where any
+        # query does); rows HF unmasked (a padded query that would attend nothing attends
+        # everything) fool that, so the keys attended by the other rows are the second candidate.
+        # Each batch row takes the first candidate that fits.
+        own = m[..., S - L:].diagonal(dim1=-2, dim2=-1)
+        candidates = (torch.cat([m[..., :S - L].any(-2), own], -1), (m & ~everything[..., None]).any(-2))
+    else:
+        candidates = (m.any(-2),)
+    tril = torch.ones(L, S, dtype=torch.bool, device=m.device).tril(S - L)
+    for causal in ((True,) if is_causal else (False, True) if one_sequence else (False,)):
+        chosen, fits = None, torch.zeros(batch, dtype=torch.bool, device=m.device)
+        for key_mask in candidates:
+            real_rows = key_mask[:, S - L:] if one_sequence else torch.ones(batch, L, dtype=torch.bool,
+                                                                            device=m.device)
+            pattern = key_mask[:, None, :] & tril if causal else key_mask[:, None, :].expand(batch, L, S)
+            same = (m == pattern).all(-1)                 # (batch, L): the row is the pattern's
+            # a padded query's row may be the pattern's, nothing, or everything
+            ok = torch.where(real_rows, same, same | ~m.any(-1) | everything).all(-1)    # (batch,)
+            chosen = key_mask if chosen is None else torch.where((ok & ~fits)[:, None], key_mask, chosen)
+            fits = fits | ok
+        if bool(fits.all()):
+            return chosen, causal
+    raise ValueError("favor_sdpa takes an attn_mask that is key padding, alone or with the causal pattern: FAVOR+ "
+                     "never forms the L×S weights an arbitrary mask would act on")
+
+
 def _to_4d(x: Tensor, batch: torch.Size) -> Tensor:
     """(N, ..., H, L, E) → (B, H, L, E): 3-d inputs get one head, extra leading dims
     are broadcast to `batch` and flattened."""
@@ -90,7 +149,7 @@ def _to_4d(x: Tensor, batch: torch.Size) -> Tensor:
 def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
                is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
                num_features: int = 256, projection: Tensor | None = None, seed: int = 0,
-               backend: str = "auto") -> Tensor:
+               key_mask: Tensor | None = None, backend: str = "auto") -> Tensor:
     """FAVOR+ attention as a drop-in for `F.scaled_dot_product_attention`.
 
     softmax(scale·Q Kᵀ) V is approximated by φ(Q̂) (φ(K̂)ᵀ V), normalised, with the
@@ -104,16 +163,23 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
     (key head j serves query heads j·Hq/H … (j+1)·Hq/H − 1).
 
     Args:
-        attn_mask: must be None (ValueError otherwise: the L×S weights a mask acts on are
-            never formed). Causal masking is `is_causal=True`.
+        attn_mask: None, or a key padding mask as SDPA takes it (bool, True = attend, or
+            additive float, 0 / −inf), alone or combined with the causal pattern (L = S), e.g.
+            the 4-d masks Hugging Face builds for padded batches; the same for every head.
+            ValueError for any other mask: the L×S weights an arbitrary mask acts on are never
+            formed (`key_padding` says exactly what is accepted). Output rows of padded
+            queries are 0. Causal masking alone is `is_causal=True`.
         dropout_p: must be 0.0 (ValueError otherwise).
         is_causal: query t sees keys s ≤ t; needs L = S (decode token by token with
-            `okadfa.FavorState`).
+            `okadfa.FavorState`). With an attn_mask (which SDPA refuses) it asks for the causal
+            pattern combined with that padding.
         scale: default E^-1/2.
         num_features: M, used when projection is None.
         projection: (M, E) from `okadfa.random_features`; None uses a cached projection
             drawn from `seed`, one per (E, M, seed, device, dtype). torch.compile takes it as
             a constant; with dynamic=True (symbolic E) pass a projection instead.
+        key_mask: (N, S) bool, True = a real key: key padding without an attn_mask (as
+            `okadfa.favor_attention` takes it; N the flattened batch dims). Not with attn_mask.
         backend: as in `okadfa.favor_attention` (which also runs non-causal L ≠ S).
     Returns:
         Tensor (N, ..., Hq, L, Ev) in query's dtype; under `torch.autocast` float32
@@ -135,7 +201,13 @@ def favor_sdpa(query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | No
         raise ValueError(f"the batch dims of query {tuple(query.shape)}, key {tuple(key.shape)} and value "
                          f"{tuple(value.shape)} do not broadcast") from None
     q, k, v = (_to_4d(x, batch) for x in (query, key, value))
-    out = favor_attention(q, k, v, projection, causal=is_causal, scale=scale, backend=backend)
+    if attn_mask is not None and key_mask is not None:
+        raise ValueError("favor_sdpa takes attn_mask or key_mask, not both")
+    if attn_mask is not None:
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {q.device}")
+        key_mask, is_causal = key_padding(attn_mask, q.shape[0], q.shape[2], k.shape[2], is_causal)
+    out = favor_attention(q, k, v, projection, causal=is_causal, scale=scale, key_mask=key_mask, backend=backend)
     if query.dim() == 3:
         return out.squeeze(1)
     return out.reshape(*batch, *out.shape[-3:])

@@ -17,18 +17,18 @@ from ._registration import attention_implementations, register
 
 
 # fake tensor implementation of okadfa::linear_attention_fwd and okadfa::triton_linear_attention_fwd
-def _fwd_fake(q_feat, k_feat, v, causal, chunk_size):
+def _fwd_fake(q_feat, k_feat, v, key_mask, causal, chunk_size):
     return (v.new_empty(v.shape, dtype=validation.native_dtype(v.dtype)),                 # float32 for half inputs
             q_feat.new_empty(q_feat.shape[:3], dtype=validation.native_dtype(q_feat.dtype)))
 
 
 # fake tensor implementation of okadfa::linear_attention_bwd and okadfa::triton_linear_attention_bwd
-def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, causal, chunk_size):
+def _bwd_fake(grad_out, q_feat, k_feat, v, out, lognorm, key_mask, causal, chunk_size):
     return torch.empty_like(q_feat), torch.empty_like(k_feat), torch.empty_like(v)
 
 
-def _reference(q_feat, k_feat, v, causal, chunk_size):
-    return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk_size)
+def _reference(q_feat, k_feat, v, key_mask, causal, chunk_size):
+    return reference.linear_attention(q_feat, k_feat, v, causal=causal, chunk_size=chunk_size, key_mask=key_mask)
 
 
 # backend -> (the dtype it computes an input dtype in, the forward)
@@ -56,8 +56,8 @@ checked_nonnegative.register_autograd(lambda ctx, grad: (grad, None))
 
 
 @validation.errors_as_in_eager()
-def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False, backend: str = "auto",
-                     chunk_size: int | None = None) -> Tensor:
+def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False,
+                     key_mask: Tensor | None = None, backend: str = "auto", chunk_size: int | None = None) -> Tensor:
     """Normalised linear attention with features computed by the caller.
 
         out_t = Σ_s a_ts v_s / Σ_s a_ts,   a_ts = q_feat_t · k_feat_s,
@@ -72,7 +72,8 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
 
     Args:
         q_feat, k_feat: (B, H, T, M), non-negative. v: (B, H, T, Dv). B, H broadcast.
-        causal, backend, chunk_size: as in `favor_attention`.
+        causal, key_mask, backend, chunk_size: as in `favor_attention` (a masked key's features
+            count as 0, whatever k_feat holds there).
     Returns:
         (B, H, T, Dv) in v's dtype.
 
@@ -89,6 +90,7 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
                          f"{tuple(q_feat.shape)} and {tuple(k_feat.shape)}")
     batch = validation.attention_batch_shape(q_feat, k_feat, v, "q_feat", "k_feat")
     causal = validation.check_causal(causal)
+    key_mask = validation.key_mask(key_mask, batch, k_feat.shape[2], q_feat.device)
     chunk = validation.check_chunk(chunk_size, validation.default_chunk(q_feat, reference.attention.DEFAULT_CHUNK))
     if torch.compiler.is_compiling():        # checked when the compiled code runs
         q_feat, k_feat = checked_nonnegative(q_feat, "q_feat"), checked_nonnegative(k_feat, "k_feat")
@@ -99,5 +101,5 @@ def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool 
     dtype = validation.compute_dtype(compute, batch, q_feat, k_feat, v)
     q_feat, k_feat, v_c = (validation.prepare(x, batch, dtype) for x in (q_feat, k_feat, v))
     with torch.autocast(v.device.type, enabled=False):     # the reference computes in `dtype`
-        out = forward(q_feat, k_feat, v_c, causal, chunk)
+        out = forward(q_feat, k_feat, v_c, key_mask, causal, chunk)
     return out.to(v.dtype)

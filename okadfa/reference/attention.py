@@ -26,6 +26,12 @@ detached:
     ≤ t, key s contributes to query t with weight exp(l_s − c_t), where l_s are
     its log-features; exp(−c_t) is again per query row. Only positions ≤ t
     enter c_t, so causality holds even when a later key would dominate.
+Key padding (`key_mask`, (..., S) bool, True = a real key): a masked key's log-features are
+−inf, so its features are exactly 0 and it leaves every sum; its value is read as 0 (a NaN
+there reaches nothing). It does not enter the running maximum either, which is floored at
+KEY_FLOOR (finite, below any key logit of finite inputs) so that positions before the first
+real key keep finite shifts. With L = S, query rows at masked positions output 0 and pass no
+gradient (they would otherwise average the keys before them).
 If the stabilised normaliser of a row underflows (below min_normal^0.8, ~1e-31
 in float32: only for inputs whose weights leave the dtype's range, |q̂|, |k̂| of
 order 10 and more) the row's output is 0 and it passes no gradient, rather than
@@ -44,6 +50,9 @@ __all__ = ["random_features", "favor_features", "favor_attention", "linear_atten
            "linear_attention_naive", "favor_attention_recurrent", "linear_attention_recurrent"]
 
 DEFAULT_CHUNK = 64     # positions per chunk when chunk_size is None, on every backend (okadfa.ops)
+# The floor of the key shifts c (every backend): finite, so that c_s − c_t never is −inf − (−inf)
+# before the first real key; below any logit w·k̂ − ‖k̂‖²/2 of finite inputs, so it binds nowhere else.
+KEY_FLOOR = -1e30
 
 
 def random_features(num_features: int, head_dim: int, *, orthogonal: bool = True, scaling: str = "chi",
@@ -201,12 +210,13 @@ def key_log_features(k: Tensor, projection: Tensor, scale: float) -> Tensor:
 
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
-                    scale: float | None = None, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+                    scale: float | None = None, chunk_size: int = DEFAULT_CHUNK, key_mask: Tensor | None = None) -> Tensor:
     """FAVOR+ attention (DESIGN.md §3), reference implementation.
 
     q, k: (B, H, T, Dk); v: (B, H, T, Dv); projection: (M, Dk) from
-    `random_features`. Returns (B, H, T, Dv) in v's dtype. scale defaults to
-    Dk^-1/2. Linear memory in T; differentiable by autograd.
+    `random_features`; key_mask: None or (B, H, S) bool, True = a real key (module docstring).
+    Returns (B, H, T, Dv) in v's dtype. scale defaults to Dk^-1/2. Linear memory in T;
+    differentiable by autograd.
 
     Example:
         >>> q, k, v = torch.randn(3, 1, 2, 100, 16).unbind(0)
@@ -216,40 +226,64 @@ def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, caus
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     fq, lk = query_features(q, projection, scale), key_log_features(k, projection, scale)
+    if key_mask is not None:
+        lk = lk.masked_fill(~key_mask[..., None], -math.inf)
+        v = v.masked_fill(~key_mask[..., None], 0)
     kmax = lk.amax(-1).detach()
     if causal:
         kmax = torch.cummax(kmax, dim=-1).values
     else:
         kmax = kmax.amax(-1, keepdim=True).expand_as(kmax)
+    kmax = kmax.clamp_min(KEY_FLOOR)
     fk = torch.exp(lk - kmax[..., None])
-    return _attend(fq, fk, kmax if causal else None, v, causal, chunk_size).to(v.dtype)
+    out = _attend(fq, fk, kmax if causal else None, v, causal, chunk_size)
+    return _mask_queries(out, key_mask).to(v.dtype)
+
+
+def _mask_queries(out: Tensor, key_mask: Tensor | None) -> Tensor:
+    """Rows of masked positions set to 0 (and passing no gradient) when queries and keys are one sequence."""
+    if key_mask is None or key_mask.shape[-1] != out.shape[-2]:
+        return out
+    return out.masked_fill(~key_mask[..., None], 0)
 
 
 def linear_attention(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False,
-                     chunk_size: int = DEFAULT_CHUNK) -> Tensor:
+                     chunk_size: int = DEFAULT_CHUNK, key_mask: Tensor | None = None) -> Tensor:
     """Normalised linear attention on caller-computed non-negative features.
 
-    q_feat, k_feat: (B, H, T, M); v: (B, H, T, Dv). out_t = Σ_s a_ts v_s / Σ_s a_ts
-    with a_ts = q_feat_t·k_feat_s over s ≤ t (causal) or all s.
+    q_feat, k_feat: (B, H, T, M); v: (B, H, T, Dv); key_mask: None or (B, H, T) bool, True = a
+    real key (masked keys' features and values count as 0, masked queries output 0). out_t =
+    Σ_s a_ts v_s / Σ_s a_ts with a_ts = q_feat_t·k_feat_s over s ≤ t (causal) or all s.
     """
-    return _attend(q_feat, k_feat, None, v, causal, chunk_size, stabilised=False).to(v.dtype)
+    if key_mask is not None:
+        k_feat = k_feat.masked_fill(~key_mask[..., None], 0)
+        v = v.masked_fill(~key_mask[..., None], 0)
+    out = _attend(q_feat, k_feat, None, v, causal, chunk_size, stabilised=False)
+    return _mask_queries(out, key_mask).to(v.dtype)
 
 
-def linear_attention_naive(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False) -> Tensor:
+def linear_attention_naive(q_feat: Tensor, k_feat: Tensor, v: Tensor, *, causal: bool = False,
+                           key_mask: Tensor | None = None) -> Tensor:
     """Rung 1, the definition: out = (A v) / (A 1) with A = q_feat k_featᵀ (T×T, lower-
-    triangular if causal). O(T²) time and memory, no stabilisation: for small cases."""
+    triangular if causal), masked keys' columns of A removed (key_mask, True = a real key) and,
+    when L = S, masked queries' rows 0. O(T²) time and memory, no stabilisation: for small cases."""
     a = q_feat @ k_feat.transpose(-1, -2)
-    if not causal:
-        return (a @ v) / a.sum(-1, keepdim=True)
-    a = a.tril()           # selects: a later key's NaN does not reach earlier rows
-    return lower_product(a, v) / a.sum(-1, keepdim=True)
+    if key_mask is not None:
+        a = torch.where(key_mask[..., None, :], a, 0)     # selects: a masked key's NaN reaches no row
+        v = v.masked_fill(~key_mask[..., None], 0)
+    if causal:
+        a = a.tril()           # selects: a later key's NaN does not reach earlier rows
+    den = a.sum(-1, keepdim=True)
+    if key_mask is not None:   # rows with no real key: 0 (not 0/0, whose gradient is NaN too)
+        den = torch.where(den == 0, 1, den)
+    return _mask_queries((lower_product(a, v) if causal else a @ v) / den, key_mask)
 
 
 def favor_attention_naive(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
-                          scale: float | None = None) -> Tensor:
+                          scale: float | None = None, key_mask: Tensor | None = None) -> Tensor:
     """Rung 1 of FAVOR+: `linear_attention_naive` on the unstabilised `favor_features`."""
     return linear_attention_naive(favor_features(q, projection, scale=scale),
-                                  favor_features(k, projection, scale=scale), v, causal=causal)
+                                  favor_features(k, projection, scale=scale), v, causal=causal, key_mask=key_mask)
 
 
 def linear_attention_recurrent(q_feat: Tensor, k_feat: Tensor, v: Tensor) -> Tensor:
