@@ -300,3 +300,16 @@ def test_absurd_num_features_raise_before_drawing(monkeypatch, num_features, E, 
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+def test_key_padding_prefers_the_decomposition_with_the_most_real_keys():
+    """Queries aligned to the last key (a KV cache, as transformers 4.5x hands GPT-2 its mask): the
+    last query attends everything, so "its key is padding, the row was unmasked" fits too; the
+    causal reading with every key real must win. With left padding the padded keys stay out."""
+    from okadfa.ops.favor_sdpa import key_padding
+    tril = torch.ones(2, 12, dtype=torch.bool).tril(10)               # queries at positions 10 and 11
+    key_mask, causal = key_padding(tril[None, None], 1, 2, 12, is_causal=False, aligned=True)
+    assert causal and key_mask.all()
+    left = tril & (torch.arange(12) >= 3)                            # three pad tokens in front
+    key_mask, causal = key_padding(left[None, None], 1, 2, 12, is_causal=False, aligned=True)
+    assert causal and torch.equal(key_mask[0], torch.arange(12) >= 3)

@@ -118,8 +118,12 @@ def key_padding(attn_mask: Tensor, batch: int, L: int, S: int, is_causal: bool,
     else:
         candidates = (m.any(-2),)
     tril = torch.ones(L, S, dtype=torch.bool, device=m.device).tril(S - L)
+    # A wrong candidate can fit too (the keys attended only by a row that attends everything
+    # look like padding): of the decompositions that fit, each row takes the one with the most
+    # real keys, and the pattern with the most real keys in all wins (ties: the first).
+    best = None
     for causal in ((True,) if is_causal else (False, True) if one_sequence else (False,)):
-        chosen, fits = None, torch.zeros(batch, dtype=torch.bool, device=m.device)
+        chosen, count = None, torch.full((batch,), -1, device=m.device)
         for key_mask in candidates:
             real_rows = key_mask[:, S - L:] if one_sequence else torch.ones(batch, L, dtype=torch.bool,
                                                                             device=m.device)
@@ -127,10 +131,13 @@ def key_padding(attn_mask: Tensor, batch: int, L: int, S: int, is_causal: bool,
             same = (m == pattern).all(-1)                 # (batch, L): the row is the pattern's
             # a padded query's row may be the pattern's, nothing, or everything
             ok = torch.where(real_rows, same, same | ~m.any(-1) | everything).all(-1)    # (batch,)
-            chosen = key_mask if chosen is None else torch.where((ok & ~fits)[:, None], key_mask, chosen)
-            fits = fits | ok
-        if bool(fits.all()):
-            return chosen, causal
+            better = ok & (key_mask.sum(-1) > count)
+            chosen = key_mask if chosen is None else torch.where(better[:, None], key_mask, chosen)
+            count = torch.where(better, key_mask.sum(-1), count)
+        if bool((count >= 0).all()) and (best is None or int(count.sum()) > best[2]):
+            best = (chosen, causal, int(count.sum()))
+    if best is not None:
+        return best[0], best[1]
     raise ValueError("favor_sdpa takes an attn_mask that is key padding, alone or with the causal pattern: FAVOR+ "
                      "never forms the L×S weights an arbitrary mask would act on")
 
