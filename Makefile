@@ -23,7 +23,7 @@ $(PY):
 
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken transformers safetensors hypothesis
+	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken transformers accelerate safetensors hypothesis
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .

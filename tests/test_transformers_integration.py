@@ -288,6 +288,41 @@ def test_batched_left_padded_generation_equals_one_by_one(arch):
         assert (batched[b][len(alone):] == 0).all()
 
 
+def _collate(features):
+    """Right-pads a list of {"input_ids": [...]} with token 0; labels -100 at the padding."""
+    ids, mask = _padded([f["input_ids"] for f in features], "right")
+    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_padded_batch_loss_equals_the_per_sequence_losses(arch):
+    """HF's loss on a right-padded batch (labels -100 at the padding) is the token-weighted mean of
+    each sequence's loss alone."""
+    model = make_model(arch)
+    batch = _collate([{"input_ids": x} for x in SEQS])
+    with torch.no_grad():
+        loss = model(**batch).loss
+        per = [(model(torch.tensor([x]), labels=torch.tensor([x])).loss, len(x) - 1) for x in SEQS]
+    expected = sum(l * n for l, n in per) / sum(n for _, n in per)
+    assert_close(loss, expected, DEEP)
+
+
+def test_trainer_trains_on_padded_batches(tmp_path):
+    """transformers.Trainer on batches of unequal lengths (padded, attention_mask and labels -100):
+    the training loss is finite and falls over a few steps on a repeated batch."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (make test installs it)")
+    model = make_model("llama").train()
+    data = [{"input_ids": x} for x in SEQS] * 8
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=12,
+                                          learning_rate=3e-3, report_to=[], save_strategy="no", logging_steps=1,
+                                          use_cpu=True, disable_tqdm=True)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=_collate)
+    trainer.train()
+    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
 def test_4d_masks_causal_accepted_others_refused():
     model, ids = make_model("llama"), input_ids()
     causal = torch.ones(12, 12, dtype=torch.bool).tril().expand(2, 1, 12, 12)
