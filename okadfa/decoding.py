@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import validation
-from .reference.attention import _normalise, causal_chunk, key_log_features, query_features
+from .reference.attention import KEY_FLOOR, _normalise, causal_chunk, key_log_features, query_features
 
 __all__ = ["FavorState", "KVCache"]
 
@@ -82,8 +82,12 @@ class FavorState(_Cache):
         self.length = 0
         self._batch: torch.Size | None = None
 
-    def extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Append n positions: q, k (B, H, n, Dk), v (B, H, n, Dv) → outputs (B, H, n, Dv)."""
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None) -> Tensor:
+        """Append n positions: q, k (B, H, n, Dk), v (B, H, n, Dv) → outputs (B, H, n, Dv).
+
+        key_mask: None or bool (B, n), True = a real position, as in `okadfa.favor_attention`:
+        a masked position leaves the state unchanged (its key and value never enter it) and
+        its output is 0, e.g. the left padding of a batch of prompts."""
         _check_step_inputs(q, k, v)
         if q.shape[3] != self.projection.shape[1]:
             raise ValueError(f"q has head dim {q.shape[3]} but the projection is {tuple(self.projection.shape)}")
@@ -93,24 +97,33 @@ class FavorState(_Cache):
         if self._batch is not None and batch != self._batch:
             raise ValueError(f"this state holds batch and heads {tuple(self._batch)}, got inputs for {tuple(batch)}")
         out_dtype, dtype = v.dtype, validation.native_dtype(v.dtype)
+        mask = validation.key_mask(key_mask, batch, q.shape[2], q.device)      # (B, H, n) or None
         q, k, v = (validation.prepare(x, batch, dtype) for x in (q, k, v))
         w = self.projection.to(dtype)
         fq, lk = query_features(q, w, self.scale), key_log_features(k, w, self.scale)
+        if mask is not None:
+            lk = lk.masked_fill(~mask[..., None], -torch.inf)
+            v = v.masked_fill(~mask[..., None], 0)
         c = lk.amax(-1)
         if self.carried is not None:
             c = torch.maximum(c, self.carried[2][..., None])
-        c = torch.cummax(c, dim=-1).values
+        c = torch.cummax(c, dim=-1).values.clamp_min(KEY_FLOOR)
         fk = torch.exp(lk - c[..., None])
         self.length += q.shape[2]
         self._batch = batch
         if q.shape[2] == 1 and self.carried is not None:
-            return self._recur(fq, fk, v, c).to(out_dtype)
-        outs = []
-        for t0 in range(0, q.shape[2], CHUNK):
-            sl = slice(t0, t0 + CHUNK)
-            out, self.carried = causal_chunk(fq[..., sl, :], fk[..., sl, :], v[..., sl, :], c[..., sl], self.carried)
-            outs.append(out)
-        return torch.cat(outs, dim=-2).to(out_dtype)
+            out = self._recur(fq, fk, v, c)
+        else:
+            outs = []
+            for t0 in range(0, q.shape[2], CHUNK):
+                sl = slice(t0, t0 + CHUNK)
+                out, self.carried = causal_chunk(fq[..., sl, :], fk[..., sl, :], v[..., sl, :], c[..., sl],
+                                                 self.carried)
+                outs.append(out)
+            out = torch.cat(outs, dim=-2)
+        if mask is not None:
+            out = out.masked_fill(~mask[..., None], 0)
+        return out.to(out_dtype)
 
     def _recur(self, fq: Tensor, fk: Tensor, v: Tensor, c: Tensor) -> Tensor:
         """One position as the plain recurrence (fewer operations than a chunk of one):

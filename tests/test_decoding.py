@@ -52,6 +52,27 @@ def test_favor_state_grouped_heads_broadcast_and_bfloat16():
     assert_rms_close(got, full, torch.bfloat16, what="FavorState bfloat16")
 
 
+def test_favor_state_key_mask_equals_the_masked_causal_op():
+    """A left-padded batch of prompts fed with key_mask (prompt at once, then a padded step too),
+    then decoded token by token, gives the causal op's outputs with the same key_mask: the padded
+    positions never enter the state and output 0."""
+    q, k, v, w = make_inputs(3, 2, 50, 8, 6, 16, seed=5)
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[0, :17] = False                                             # left padding
+    mask[1, :1] = False
+    mask[2, 30] = False                                              # a masked step after the prompt
+    full = okadfa.favor_attention(q, k, v, w, causal=True, key_mask=mask, backend="reference")
+    state = okadfa.FavorState(w)
+    outs = [state.extend(q[:, :, :20], k[:, :, :20], v[:, :, :20], key_mask=mask[:, :20])]
+    for t in range(20, 50):
+        outs.append(state.extend(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1], key_mask=mask[:, t:t + 1]))
+    got = torch.cat(outs, dim=2)
+    assert_close(got, full, REORDERED)
+    assert (got[~mask[:, None, :].expand(3, 2, 50)] == 0).all()
+    alone = okadfa.favor_attention(q[:1, :, 17:], k[:1, :, 17:], v[:1, :, 17:], w, causal=True, backend="reference")
+    assert_close(got[:1, :, 17:], alone, REORDERED)
+
+
 def test_favor_state_rejects_bad_input():
     q, k, v, w = make_inputs(1, 2, 5, 8, 8, 16, dtype=torch.float32)
     state = okadfa.FavorState(w)
