@@ -323,3 +323,15 @@ def test_profile_parts_follow_the_ancestors():
     assert part_of(E(name="aten::mm", cpu_parent=E(name="aten::linear", cpu_parent=None))) == "matmuls"
     assert part_of(E(name="aten::add_", cpu_parent=E(name="Optimizer.step#AdamW.step", cpu_parent=None))) == "optimizer"
     assert part_of(E(name="aten::copy_", cpu_parent=None)) == "other"
+
+
+def test_hf_decoding_bench_runs_and_the_favor_cache_does_not_grow(tmp_path):
+    pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
+    from bench import decoding_hf
+    decoding_hf.main(["--contexts", "8,32", "--tokens", "2", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "decoding_hf.json").read_text())["rows"]
+    assert {(r["T"], r["attention"], r["cache"]) for r in rows} == {
+        (T, a, c) for T in (8, 32) for a, c in decoding_hf.VARIANTS}
+    mb = {(r["T"], r["attention"], r["cache"]): r["cache_mb"] for r in rows}
+    assert mb[8, "okadfa_favor", "FavorCache"] == mb[32, "okadfa_favor", "FavorCache"]
+    assert mb[32, "sdpa", "DynamicCache"] == 4 * mb[8, "sdpa", "DynamicCache"]

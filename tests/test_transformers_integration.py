@@ -236,6 +236,37 @@ def test_generate_with_cache_matches_full_recomputation(arch):
     assert torch.equal(cached.sequences, full.sequences)
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_favor_cache_decodes_with_a_constant_size_state(arch):
+    """generate with a FavorCache (one FavorState per layer) gives the tokens and, to rounding, the
+    logits of HF's own cache, for a left-padded batch too; its state does not grow with the context."""
+    if not hasattr(transformers.cache_utils, "CacheLayerMixin"):
+        pytest.skip("FavorCache needs transformers >= 4.56 (per-layer cache objects)")
+    model = make_model(arch)
+    kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
+    for ids, mask in ((input_ids(batch=1, length=6), None), _padded(SEQS, "left")):
+        dynamic = model.generate(ids, attention_mask=mask, **kw)
+        cache = hf.FavorCache()
+        favor = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
+        assert torch.equal(favor.sequences, dynamic.sequences)
+        assert_close(torch.stack(favor.logits), torch.stack(dynamic.logits), DEEP)
+        assert all(layer.length == ids.shape[1] + 7 for layer in cache.layers)    # the last token is not fed back
+    # generate() picks it by default for okadfa_favor models, not for sdpa ones
+    out = model.generate(input_ids(batch=1, length=6), max_new_tokens=2, do_sample=False,
+                         return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, hf.FavorCache)
+    sdpa = make_model(arch, attn="sdpa").generate(input_ids(batch=1, length=6), max_new_tokens=2, do_sample=False,
+                                                  return_dict_in_generate=True)
+    assert not isinstance(sdpa.past_key_values, hf.FavorCache)
+    sizes = []
+    for new in (2, 20):
+        cache = hf.FavorCache()
+        model.generate(input_ids(batch=1, length=6), past_key_values=cache, max_new_tokens=new, do_sample=False,
+                       min_new_tokens=new)
+        sizes.append(sum(x.numel() for layer in cache.layers for x in layer.state.carried))
+    assert sizes[0] == sizes[1], sizes
+
+
 def test_generate_with_a_static_cache_and_a_batch_of_equal_lengths():
     model, ids = make_model("llama"), input_ids(batch=2, length=6)
     kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)

@@ -41,17 +41,19 @@ What FAVOR+ cannot do, and what this backend then does:
       ValueError where the model passes the flag down to the attention (Llama); models
       that collect weights by hooks (GPT-2 in transformers 5) return none, as with "sdpa".
 
-Cost of generation: HF's cache keeps all past keys and values, so each generated token
-costs O(S) here (features of all S cached keys are recomputed), not O(1). okadfa's own
-models decode with `okadfa.FavorState`, a constant-size running state; this backend
-does not use it.
+Cost of generation: `FavorCache` keeps one `okadfa.FavorState` per layer, so each generated
+token costs O(1) in the context length; generate() uses it by default for okadfa_favor models
+(greedy and sampled decoding). With HF's own cache (every past key and value) each token costs
+O(S), the features of all S cached keys being recomputed.
 
-Tested with transformers 5.23, 4.53.3 and 4.48.3 (torch 2.13). The mask registry exists
+Tested with transformers 5.24 and 4.53.3 (torch 2.13; 4.48.3 before padding was added). The mask registry exists
 since 4.53; before it, models hand over a 4-D mask, which is checked here (causal and
 padding-free is accepted, anything else raises).
 """
 from __future__ import annotations
 
+import functools
+import threading
 import weakref
 
 import torch
@@ -63,10 +65,11 @@ except ImportError as exc:    # pragma: no cover - exercised only without the ex
     raise ImportError("okadfa.integrations.transformers needs Hugging Face transformers>=4.48: "
                       "pip install 'okadfa[hf]'") from exc
 
+from ..decoding import FavorState
 from ..validation import check_feature_settings
-from ..ops.favor_sdpa import favor_sdpa, key_padding
+from ..ops.favor_sdpa import cached_projection, favor_sdpa, key_padding
 
-__all__ = ["DEFAULT_NAME", "check", "favor_attention_forward", "favor_attention_mask", "register"]
+__all__ = ["DEFAULT_NAME", "FavorCache", "check", "favor_attention_forward", "favor_attention_mask", "register"]
 
 DEFAULT_NAME = "okadfa_favor"
 _MIN_VERSION = (4, 48)
@@ -188,6 +191,132 @@ def _tensor_version(x: Tensor) -> int | None:
         return None
 
 
+# ----------------------------------------------------------------------------- O(1) decoding cache
+
+try:    # transformers >= 4.56: caches made of per-layer objects
+    from transformers.cache_utils import Cache as _HFCache, CacheLayerMixin as _HFLayer
+except ImportError:    # pragma: no cover
+    _HFCache = _HFLayer = None
+
+_UPDATED = threading.local()    # .entry: (the key tensor a FavorLayer's update returned, that layer)
+
+
+if _HFLayer is not None:
+    class FavorLayer(_HFLayer):
+        """One layer of a `FavorCache`: the layer's `okadfa.FavorState` (M×Dv per head, whatever
+        the context length) and the number of positions folded into it. `update` keeps nothing:
+        it hands the new keys and values back, and the attention that receives them folds them
+        into the state."""
+
+        is_compileable = False
+        is_croppable = False
+        is_sliding = False
+
+        def __init__(self, **kwargs):
+            super().__init__()
+            self.state: FavorState | None = None
+            self.length = 0
+
+        def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
+            self.device = key_states.device
+            self.is_initialized = True
+
+        def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            _UPDATED.entry = (key_states, self)
+            return key_states, value_states
+
+        def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+            return self.length + query_length, 0
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def get_max_length(self) -> int:
+            return -1
+
+        def reset(self) -> None:
+            self.state, self.length = None, 0
+
+        def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+            if self.state is not None and self.state.carried is not None:
+                self.state.carried = tuple(x.index_select(0, beam_idx.to(x.device)) for x in self.state.carried)
+
+    class FavorCache(_HFCache):
+        """A transformers `Cache` for models with attn_implementation="okadfa_favor": one
+        `FavorState` per layer instead of every past key and value, so each generated token
+        costs O(1) in the context length and the cache's memory does not grow with it.
+
+            out = model.generate(ids, past_key_values=FavorCache(), max_new_tokens=100)
+
+        `register()` makes generate() use it by default for greedy and sampled decoding of
+        okadfa_favor models (pass `past_key_values=DynamicCache()` for HF's own cache). Not
+        croppable (assisted decoding, which rolls the cache back, keeps HF's cache), not for
+        static-cache compilation."""
+
+        def __init__(self, **kwargs):
+            super().__init__(layer_class_to_replicate=FavorLayer)
+else:    # pragma: no cover
+    class FavorCache:
+        def __init__(self, *args, **kwargs):
+            raise ImportError("FavorCache needs transformers >= 4.56 (per-layer cache objects)")
+
+
+# generate() modes that decode forward only (assisted decoding rolls the cache back: FavorCache cannot)
+_FORWARD_MODES = ("greedy_search", "sample")
+
+
+def _generate_with_favor_cache() -> None:
+    """Make generate() of a model whose attention is a registered okadfa name (and that would get a
+    plain DynamicCache: no user cache, no cache_implementation) decode with a FavorCache. transformers
+    has no hook for choosing the default cache, so this wraps GenerationMixin's cache preparation
+    (once; a no-op where transformers has no per-layer caches)."""
+    if _HFLayer is None:
+        return
+    from transformers.cache_utils import DynamicCache
+    from transformers.generation import utils as generation
+    original = getattr(generation.GenerationMixin, "_prepare_cache_for_generation", None)
+    if original is None or getattr(original, "_okadfa", False):
+        return
+
+    @functools.wraps(original)
+    def prepare(self, generation_config, model_kwargs, *args, **kwargs):
+        result = original(self, generation_config, model_kwargs, *args, **kwargs)
+        mode = next((a for a in args if type(a).__name__ == "GenerationMode"), kwargs.get("generation_mode"))
+        for key in ("cache", "past_key_values"):
+            cache = model_kwargs.get(key)
+            if (type(cache) is DynamicCache and not getattr(cache, "_is_user_defined", False)
+                    and getattr(self.config, "_attn_implementation", None) in _SETTINGS
+                    and getattr(mode, "value", None) in _FORWARD_MODES):
+                model_kwargs[key] = FavorCache()
+        return result
+
+    prepare._okadfa = True
+    generation.GenerationMixin._prepare_cache_for_generation = prepare
+
+
+def _state_attention(layer, query: Tensor, key: Tensor, value: Tensor, attention_mask, scaling, options: dict):
+    """The L new positions of `layer` through its FavorState: queries causal over everything folded
+    in before and the new keys, padded keys (the attention mask's new columns) left out."""
+    q_length = query.shape[2]
+    if layer.state is None:
+        projection = cached_projection(query.shape[-1], options["num_features"], options["seed"], query.device,
+                                       torch.float32)
+        layer.state = FavorState(projection, scale=scaling)
+    new_mask = None
+    if attention_mask is not None:
+        keys, _, key_mask = _mask_pattern(attention_mask, q_length, True)
+        if keys != layer.length + q_length:
+            raise ValueError(f"okadfa_favor: the attention mask covers {keys} keys, the FavorCache holds "
+                             f"{layer.length} + {q_length}")
+        if key_mask is not None:
+            new_mask = key_mask.expand(query.shape[0], keys)[:, layer.length:]
+    out = layer.state.extend(query, key, value, key_mask=new_mask)
+    layer.length += q_length
+    return out.transpose(1, 2).contiguous(), None
+
+
 # ----------------------------------------------------------------------------- attention
 
 def _causal_favor(query: Tensor, key: Tensor, value: Tensor, scale, gqa: bool, options: dict) -> Tensor:
@@ -216,6 +345,9 @@ def favor_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
     docstring for the L < S alignment, masks and dropout.
     """
     options = dict(favor_options or {})
+    updated = getattr(_UPDATED, "entry", None)
+    from_cache = updated is not None and updated[0] is key     # the keys a FavorLayer's update returned
+    _UPDATED.entry = None
     if dropout and dropout > 0 and getattr(module, "training", False):
         raise ValueError(f"okadfa_favor has no attention dropout (the module is training with dropout={dropout}): "
                          "FAVOR+ never forms the attention weights. Set the model's attention dropout to 0 (GPT-2: "
@@ -233,6 +365,8 @@ def favor_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
         raise ValueError(f"okadfa_favor expects 4-D query/key/value (batch, heads, length, dim), got "
                          f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
 
+    if from_cache:
+        return _state_attention(updated[1], query, key, value, attention_mask, scaling, options)
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     q_length = query.shape[2]
     if attention_mask is not None:
@@ -339,6 +473,7 @@ def register(name: str = DEFAULT_NAME, *, num_features: int = 256, seed: int = 0
         _attention_registry()[name] = attention
     if _masking is not None and hasattr(_masking, "AttentionMaskInterface"):
         _masking.AttentionMaskInterface.register(name, favor_attention_mask)
+    _generate_with_favor_cache()
     return name
 
 
