@@ -221,7 +221,7 @@ at::Tensor dfa_feedback_cpu(const at::Tensor& error, const std::optional<at::Ten
   check_error(error);
   const at::ScalarType acc = at::promote_types(error.scalar_type(), at::kFloat);
   const int64_t N = error.size(0), E = error.size(1);
-  const int64_t d = feedback.has_value() && feedback->defined() && feedback->dim() == 3 ? feedback->size(1) : dim;
+  const int64_t d = feedback_rows(feedback, dim);
   const bool half = half_projection(error.scalar_type(), N, d, E);
   const at::Tensor e = half ? error.contiguous() : error.to(acc).contiguous();
   const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, E, e.scalar_type(), e);

@@ -150,7 +150,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dfa_head_cpu(
   const at::Tensor wc = use_half ? w_dec.contiguous() : w_dec.to(acc).contiguous();
   const auto out_options = h.options().dtype(acc);
   const int64_t error_dim = logits_error ? V : d;
-  const int64_t dp = feedback.has_value() && feedback->defined() && feedback->dim() == 3 ? feedback->size(1) : dim;
+  const int64_t dp = feedback_rows(feedback, dim);
   const bool half_fb = use_half && half_projection(at::kBFloat16, logits_error ? rows : N, dp, error_dim);
   const Feedback fb = make_feedback(feedback, points, dim, seed, dist, shared, error_dim,
                                     half_fb ? at::kBFloat16 : acc, hc);

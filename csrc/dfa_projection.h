@@ -26,6 +26,12 @@ struct Feedback {
   bool shared = false;
 };
 
+// The rows of each feedback matrix: a stored tensor's (P, d, E) d, else the `dim` argument
+// (before make_feedback, which checks the tensor).
+inline int64_t feedback_rows(const std::optional<at::Tensor>& feedback, int64_t dim) {
+  return feedback.has_value() && feedback->defined() && feedback->dim() == 3 ? feedback->size(1) : dim;
+}
+
 // Checks the op arguments (stored shape and device, points/dim/dist ranges) and
 // casts a stored tensor to `dtype`. `like` gives the device.
 Feedback make_feedback(const std::optional<at::Tensor>& feedback, int64_t points, int64_t dim, int64_t seed,

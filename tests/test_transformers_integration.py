@@ -267,6 +267,18 @@ def test_favor_cache_decodes_with_a_constant_size_state(arch):
     assert sizes[0] == sizes[1], sizes
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_favor_cache_with_beam_search(arch):
+    """Beam search with an explicit FavorCache (reorder_cache selects the beams' states) gives HF's
+    cache's tokens."""
+    if not hasattr(transformers.cache_utils, "CacheLayerMixin"):
+        pytest.skip("FavorCache needs transformers >= 4.56 (per-layer cache objects)")
+    model, ids = make_model(arch), input_ids(batch=2, length=6)
+    kw = dict(max_new_tokens=6, do_sample=False, num_beams=3)
+    expected = model.generate(ids, past_key_values=transformers.DynamicCache(), **kw)
+    assert torch.equal(model.generate(ids, past_key_values=hf.FavorCache(), **kw), expected)
+
+
 def test_generate_with_a_static_cache_and_a_batch_of_equal_lengths():
     model, ids = make_model("llama"), input_ids(batch=2, length=6)
     kw = dict(max_new_tokens=4, do_sample=False, return_dict_in_generate=True, output_logits=True)
