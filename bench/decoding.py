@@ -23,7 +23,7 @@ import torch
 
 import okadfa
 from bench.common import cpu_meta, write_results
-from okadfa.models import OKADFAConfig, OKADFAModel
+from okadfa.models import OKADFACache, OKADFAConfig, OKADFAModel
 
 
 def _cache_bytes(caches) -> int:
@@ -40,17 +40,17 @@ def measure(preset: str, attention: str, T: int, tokens: int, recompute: bool, s
     model = OKADFAModel(OKADFAConfig.preset(preset, attention=attention, max_seq_len=T + tokens)).eval()
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(model.config.vocab_size, (1, T + tokens), generator=g)
-    caches = [block.attn.new_cache() for block in model.blocks]
+    cache = OKADFACache(model)
     t0 = time.perf_counter()
-    model.lm_head(model.ln_f(model._trunk(model.embed(ids[:, :T]), caches)[:, -1]))
+    model.lm_head(model.ln_f(model._trunk(model.embed(ids[:, :T]), cache)[:, -1]))
     prefill = time.perf_counter() - t0
     steps = []
     for t in range(T, T + tokens):
         t0 = time.perf_counter()
-        model.lm_head(model.ln_f(model._trunk(model.embed(ids[:, t:t + 1], t), caches)[:, -1]))
+        model.lm_head(model.ln_f(model._trunk(model.embed(ids[:, t:t + 1], t), cache)[:, -1]))
         steps.append(time.perf_counter() - t0)
     row = dict(T=T, attention=attention, prefill_s=prefill, ms_per_token=1e3 * statistics.median(steps),
-               cache_mb=_cache_bytes(caches) / 2**20)
+               cache_mb=_cache_bytes(cache.layers) / 2**20)
     if recompute:
         t0 = time.perf_counter()
         model.lm_head(model.ln_f(model._trunk(model.embed(ids[:, :T + 1]))[:, -1]))

@@ -148,16 +148,32 @@ class KVCache(_Cache):
     def reset(self) -> None:
         self.keys: Tensor | None = None
         self.values: Tensor | None = None
+        self.key_mask: Tensor | None = None     # (B, 1, total) bool once a key_mask was given
         self.length = 0
 
-    def extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None) -> Tensor:
+        """As `FavorState.extend`: key_mask None or bool (B, n), True = a real position; masked
+        keys are never attended to and the outputs at masked positions are 0."""
         _check_step_inputs(q, k, v)
+        n = q.shape[2]
+        mask = validation.key_mask(key_mask, q.shape[:2], n, q.device)
+        if mask is not None or self.key_mask is not None:
+            new = torch.ones(q.shape[0], 1, n, dtype=torch.bool, device=q.device) if mask is None else mask[:, :1]
+            old = self.key_mask
+            if old is None and self.keys is not None:
+                old = torch.ones(q.shape[0], 1, self.keys.shape[2], dtype=torch.bool, device=q.device)
+            self.key_mask = new if old is None else torch.cat([old, new], dim=2)
         if self.keys is not None:
             k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
         self.keys, self.values = k, v
-        n, total = q.shape[2], k.shape[2]
+        total = k.shape[2]
         self.length = total
-        if n == 1:
+        if n == 1 and self.key_mask is None:
             return F.scaled_dot_product_attention(q, k, v)
-        mask = torch.arange(total - n, total, device=q.device)[:, None] >= torch.arange(total, device=q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        allowed = torch.arange(total - n, total, device=q.device)[:, None] >= torch.arange(total, device=q.device)
+        if self.key_mask is not None:
+            allowed = allowed & self.key_mask[:, :, None, :]        # (B, 1, n, total)
+            # a query that sees no real key would get NaN: it sees every key, and is zeroed below
+            allowed = allowed | ~allowed.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return out if mask is None else out.masked_fill(~mask[..., None], 0)

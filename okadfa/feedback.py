@@ -117,14 +117,14 @@ def _seeded_values(seed: int, p, idx: Tensor, error_dim: int, dist: str) -> Tens
     u_b = (x1 >> 8).to(f32) * 2.0 ** -24                  # exact: 24-bit integer times a power of two
     if dist == "normal":
         u_a = ((x0 >> 8) + 1).to(f32) * 2.0 ** -24
-        two_pi = torch.tensor(2.0 * math.pi, dtype=f32)
+        two_pi = torch.tensor(2.0 * math.pi, dtype=f32, device=idx.device)
         ln = torch.log(u_a.double()).float()               # correctly rounded (module docstring)
         cos = torch.cos((two_pi * u_b).double()).float()
         radius = torch.sqrt((-2.0 * ln).double()).float()  # correctly rounded (torch's float32 sqrt is not)
         values = radius * cos
     else:
         values = 2.0 * u_b - 1.0                          # exact in float32
-    return values / torch.tensor(math.sqrt(error_dim), dtype=f32)
+    return values / torch.tensor(math.sqrt(error_dim), dtype=f32, device=idx.device)
 
 
 @dataclass(frozen=True)

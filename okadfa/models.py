@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .decoding import FavorState
 from .dfa import DFA
 from .nn import KOABlock
 from .ops.dfa_head import checked_targets
 from .ortho import OrthoSchedule, model_orthogonality_loss
 
-__all__ = ["OKADFAConfig", "OKADFAModel", "ModelOutput", "feedback_points", "RULE_DEFAULTS"]
+__all__ = ["OKADFACache", "OKADFAConfig", "OKADFAModel", "ModelOutput", "feedback_points", "RULE_DEFAULTS"]
 
 _PRESETS = {
     "tiny": dict(vocab_size=256, d_model=128, n_layers=4, n_heads=4, max_seq_len=256, nb_features=64),
@@ -165,9 +166,11 @@ class ModelOutput:
 class OKADFAModel(nn.Module):
     """Token + position embeddings, `n_layers` KOA blocks, final LayerNorm, unembedding.
 
-    forward(input_ids (B, T), targets (B, T) or None) -> ModelOutput. In training
-    mode with training="dfa" and targets, the loss's backward routes DFA signals
-    (see okadfa.dfa); in eval mode, or with training="bp", it is plain backprop.
+    forward(input_ids (B, T), targets (B, T) or None, *, key_mask=None, cache=None) ->
+    ModelOutput. In training mode with training="dfa" and targets, the loss's backward
+    routes DFA signals (see okadfa.dfa); in eval mode, or with training="bp", it is plain
+    backprop. key_mask: padding (True = a real token); cache: an OKADFACache for decoding.
+    The Hugging Face wrapper is okadfa.integrations.transformers_model.OKADFAForCausalLM.
     """
 
     def __init__(self, config: OKADFAConfig):
@@ -195,13 +198,29 @@ class OKADFAModel(nn.Module):
         self.ortho_schedule = OrthoSchedule(c.ortho_lambda, c.ortho_warmup)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
 
-    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100) -> ModelOutput:
+    def forward(self, input_ids: Tensor, targets: Tensor | None = None, *, ignore_index: int = -100,
+                key_mask: Tensor | None = None, cache: "OKADFACache | None" = None) -> ModelOutput:
+        """input_ids (B, T); targets (B, T), the next token of each position (ignore_index: no
+        loss there), or None.
+
+        key_mask: None or bool (B, T), True = a real token. Padded tokens are attended by no
+        position, take no position (each sequence's real tokens are numbered 0, 1, … whatever
+        padding precedes them, so left and right padding give each sequence the outputs it
+        gets alone) and get no loss (their targets count as ignore_index; a real position
+        whose next token is padding needs ignore_index in targets, as HF's collators set).
+        cache: an `OKADFACache` for incremental decoding (eval or backprop only): the T tokens
+        are appended to it, key_mask covering just them."""
         dfa = self.dfa is not None and self.training and targets is not None
-        x = self.embed(input_ids)
+        if dfa and cache is not None:
+            raise ValueError("a cache is for decoding: DFA training (train mode with targets) takes none")
+        key_mask = self._check_key_mask(key_mask, input_ids)
+        if targets is not None and key_mask is not None:
+            targets = targets.masked_fill(~key_mask, ignore_index)
+        x = self.embed(input_ids, self._positions(input_ids, key_mask, cache))
         if dfa:
-            x, points = self.trunk_points(x)
+            x, points = self.trunk_points(x, key_mask)
         else:
-            x = self._trunk(x)
+            x = self._trunk(x, cache, key_mask)
         out = ModelOutput()
         if dfa:
             h = self.ln_f(x.detach())
@@ -225,14 +244,50 @@ class OKADFAModel(nn.Module):
                     self.step += 1
         return out
 
-    def embed(self, input_ids: Tensor, start: int = 0) -> Tensor:
-        """Token + position embeddings of input_ids (B, T) at positions start … start+T−1."""
+    @staticmethod
+    def _check_key_mask(key_mask, input_ids: Tensor) -> Tensor | None:
+        """key_mask checked, or None when it has no padding (the unpadded path)."""
+        if key_mask is None:
+            return None
+        if not isinstance(key_mask, Tensor) or key_mask.dtype != torch.bool:
+            raise TypeError("key_mask must be a bool tensor (B, T), True = a real token, got "
+                            + (str(key_mask.dtype) if isinstance(key_mask, Tensor) else type(key_mask).__name__))
+        if key_mask.shape != input_ids.shape or key_mask.device != input_ids.device:
+            raise ValueError(f"key_mask must have the shape and device of input_ids {tuple(input_ids.shape)} on "
+                             f"{input_ids.device}, got {tuple(key_mask.shape)} on {key_mask.device}")
+        return None if bool(key_mask.all()) else key_mask
+
+    def _positions(self, input_ids: Tensor, key_mask: Tensor | None, cache) -> int | Tensor:
+        """The position of each token, its sequence's count of real tokens before it (an int
+        offset while no sequence has padding); advances the cache's counts."""
+        if cache is None and key_mask is None:
+            return 0
+        if cache is not None and cache.real is None and key_mask is None:
+            start, cache.length = cache.length, cache.length + input_ids.shape[1]
+            return start
+        real = key_mask if key_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
+        before = torch.cumsum(real, 1) - real.long()
+        if cache is not None:
+            if cache.real is None:                   # no padding so far: every cached token is real
+                cache.real = torch.full((input_ids.shape[0],), cache.length, dtype=torch.long, device=real.device)
+            before = before + cache.real[:, None]
+            cache.real = cache.real + real.sum(1)
+            cache.length += input_ids.shape[1]
+        return before
+
+    def embed(self, input_ids: Tensor, positions: int | Tensor = 0) -> Tensor:
+        """Token + position embeddings of input_ids (B, T): at positions start … start+T−1 for
+        an int start, or at the given (B, T) positions."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        end = start + input_ids.shape[1]
-        if end > self.config.max_seq_len:
-            raise ValueError(f"sequence length {end} exceeds max_seq_len {self.config.max_seq_len}")
-        return self.tok_emb(input_ids) + self.pos_emb(torch.arange(start, end, device=input_ids.device))
+        if isinstance(positions, Tensor):
+            last = int(positions.max()) + 1 if positions.numel() else 0
+        else:
+            last = positions + input_ids.shape[1]
+            positions = torch.arange(positions, last, device=input_ids.device)
+        if last > self.config.max_seq_len:
+            raise ValueError(f"sequence length {last} exceeds max_seq_len {self.config.max_seq_len}")
+        return self.tok_emb(input_ids) + self.pos_emb(positions)
 
     @torch.no_grad()
     def generate(self, input_ids: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_k: int | None = None,
@@ -271,17 +326,17 @@ class OKADFAModel(nn.Module):
         limit = self.config.max_seq_len
         keep = max(1, limit - limit // 4)             # tokens kept when the window restarts
         try:
-            ids, start, caches = input_ids, max(0, input_ids.shape[1] - limit), None
+            ids, start, cache = input_ids, max(0, input_ids.shape[1] - limit), None
             for _ in range(max_new_tokens):
                 if ids.shape[1] - start > limit:
-                    start, caches = ids.shape[1] - keep, None
+                    start, cache = ids.shape[1] - keep, None
                 if not use_cache:
                     h = self._trunk(self.embed(ids[:, start:]))
-                elif caches is None:
-                    caches = [block.attn.new_cache() for block in self.blocks]
-                    h = self._trunk(self.embed(ids[:, start:]), caches)
+                elif cache is None:
+                    cache = OKADFACache(self)
+                    h = self._trunk(self.embed(ids[:, start:], self._positions(ids[:, start:], None, cache)), cache)
                 else:
-                    h = self._trunk(self.embed(ids[:, -1:], ids.shape[1] - 1 - start), caches)
+                    h = self._trunk(self.embed(ids[:, -1:], self._positions(ids[:, -1:], None, cache)), cache)
                 logits = self.lm_head(self.ln_f(h[:, -1])).float()
                 if temp == 0:
                     nxt = logits.argmax(-1, keepdim=True)
@@ -296,8 +351,8 @@ class OKADFAModel(nn.Module):
         finally:
             self.train(was_training)
 
-    def trunk_points(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
-        """The trunk on embeddings x (B, T, d) with DFA's feedback points: returns (output,
+    def trunk_points(self, x: Tensor, key_mask: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """The trunk on embeddings x (B, T, d) (key_mask as in `forward`) with DFA's feedback points: returns (output,
         the activation at each point of `self.dfa.points`, in order). At every point the
         stream is detached, so no gradient crosses it; with point_norm a residual-stream
         point is the parameter-free LayerNorm of the activation (the signal enters there)."""
@@ -313,13 +368,44 @@ class OKADFAModel(nn.Module):
         if self.config.dfa_embed:
             x = tap("mlp", x)                 # else block 1 backpropagates into the embedding
         for block in self.blocks:
-            x = tap("mlp", block(x, tap=tap))
+            x = tap("mlp", block(x, tap=tap, key_mask=key_mask))
         return x, points
 
-    def _trunk(self, x: Tensor, caches: list | None = None) -> Tensor:
+    def _trunk(self, x: Tensor, cache: "OKADFACache | None" = None, key_mask: Tensor | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):
-            x = block(x, None if caches is None else caches[i])
+            x = block(x, None if cache is None else cache.layers[i], key_mask=key_mask)
         return x
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+class OKADFACache:
+    """The decoding state of an `OKADFAModel`, for `forward(..., cache=)`: each block's attention
+    cache (`FavorState`, whose size and cost per token do not grow with the context, or
+    `KVCache` for softmax attention) and how many tokens each sequence holds.
+
+        cache = OKADFACache(model)
+        logits = model(prompt, cache=cache).logits            # the prompt, once
+        logits = model(next_ids, cache=cache).logits          # (B, 1): one position per block
+    """
+
+    def __init__(self, model: OKADFAModel):
+        self.layers = [block.attn.new_cache() for block in model.blocks]
+        self.length = 0                       # tokens appended, padding included
+        self.real: Tensor | None = None       # (B,) real tokens per sequence, once any was padding
+
+    def reorder_cache(self, index: Tensor) -> None:
+        """Keep the sequences `index` (B',) picks, in that order (beam search)."""
+        for layer in self.layers:
+            if isinstance(layer, FavorState):
+                if layer.carried is not None:
+                    layer.carried = tuple(x.index_select(0, index.to(x.device)) for x in layer.carried)
+                    layer._batch = torch.Size((len(index), *layer._batch[1:]))
+            else:
+                for name in ("keys", "values", "key_mask"):
+                    x = getattr(layer, name)
+                    if x is not None:
+                        setattr(layer, name, x.index_select(0, index.to(x.device)))
+        if self.real is not None:
+            self.real = self.real.index_select(0, index.to(self.real.device))

@@ -108,7 +108,8 @@ class _ProjectedAttention(nn.Module):
             keys are left out exactly, and when S = L the outputs at padded positions are 0
             (MultiheadAttention's are whatever the padded queries attend to).
         cache: a state from `new_cache()` for incremental decoding (causal): the L
-        positions are appended to it and attend to every earlier one it holds.
+        positions are appended to it and attend to every earlier one it holds (with
+        key_padding_mask, to every earlier real one: the mask covers the L new positions).
         """
         unbatched = query.dim() == 2
         if unbatched:
@@ -127,14 +128,15 @@ class _ProjectedAttention(nn.Module):
             is_causal = _check_causal_mask(attn_mask, is_causal, type(self).__name__)
         key_mask = None
         if key_padding_mask is not None:
-            if cache is not None:
-                raise ValueError("a decoding cache takes no key_padding_mask: decode each sequence on its own")
             key_padding_mask = key_padding_mask.unsqueeze(0) if unbatched else key_padding_mask
             key_mask = _key_mask(key_padding_mask, key.shape[0], key.shape[1], type(self).__name__)
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
         if cache is not None and not is_causal:
             raise ValueError("a decoding cache needs is_causal=True")
-        out = self._attend(q, k, v, bool(is_causal), key_mask) if cache is None else cache.extend(q, k, v)
+        if cache is None:
+            out = self._attend(q, k, v, bool(is_causal), key_mask)
+        else:
+            out = cache.extend(q, k, v, key_mask=key_mask)
         out = out.transpose(1, 2).reshape(query.shape[0], query.shape[1], -1)
         out = self.out_proj(out)
         if not self.batch_first:
@@ -254,12 +256,13 @@ class KOABlock(nn.Module):
         d_ff = d_ff or 4 * d_model
         self.mlp = nn.Sequential(nn.Linear(d_model, d_ff), nn.GELU(), nn.Linear(d_ff, d_model))
 
-    def attention_step(self, x: Tensor, cache=None) -> Tensor:
-        """The attention sub-layer with its residual and norm: (B, T, d) -> (B, T, d)."""
-        if self.norm == "pre":
-            h = self.ln1(x)
-            return x + self.attn(h, h, h, need_weights=False, is_causal=True, cache=cache)[0]
-        return self.ln1(x + self.attn(x, x, x, need_weights=False, is_causal=True, cache=cache)[0])
+    def attention_step(self, x: Tensor, cache=None, key_mask: Tensor | None = None) -> Tensor:
+        """The attention sub-layer with its residual and norm: (B, T, d) -> (B, T, d).
+        key_mask: None or bool (B, T), True = a real token (padded ones are attended by none)."""
+        padding = None if key_mask is None else ~key_mask
+        h = self.ln1(x) if self.norm == "pre" else x
+        out = self.attn(h, h, h, key_padding_mask=padding, need_weights=False, is_causal=True, cache=cache)[0]
+        return x + out if self.norm == "pre" else self.ln1(x + out)
 
     def mlp_hidden(self, x: Tensor) -> Tensor:
         """The MLP's hidden activation GELU(W_in ·): (B, T, d) -> (B, T, d_ff)."""
@@ -271,10 +274,11 @@ class KOABlock(nn.Module):
             return x + self.mlp[2](hidden)
         return self.ln2(x + self.mlp[2](hidden))
 
-    def forward(self, x: Tensor, cache=None, tap=None) -> Tensor:
+    def forward(self, x: Tensor, cache=None, tap=None, key_mask: Tensor | None = None) -> Tensor:
         """x (B, T, d); cache: the attention's decoding state (`attn.new_cache()`) or None;
-        tap(kind, t) -> t: called with kind "attn" and "hidden" (None: identity)."""
-        x = self.attention_step(x, cache)
+        tap(kind, t) -> t: called with kind "attn" and "hidden" (None: identity);
+        key_mask: None or bool (B, T), True = a real token."""
+        x = self.attention_step(x, cache, key_mask)
         if tap is not None:
             x = tap("attn", x)
         hidden = self.mlp_hidden(x)

@@ -120,9 +120,9 @@ def test_generate_encodes_each_new_token_once(monkeypatch):
     seen = []
     extend = okadfa.FavorState.extend
 
-    def spy(self, q, k, v):
+    def spy(self, q, k, v, **kwargs):
         seen.append(q.shape[2])
-        return extend(self, q, k, v)
+        return extend(self, q, k, v, **kwargs)
 
     monkeypatch.setattr(okadfa.FavorState, "extend", spy)
     model.generate(torch.randint(0, 256, (1, 17)), 12, temperature=0)

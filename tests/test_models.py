@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from okadfa.training.checkpoint import load_checkpoint, save_checkpoint
 from okadfa.diagnostics import attention_similarity, gradient_alignment, orthogonality_violation
-from okadfa.models import OKADFAConfig, OKADFAModel
+from okadfa.models import OKADFACache, OKADFAConfig, OKADFAModel
 from okadfa.ortho import model_orthogonality_loss
 from tolerances import DEEP, EXACT, REORDERED, assert_close
 
@@ -344,6 +344,59 @@ def test_autocast_cpu_bfloat16(training):
     model.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("attention,training", [("favor", "dfa"), ("softmax", "bp")])
+def test_key_mask_gives_each_sequence_its_own_outputs(attention, training):
+    """Left and right padding (key_mask False): each sequence's logits at its real positions are
+    those it gets alone, and the loss (DFA's training forward too) skips the padding."""
+    model = _model(attention=attention, training=training).eval()
+    x, _ = _batch(T=10, B=3)
+    lengths, n = (10, 6, 3), 10
+    for side in ("left", "right"):
+        mask = torch.zeros(3, n, dtype=torch.bool)
+        for b, m in enumerate(lengths):
+            mask[b, slice(n - m, n) if side == "left" else slice(0, m)] = True
+        with torch.no_grad():
+            logits = model(x, key_mask=mask).logits
+            for b in range(3):
+                alone = model(x[b:b + 1][:, mask[b]]).logits[0]
+                assert_close(logits[b][mask[b]], alone, REORDERED)
+        targets = x.roll(-1, 1)              # padded positions get no loss: their targets may be anything
+        with torch.no_grad():
+            per = [model(x[b:b + 1][:, mask[b]], targets[b:b + 1][:, mask[b]]).loss for b in range(3)]
+        expected = sum(loss * m for loss, m in zip(per, lengths)) / sum(lengths)
+        assert_close(model(x, targets, key_mask=mask).loss, expected, DEEP)
+        model.train()
+        assert_close(model(x, targets, key_mask=mask).loss, expected, DEEP)
+
+
+def test_okadfa_cache_with_padding_equals_the_full_forward():
+    """A left-padded prompt through an OKADFACache, then tokens one at a time (one row padded at a
+    step): the logits of the whole sequence with the whole key_mask."""
+    model = _model().eval()
+    x, _ = _batch(T=12, B=2)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[0, :4] = mask[1, 9] = False
+    cache = OKADFACache(model)
+    with torch.no_grad():
+        full = model(x, key_mask=mask).logits
+        parts = [model(x[:, :7], key_mask=mask[:, :7], cache=cache).logits]
+        parts += [model(x[:, t:t + 1], key_mask=mask[:, t:t + 1], cache=cache).logits for t in range(7, 12)]
+    got = torch.cat(parts, 1)
+    assert_close(got[mask], full[mask], REORDERED)
+    assert cache.length == 12 and cache.real.tolist() == [8, 11]
+
+
+def test_key_mask_and_cache_errors():
+    model = _model()
+    x, y = _batch(T=8)
+    with pytest.raises(TypeError, match="key_mask must be a bool tensor"):
+        model(x, key_mask=torch.ones(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="shape and device of input_ids"):
+        model(x, key_mask=torch.ones(2, 7, dtype=torch.bool))
+    with pytest.raises(ValueError, match="a cache is for decoding"):
+        model.train()(x, y, cache=OKADFACache(model))
 
 
 def test_config_validation_and_presets():

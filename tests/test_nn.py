@@ -55,8 +55,27 @@ def test_key_padding_mask(causal):
         q, k, v = (favor._heads(p(x)) for p in (favor.q_proj, favor.k_proj, favor.v_proj))
         heads = okadfa.favor_attention(q, k, v, favor.projection, causal=causal, key_mask=~padding)
         assert_close(got, favor.out_proj(heads.transpose(1, 2).reshape(3, 10, 32)), EXACT)
-    with pytest.raises(ValueError, match="takes no key_padding_mask"):
-        favor(x, x, x, key_padding_mask=padding, is_causal=True, cache=favor.new_cache())
+
+
+@pytest.mark.parametrize("cls", [SoftmaxAttention, FavorAttention])
+def test_key_padding_mask_through_a_cache(cls):
+    """A padded batch decoded through a cache (a left-padded prompt, then one token at a time, the
+    last steps padded for one row) gives the uncached causal outputs with the whole mask."""
+    torch.manual_seed(4)
+    attn = cls(32, 4, batch_first=True, **({"nb_features": 16} if cls is FavorAttention else {}))
+    x = torch.randn(3, 10, 32)
+    padding = torch.zeros(3, 10, dtype=torch.bool)
+    padding[1, :3] = True
+    padding[2, 8:] = True
+    expected, _ = attn(x, x, x, key_padding_mask=padding, is_causal=True)
+    cache = attn.new_cache()
+    outs = [attn(x[:, :5], x[:, :5], x[:, :5], key_padding_mask=padding[:, :5], is_causal=True, cache=cache)[0]]
+    for t in range(5, 10):
+        sl = slice(t, t + 1)
+        outs.append(attn(x[:, sl], x[:, sl], x[:, sl], key_padding_mask=padding[:, sl], is_causal=True,
+                         cache=cache)[0])
+    assert_close(torch.cat(outs, 1), expected, REORDERED)
+    assert (torch.cat(outs, 1)[padding] == attn.out_proj.bias).all()
 
 
 def test_favor_attention_matches_functional_op_and_shapes():

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 
 import okadfa  # noqa: E402
 from okadfa.integrations import transformers as hf  # noqa: E402
+from padded_batches import SEQS, collate, padded, trainer_losses  # noqa: E402
 from tolerances import DEEP, EXACT, REORDERED, assert_close  # noqa: E402
 
 NAME = "okadfa_favor"
@@ -101,14 +102,16 @@ def test_available_without_a_register_call(order):
                       "num_attention_heads=4, num_key_value_heads=2, vocab_size=100)",
                       "model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation='okadfa_favor')",
                       "assert model(torch.randint(0, 100, (1, 5))).logits.shape == (1, 5, 100)",
-                      "fn = transformers.AttentionInterface._global_mapping['okadfa_favor']",
+                      "from okadfa.integrations.transformers import _attention_registry",
+                      "fn = _attention_registry()['okadfa_favor']",
                       "assert fn.__name__ == 'okadfa_favor_attention_forward', fn"])
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_register_hook_can_be_turned_off():
     code = ("import okadfa, transformers.modeling_utils as mu, transformers\n"
-            "assert 'okadfa_favor' not in transformers.AttentionInterface._global_mapping")
+            "from okadfa.integrations.transformers import _attention_registry\n"
+            "assert 'okadfa_favor' not in _attention_registry()")
     env = {**__import__("os").environ, "OKADFA_HF_REGISTER": "0"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
 
@@ -244,7 +247,7 @@ def test_favor_cache_decodes_with_a_constant_size_state(arch):
         pytest.skip("FavorCache needs transformers >= 4.56 (per-layer cache objects)")
     model = make_model(arch)
     kw = dict(max_new_tokens=8, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    for ids, mask in ((input_ids(batch=1, length=6), None), _padded(SEQS, "left")):
+    for ids, mask in ((input_ids(batch=1, length=6), None), padded(SEQS, "left")):
         dynamic = model.generate(ids, attention_mask=mask, **kw)
         cache = hf.FavorCache()
         favor = model.generate(ids, attention_mask=mask, past_key_values=cache, **kw)
@@ -289,17 +292,6 @@ def test_generate_with_a_static_cache_and_a_batch_of_equal_lengths():
 
 # ----------------------------------------------------------------------------- what is refused
 
-def _padded(seqs, side):
-    """(input_ids, attention_mask) of a batch of token lists, padded with token 0 on `side`."""
-    n = max(len(x) for x in seqs)
-    ids, mask = torch.zeros(len(seqs), n, dtype=torch.long), torch.zeros(len(seqs), n, dtype=torch.long)
-    for b, x in enumerate(seqs):
-        cols = slice(0, len(x)) if side == "right" else slice(n - len(x), n)
-        ids[b, cols], mask[b, cols] = torch.tensor(x), 1
-    return ids, mask
-
-
-SEQS = [list(range(3, 15)), list(range(20, 27)), list(range(40, 44))]     # lengths 12, 7, 4
 
 
 @pytest.mark.parametrize("side", ["right", "left"])
@@ -308,7 +300,7 @@ def test_padded_batch_logits_equal_each_sequence_alone(arch, side):
     """Each sequence's logits at its real positions equal those of running it alone (positions
     counted from its first real token, as generate does)."""
     model = make_model(arch)
-    ids, mask = _padded(SEQS, side)
+    ids, mask = padded(SEQS, side)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
     with torch.no_grad():
         logits = model(ids, attention_mask=mask, position_ids=positions).logits
@@ -322,7 +314,7 @@ def test_batched_left_padded_generation_equals_one_by_one(arch):
     """Greedy generation of a left-padded batch (HF's way of batching prompts) gives each prompt
     the tokens it gets when generated alone, with the cache."""
     model = make_model(arch)
-    ids, mask = _padded(SEQS, "left")
+    ids, mask = padded(SEQS, "left")
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)[:, ids.shape[1]:]
     for b, x in enumerate(SEQS):
         alone = model.generate(torch.tensor([x]), max_new_tokens=6, do_sample=False)[0, len(x):]
@@ -331,18 +323,12 @@ def test_batched_left_padded_generation_equals_one_by_one(arch):
         assert (batched[b][len(alone):] == 0).all()
 
 
-def _collate(features):
-    """Right-pads a list of {"input_ids": [...]} with token 0; labels -100 at the padding."""
-    ids, mask = _padded([f["input_ids"] for f in features], "right")
-    return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
-
-
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_padded_batch_loss_equals_the_per_sequence_losses(arch):
     """HF's loss on a right-padded batch (labels -100 at the padding) is the token-weighted mean of
     each sequence's loss alone."""
     model = make_model(arch)
-    batch = _collate([{"input_ids": x} for x in SEQS])
+    batch = collate([{"input_ids": x} for x in SEQS])
     with torch.no_grad():
         loss = model(**batch).loss
         per = [(model(torch.tensor([x]), labels=torch.tensor([x])).loss, len(x) - 1) for x in SEQS]
@@ -354,14 +340,7 @@ def test_trainer_trains_on_padded_batches(tmp_path):
     """transformers.Trainer on batches of unequal lengths (padded, attention_mask and labels -100):
     the training loss is finite and falls over a few steps on a repeated batch."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (make test installs it)")
-    model = make_model("llama").train()
-    data = [{"input_ids": x} for x in SEQS] * 8
-    args = transformers.TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=3, max_steps=12,
-                                          learning_rate=3e-3, report_to=[], save_strategy="no", logging_steps=1,
-                                          use_cpu=True, disable_tqdm=True)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, data_collator=_collate)
-    trainer.train()
-    losses = [r["loss"] for r in trainer.state.log_history if "loss" in r]
+    losses, _ = trainer_losses(make_model("llama").train(), tmp_path)
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-3:]) < sum(losses[:3]), losses
 

@@ -1,18 +1,24 @@
-"""`attn_implementation="okadfa_favor"` in every process that imports okadfa, without a call.
+"""okadfa's names in transformers, in every process that imports okadfa, without a call.
 
 `import okadfa` must not import transformers (it is an optional extra and slow to import), and
-transformers has no entry point through which it would discover attention implementations. So
-`install()` registers the backend at the moment transformers' model code is imported:
-immediately if `transformers.modeling_utils` is already loaded, otherwise through a one-shot
-import hook (a `sys.meta_path` finder that wraps that module's loader and calls
-`okadfa.integrations.transformers.register()` right after the module has run). A program that
-imports okadfa before or after transformers can then pass the name as a plain string
-(`from_pretrained(..., attn_implementation="okadfa_favor")`, a CLI flag, a Trainer config).
+transformers has no entry point through which it would discover attention implementations or
+model types. So `install()` registers each name at the moment the transformers module that
+reads it has been imported:
 
-The default settings are registered (`register()`: 256 features, seed 0, backend "auto"); call
-`register(...)` yourself for others. OKADFA_HF_REGISTER=0 in the environment turns the hook off.
-A failure to register (e.g. a transformers older than the integration supports) is a warning,
-never an error in the user's import of transformers.
+    transformers.models.auto.configuration_auto   model_type "okadfa" for AutoConfig
+    transformers.models.auto.modeling_auto        OKADFAForCausalLM for AutoModelForCausalLM
+    transformers.modeling_utils                   attn_implementation "okadfa_favor"
+
+at once for a module already loaded, otherwise through a one-shot import hook (a
+`sys.meta_path` finder that wraps the module's loader and registers right after the module has
+run). A program that imports okadfa before or after transformers can then pass the names as
+plain strings: `AutoModelForCausalLM.from_pretrained(saved_okadfa_dir)`,
+`from_pretrained(..., attn_implementation="okadfa_favor")`, a CLI flag, a Trainer config.
+
+The attention is registered with its default settings (`register()`: 256 features, seed 0,
+backend "auto"); call `register(...)` yourself for others. OKADFA_HF_REGISTER=0 in the
+environment turns the hooks off. A failure to register (e.g. a transformers older than the
+integration supports) is a warning, never an error in the user's import of transformers.
 """
 from __future__ import annotations
 
@@ -21,26 +27,53 @@ import os
 import sys
 import warnings
 
-TARGET = "transformers.modeling_utils"
+
+def _register_config() -> None:
+    from .transformers_config import register_config
+    register_config()
 
 
-def _register() -> None:
+def _register_model() -> None:
+    importing = sys.modules.get(f"{__package__}.transformers_model")
+    if importing is not None and not hasattr(importing, "register_model"):
+        return                          # its own import reached modeling_auto: it registers at its end
+    from .transformers_model import register_model
+    register_model()
+
+
+def _register_attention() -> None:
+    from .transformers import register
+    register()
+
+
+HOOKS = {"transformers.models.auto.configuration_auto": ("the 'okadfa' model type", _register_config),
+         "transformers.models.auto.modeling_auto": ("the 'okadfa' model", _register_model),
+         "transformers.modeling_utils": ("the 'okadfa_favor' attention", _register_attention)}
+
+
+def _run(target: str) -> None:
+    what, register = HOOKS[target]
     try:
-        from .transformers import register
         register()
     except Exception as exc:    # never break the user's `import transformers`
-        warnings.warn(f"okadfa could not register the 'okadfa_favor' attention with transformers: {exc}",
-                      RuntimeWarning, stacklevel=2)
+        warnings.warn(f"okadfa could not register {what} with transformers: {exc}", RuntimeWarning, stacklevel=2)
 
 
 class _RegisterAfterImport(importlib.abc.MetaPathFinder):
-    """Finds TARGET with the other finders, then runs `_register` once its module has executed."""
+    """Finds a module of `pending` with the other finders, then registers once it has executed."""
+
+    def __init__(self, pending: set[str]):
+        self.pending = pending
 
     def find_spec(self, name, path, target=None):
-        if name != TARGET:
+        if name not in self.pending:
             return None
-        sys.meta_path.remove(self)          # one shot; also keeps the search below from finding us
+        self.pending.discard(name)
+        if not self.pending:
+            sys.meta_path.remove(self)
         for finder in sys.meta_path:
+            if finder is self:
+                continue
             spec = finder.find_spec(name, path, target) if hasattr(finder, "find_spec") else None
             if spec is not None:
                 break
@@ -52,17 +85,23 @@ class _RegisterAfterImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             run(module)
-            _register()
+            _run(name)
 
         spec.loader.exec_module = exec_module   # this spec's own loader instance
         return spec
 
 
 def install() -> None:
-    """Register now if transformers' model code is loaded, else when it is (idempotent)."""
+    """Register now for the modules already loaded, the others when they are (idempotent)."""
     if os.environ.get("OKADFA_HF_REGISTER", "1") == "0":
         return
-    if TARGET in sys.modules:
-        _register()
-    elif not any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _RegisterAfterImport())
+    if any(isinstance(f, _RegisterAfterImport) for f in sys.meta_path):
+        return
+    pending = set()
+    for target in HOOKS:                # in order: the model needs the config type
+        if target in sys.modules:
+            _run(target)
+        else:
+            pending.add(target)
+    if pending:
+        sys.meta_path.insert(0, _RegisterAfterImport(pending))

@@ -46,7 +46,7 @@ token costs O(1) in the context length; generate() uses it by default for okadfa
 (greedy and sampled decoding). With HF's own cache (every past key and value) each token costs
 O(S), the features of all S cached keys being recomputed.
 
-Tested with transformers 5.24 and 4.53.3 (torch 2.13; 4.48.3 before padding was added). The mask registry exists
+Tested with transformers 5.24, 4.53.3 and 4.48.3 (torch 2.13). The mask registry exists
 since 4.53; before it, models hand over a 4-D mask, which is checked here (causal and
 padding-free is accepted, anything else raises).
 """
