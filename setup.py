@@ -98,7 +98,13 @@ class _BuildExt(BuildExtension.with_options(use_ninja=True)):
                 f.write(text)
 
 
+# The extension links against this torch's C++ ABI, which changes between minor versions: a wheel
+# (or an install) declares the torch it was built with, so pip refuses a mismatched one up front.
+_TORCH_SERIES = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+REQUIRES = [f"torch=={_TORCH_SERIES}.*", "safetensors>=0.4", "numpy"]
+
 setup(
+    install_requires=REQUIRES,
     # okadfa and its subpackages (ops, reference, integrations, ...); the Triton kernels live
     # in kernels/ and install as okadfa.kernels.
     packages=find_packages(include=["okadfa", "okadfa.*"]) + ["okadfa.kernels"],

@@ -3,7 +3,7 @@
 Every op has four backends ("triton", "cuda", "cpu", "reference") behind one
 function; see `okadfa.backends()` for what runs here and DESIGN.md for the math.
 """
-from . import reference
+from . import nn, reference     # okadfa.nn: the modules (FavorAttention, replace_attention, ...)
 from .backends import backends
 from .decoding import FavorState, KVCache
 from .ops import dfa_feedback, dfa_head, favor_attention, favor_sdpa, linear_attention
@@ -18,4 +18,4 @@ from .integrations import _autoregister
 _autoregister.install()
 
 __all__ = ["FavorState", "FeedbackSpec", "KVCache", "OrthoSchedule", "backends", "dfa_feedback", "dfa_head", "favor_attention", "favor_features",
-           "favor_sdpa", "linear_attention", "materialize_feedback", "orthogonality_loss", "random_features", "reference"]
+           "favor_sdpa", "linear_attention", "materialize_feedback", "nn", "orthogonality_loss", "random_features", "reference"]

@@ -40,8 +40,9 @@ class _Cache(abc.ABC):
     """What both caches share: `step` is `extend` with one position."""
 
     @abc.abstractmethod
-    def extend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """Append n positions: q, k (B, H, n, Dk), v (B, H, n, Dv) → outputs (B, H, n, Dv)."""
+    def extend(self, q: Tensor, k: Tensor, v: Tensor, *, key_mask: Tensor | None = None) -> Tensor:
+        """Append n positions: q, k (B, H, n, Dk), v (B, H, n, Dv) → outputs (B, H, n, Dv);
+        key_mask None or bool (B, n), True = a real position."""
 
     def step(self, q_t: Tensor, k_t: Tensor, v_t: Tensor) -> Tensor:
         """Append one position: q_t, k_t (B, H, Dk), v_t (B, H, Dv) → output (B, H, Dv)."""
@@ -157,22 +158,22 @@ class KVCache(_Cache):
         _check_step_inputs(q, k, v)
         n = q.shape[2]
         mask = validation.key_mask(key_mask, q.shape[:2], n, q.device)
-        if mask is not None or self.key_mask is not None:
+        real = self.key_mask      # (B, 1, total) once any position was masked
+        if mask is not None or real is not None:
             new = torch.ones(q.shape[0], 1, n, dtype=torch.bool, device=q.device) if mask is None else mask[:, :1]
-            old = self.key_mask
-            if old is None and self.keys is not None:
-                old = torch.ones(q.shape[0], 1, self.keys.shape[2], dtype=torch.bool, device=q.device)
-            self.key_mask = new if old is None else torch.cat([old, new], dim=2)
+            if real is None and self.keys is not None:
+                real = torch.ones(q.shape[0], 1, self.keys.shape[2], dtype=torch.bool, device=q.device)
+            real = new if real is None else torch.cat([real, new], dim=2)
         if self.keys is not None:
             k, v = torch.cat([self.keys, k], dim=2), torch.cat([self.values, v], dim=2)
-        self.keys, self.values = k, v
+        self.keys, self.values, self.key_mask = k, v, real
         total = k.shape[2]
         self.length = total
-        if n == 1 and self.key_mask is None:
+        if n == 1 and real is None:
             return F.scaled_dot_product_attention(q, k, v)
         allowed = torch.arange(total - n, total, device=q.device)[:, None] >= torch.arange(total, device=q.device)
-        if self.key_mask is not None:
-            allowed = allowed & self.key_mask[:, :, None, :]        # (B, 1, n, total)
+        if real is not None:
+            allowed = allowed & real[:, :, None, :]             # (B, 1, n, total)
             # a query that sees no real key would get NaN: it sees every key, and is zeroed below
             allowed = allowed | ~allowed.any(-1, keepdim=True)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)

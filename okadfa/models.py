@@ -216,7 +216,10 @@ class OKADFAModel(nn.Module):
         key_mask = self._check_key_mask(key_mask, input_ids)
         if targets is not None and key_mask is not None:
             targets = targets.masked_fill(~key_mask, ignore_index)
-        x = self.embed(input_ids, self._positions(input_ids, key_mask, cache))
+        positions, counts = self._positions(input_ids, key_mask, cache)
+        x = self.embed(input_ids, positions)
+        if cache is not None:                        # the tokens fit: the cache takes them
+            cache.length, cache.real = counts
         if dfa:
             x, points = self.trunk_points(x, key_mask)
         else:
@@ -257,34 +260,35 @@ class OKADFAModel(nn.Module):
                              f"{input_ids.device}, got {tuple(key_mask.shape)} on {key_mask.device}")
         return None if bool(key_mask.all()) else key_mask
 
-    def _positions(self, input_ids: Tensor, key_mask: Tensor | None, cache) -> int | Tensor:
+    def _positions(self, input_ids: Tensor, key_mask: Tensor | None, cache) -> tuple[int | Tensor, tuple]:
         """The position of each token, its sequence's count of real tokens before it (an int
-        offset while no sequence has padding); advances the cache's counts."""
+        offset while no sequence has padding), and the cache's counts once it holds these tokens
+        ((length, real), None without a cache); the cache itself is not changed here."""
         if cache is None and key_mask is None:
-            return 0
+            return 0, None
+        if cache is not None:
+            cache.check_batch(input_ids.shape[0])
         if cache is not None and cache.real is None and key_mask is None:
-            start, cache.length = cache.length, cache.length + input_ids.shape[1]
-            return start
+            return cache.length, (cache.length + input_ids.shape[1], None)
         real = key_mask if key_mask is not None else torch.ones_like(input_ids, dtype=torch.bool)
         before = torch.cumsum(real, 1) - real.long()
-        if cache is not None:
-            if cache.real is None:                   # no padding so far: every cached token is real
-                cache.real = torch.full((input_ids.shape[0],), cache.length, dtype=torch.long, device=real.device)
-            before = before + cache.real[:, None]
-            cache.real = cache.real + real.sum(1)
-            cache.length += input_ids.shape[1]
-        return before
+        if cache is None:
+            return before, None
+        # no padding so far: every cached token is real
+        seen = cache.real if cache.real is not None else torch.full(
+            (input_ids.shape[0],), cache.length, dtype=torch.long, device=real.device)
+        return before + seen[:, None], (cache.length + input_ids.shape[1], seen + real.sum(1))
 
-    def embed(self, input_ids: Tensor, positions: int | Tensor = 0) -> Tensor:
+    def embed(self, input_ids: Tensor, start: int | Tensor = 0) -> Tensor:
         """Token + position embeddings of input_ids (B, T): at positions start … start+T−1 for
         an int start, or at the given (B, T) positions."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-        if isinstance(positions, Tensor):
-            last = int(positions.max()) + 1 if positions.numel() else 0
+        if isinstance(start, Tensor):
+            positions, last = start, int(start.max()) + 1 if start.numel() else 0
         else:
-            last = positions + input_ids.shape[1]
-            positions = torch.arange(positions, last, device=input_ids.device)
+            last = start + input_ids.shape[1]
+            positions = torch.arange(start, last, device=input_ids.device)
         if last > self.config.max_seq_len:
             raise ValueError(f"sequence length {last} exceeds max_seq_len {self.config.max_seq_len}")
         return self.tok_emb(input_ids) + self.pos_emb(positions)
@@ -334,9 +338,11 @@ class OKADFAModel(nn.Module):
                     h = self._trunk(self.embed(ids[:, start:]))
                 elif cache is None:
                     cache = OKADFACache(self)
-                    h = self._trunk(self.embed(ids[:, start:], self._positions(ids[:, start:], None, cache)), cache)
+                    h = self._trunk(self.embed(ids[:, start:]), cache)
+                    cache.length = ids.shape[1] - start
                 else:
-                    h = self._trunk(self.embed(ids[:, -1:], self._positions(ids[:, -1:], None, cache)), cache)
+                    h = self._trunk(self.embed(ids[:, -1:], ids.shape[1] - 1 - start), cache)
+                    cache.length += 1
                 logits = self.lm_head(self.ln_f(h[:, -1])).float()
                 if temp == 0:
                     nxt = logits.argmax(-1, keepdim=True)
@@ -394,9 +400,35 @@ class OKADFACache:
         self.layers = [block.attn.new_cache() for block in model.blocks]
         self.length = 0                       # tokens appended, padding included
         self.real: Tensor | None = None       # (B,) real tokens per sequence, once any was padding
+        self.batch: int | None = None         # B, fixed by the first tokens
+
+    # read by transformers' generate(): no static-cache compilation, no rolling back (assisted decoding)
+    is_compileable = False
+    is_croppable = False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        """Per block: whether its state has a fixed size (FavorState), as transformers asks."""
+        return [isinstance(layer, FavorState) for layer in self.layers]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def check_batch(self, batch: int) -> None:
+        """Fix the batch size at the first tokens; refuse another one later."""
+        if self.batch is None:
+            self.batch = batch
+        elif batch != self.batch:
+            raise ValueError(f"this OKADFACache holds {self.batch} sequences, got input_ids for {batch}")
 
     def reorder_cache(self, index: Tensor) -> None:
         """Keep the sequences `index` (B',) picks, in that order (beam search)."""
+        if not isinstance(index, Tensor) or index.dim() != 1 or index.dtype not in (torch.int32, torch.int64):
+            raise ValueError("reorder_cache takes a 1-d integer tensor of sequence indices")
+        if self.batch is not None and index.numel() and not 0 <= int(index.min()) <= int(index.max()) < self.batch:
+            raise ValueError(f"reorder_cache: indices must lie in [0, {self.batch})")
+        if self.batch is not None:
+            self.batch = index.numel()
         for layer in self.layers:
             if isinstance(layer, FavorState):
                 if layer.carried is not None:

@@ -124,6 +124,12 @@ def test_debug_is_documented_in_help():
     assert train_help.returncode == 0 and "--debug" in train_help.stdout
 
 
+def test_version():
+    import okadfa
+    run = _okadfa("--version")
+    assert run.returncode == 0 and run.stdout.startswith(f"okadfa {okadfa.__version__} (torch "), run.stdout
+
+
 def test_compare_validates_train_options_before_running_any_variant(tmp_path):
     """A bad value forwarded by `okadfa compare` fails at once, in one line, before any variant runs
     (it used to fail inside the first variant's process and end in a CalledProcessError traceback)."""

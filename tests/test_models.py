@@ -354,6 +354,7 @@ def test_key_mask_gives_each_sequence_its_own_outputs(attention, training):
     x, _ = _batch(T=10, B=3)
     lengths, n = (10, 6, 3), 10
     for side in ("left", "right"):
+        model.eval()
         mask = torch.zeros(3, n, dtype=torch.bool)
         for b, m in enumerate(lengths):
             mask[b, slice(n - m, n) if side == "left" else slice(0, m)] = True
@@ -386,6 +387,13 @@ def test_okadfa_cache_with_padding_equals_the_full_forward():
     got = torch.cat(parts, 1)
     assert_close(got[mask], full[mask], REORDERED)
     assert cache.length == 12 and cache.real.tolist() == [8, 11]
+
+
+def test_builds_on_the_meta_device():
+    """transformers 5 builds models under torch.device("meta") before loading their weights."""
+    with torch.device("meta"):
+        model = OKADFAModel(OKADFAConfig.preset("tiny", training="dfa", n_layers=1))
+    assert model.lm_head.weight.is_meta
 
 
 def test_key_mask_and_cache_errors():

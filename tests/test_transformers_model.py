@@ -55,6 +55,9 @@ def test_config_refuses_what_okadfa_config_refuses():
         OKADFAPretrainedConfig(training="dfa", tie_word_embeddings=True)
     with pytest.raises(ValueError, match="unknown preset"):
         OKADFAPretrainedConfig.preset("huge")
+    with pytest.raises(ValueError, match="divisible by n_heads"):
+        OKADFAPretrainedConfig(hidden_size=97, n_heads=4)                 # HF's alias, checked as d_model
+    assert OKADFAPretrainedConfig(hidden_size=96, n_heads=4).d_model == 96
 
 
 def test_registration_hook_can_be_turned_off():
@@ -90,7 +93,8 @@ def test_labels_are_shifted_as_in_hf_causal_lms(attention):
     scored = torch.nn.functional.cross_entropy(own.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
     assert_close(out.loss, scored, REORDERED)
     loss, logits = model(ids, labels=ids, return_dict=False)[:2]
-    assert_close(loss, out.loss, EXACT) and assert_close(logits, out.logits, EXACT)
+    assert_close(loss, out.loss, EXACT)
+    assert_close(logits, out.logits, EXACT)
 
 
 def test_dfa_training_through_loss_backward():
@@ -121,8 +125,20 @@ def test_bad_inputs_raise_clear_errors():
         model(ids, attention_mask=torch.full(ids.shape, 2))
     with pytest.raises(ValueError, match="attention_mask must be"):
         model(ids, attention_mask=torch.ones(2, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="labels must have the shape"):
+    with pytest.raises(ValueError, match="must be \\(B, S\\) = \\(2, 12\\)"):
+        model(ids, attention_mask=torch.ones(2, 20, dtype=torch.long))     # longer than the tokens, no cache
+    with pytest.raises(ValueError, match="labels must be integer token ids of the shape"):
         model(ids, labels=ids[:, :5])
+    with pytest.raises(ValueError, match="labels must be integer token ids"):
+        model(ids, labels=ids.float())
+    cache = OKADFACache(model.okadfa)
+    model(ids, cache=cache)
+    with pytest.raises(ValueError, match="must be \\(B, S\\) = \\(2, 13\\)"):
+        model(ids[:, :1], attention_mask=torch.ones(2, 1, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="holds 2 sequences"):
+        model(ids[:1, :1], cache=cache)
+    with pytest.raises(NotImplementedError, match="cannot resize"):
+        model.resize_token_embeddings(300)
     with pytest.raises(ValueError, match="inputs_embeds"):
         model(inputs_embeds=torch.randn(2, 12, 64))
     with pytest.raises(TypeError, match="OKADFACache"):
@@ -178,6 +194,17 @@ def test_save_pretrained_round_trips_in_safetensors(tmp_path, attention, trainin
     ids = input_ids()
     with torch.no_grad():
         assert_close(loaded(ids).logits, model(ids).logits, EXACT)
+
+
+def test_a_checkpoint_missing_a_tensor_of_the_config_is_refused(tmp_path):
+    """Saved with training="bp" (no feedback buffer, tied head), loaded as "dfa": transformers would
+    leave the missing tensors uninitialised; from_pretrained refuses, naming them."""
+    make_model(training="bp").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="lacks .*dfa.feedback"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path, training="dfa", norm="pre",
+                                                          tie_weights=False, tie_word_embeddings=False)
+    model, info = OKADFAForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == [] or info["missing_keys"] == set()
 
 
 @pytest.mark.parametrize("order", ["okadfa first", "transformers first"])
@@ -263,6 +290,31 @@ def test_assisted_decoding_is_refused():
     model = make_model()
     with pytest.raises(ValueError, match="stateful"):
         model.generate(input_ids(batch=1, length=5), assistant_model=make_model(seed=1), max_new_tokens=3, do_sample=False)
+
+
+def test_generate_limits_and_caches():
+    """generate() past max_seq_len raises; HF's own cache is refused; a returned OKADFACache carries on
+    (transformers >= 5)."""
+    model = make_model()
+    ids = input_ids(length=60)
+    with pytest.raises(ValueError, match="exceeds max_seq_len 64"):
+        model.generate(ids, max_new_tokens=10, do_sample=False)
+    with pytest.raises((TypeError, ValueError), match="OKADFACache|instance of `Cache`"):   # okadfa's / HF 4.x's
+        model.generate(ids[:, :5], max_new_tokens=3, past_key_values=transformers.DynamicCache())
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return                       # transformers 4.x reads a past that is no `Cache` as tuples (README)
+    first = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    cache = getattr(first, "cache", None) or first.past_key_values
+    assert isinstance(cache, OKADFACache) and cache.length == 8      # the last token is not encoded yet
+    more = model.generate(first.sequences, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    assert torch.equal(more, model.generate(ids[:, :5], max_new_tokens=8, do_sample=False))
+
+
+def test_beam_search_with_left_padding_reorders_the_counts():
+    model = make_model()
+    ids, mask = padded(SEQS, "left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(ids, **kwargs), model.generate(ids, use_cache=False, **kwargs))
 
 
 def test_okadfa_cache_forward_equals_full_forward():

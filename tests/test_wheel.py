@@ -159,6 +159,8 @@ def test_wheel_builds_installs_and_runs(tmp_path):
             names = set(zf.namelist())
             meta = next(n for n in names if n.endswith(".dist-info/WHEEL"))
             assert "Root-Is-Purelib: false" in zf.read(meta).decode()
+            metadata = zf.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+            license_file = [n for n in names if n.endswith(".dist-info/licenses/LICENSE")]
             build_info = {}
             exec(zf.read("okadfa/_build_info.py").decode(), build_info)
         assert any(re.fullmatch(r"okadfa/_C\..*\.so", n) for n in names), sorted(names)
@@ -173,6 +175,11 @@ def test_wheel_builds_installs_and_runs(tmp_path):
                     continue
                 arc = prefix + py.relative_to(REPO / folder).as_posix()
                 assert arc in names, f"{arc} is missing from {wheel.name}"
+        # the torch it was built against (its C++ ABI), and every runtime dependency, in the metadata
+        series = ".".join(torch.__version__.split("+")[0].split(".")[:2])
+        requires = set(re.findall(r"^Requires-Dist: ([^;\n]+)$", metadata, re.M))
+        assert {f"torch=={series}.*", "numpy", "safetensors>=0.4"} <= requires, requires
+        assert license_file and "License: MIT" in metadata, metadata[:600]
         stray = sorted(n for n in names if not n.startswith("okadfa/") and ".dist-info/" not in n)
         assert not stray, f"files outside okadfa/ (e.g. a top-level `kernels`): {stray}"
 
@@ -181,7 +188,7 @@ def test_wheel_builds_installs_and_runs(tmp_path):
         assert setup_venv.returncode == 0, \
             f"creating the virtualenv / installing {_torch_requirement()} failed:\n{out[-6000:]}"
         print(f"virtualenv with torch ready after {time.monotonic() - start:.0f} s")
-        _run([str(vpy), "-m", "pip", "install", "-q", "--no-deps", str(wheel)], "pip install (wheel)",
+        _run([str(vpy), "-m", "pip", "install", "-q", str(wheel)], "pip install (wheel, with its dependencies)",
              timeout=600, env=env, cwd=tmp_path)
 
         # 4. import it from there and run the ops
@@ -190,6 +197,15 @@ def test_wheel_builds_installs_and_runs(tmp_path):
         result = _run([str(vpy), "-I", "-c", _SMOKE], "the smoke script in the fresh virtualenv", timeout=600,
                       env=env, cwd=run_dir)
         print(f"smoke test done after {time.monotonic() - start:.0f} s")
+
+        # 5. the okadfa command trains from there (its runtime dependencies came with the wheel)
+        (run_dir / "data").mkdir()
+        (run_dir / "data" / "text.txt").write_text((REPO / "README.md").read_text()[:100_000])
+        _run([str(venv_dir / "bin" / "okadfa"), "train", "--preset", "tiny", "--steps", "2", "--batch-size", "2",
+              "--seq-len", "32", "--data", "data", "--out", "run", "--eval-every", "2", "--eval-batches", "1",
+              "--sample-tokens", "4", "--no-progress"], "okadfa train in the fresh virtualenv", timeout=600,
+             env=env, cwd=run_dir)
+        assert (run_dir / "run" / "checkpoint.safetensors").is_file()
     finally:
         if setup_venv.poll() is None:
             setup_venv.kill()

@@ -32,6 +32,11 @@ class OKADFAPretrainedConfig(PretrainedConfig):
                      "max_position_embeddings": "max_seq_len"}
 
     def __init__(self, **kwargs):
+        for alias, field in self.attribute_map.items():      # HF's names for OKADFA fields, checked as those
+            if alias in kwargs:
+                if field in kwargs and kwargs[field] != kwargs[alias]:
+                    raise ValueError(f"{alias}={kwargs[alias]} contradicts {field}={kwargs[field]}")
+                kwargs[field] = kwargs.pop(alias)
         own = OKADFAConfig(**{name: kwargs.pop(name) for name in _FIELDS if name in kwargs}).to_dict()
         for name, value in own.items():
             setattr(self, name, value)
@@ -48,7 +53,11 @@ class OKADFAPretrainedConfig(PretrainedConfig):
         return cls(**OKADFAConfig.preset(name, **own).to_dict(), **overrides)
 
     def okadfa_config(self) -> OKADFAConfig:
-        """The `OKADFAConfig` these fields describe."""
+        """The `OKADFAConfig` these fields describe (checked again: fields set after construction,
+        e.g. from_pretrained's keyword overrides, skip __init__)."""
+        if self.tie_word_embeddings != self.tie_weights:
+            raise ValueError(f"tie_word_embeddings={self.tie_word_embeddings} contradicts tie_weights="
+                             f"{self.tie_weights}: set tie_weights")
         return OKADFAConfig(**{name: getattr(self, name) for name in _FIELDS})
 
 

@@ -12,10 +12,11 @@
     AutoModelForCausalLM.from_pretrained(path).generate(ids, max_new_tokens=20)
 
 * `labels` are shifted inside, as in HF's causal LMs: position t is scored on labels[t + 1];
-  -100 (and every padded position) gives no loss.
+  -100 gives no loss, and neither does a padded position. A real position whose next token is
+  padding is scored on that label: set it to -100 there, as HF's collators do.
 * `attention_mask` (B, S) of 0/1: key padding, exact, left or right (`OKADFAModel.forward`'s
-  key_mask; padded tokens also take no position). With a cache, S = cached + new and only the
-  last T columns are read: the cache remembers the padding before them.
+  key_mask; padded tokens also take no position). S = T, or with a cache S = cached + new, as
+  generate() passes it; only the last T columns are read (the cache remembers the padding before).
 * `generate()` decodes through an `okadfa.models.OKADFACache`, one `FavorState` per block: each
   token costs the same whatever the context length (softmax models keep a `KVCache`). HF's own
   caches are refused (TypeError), and so is assisted decoding, which rolls the cache back
@@ -80,8 +81,24 @@ class OKADFAForCausalLM(PreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _init_weights(self, module) -> None:
-        """Nothing: OKADFAModel initialises its own parameters, and every buffer (random features,
-        stored feedback) is drawn from the config's seeds, so a loaded model gets them back."""
+        """Nothing: OKADFAModel initialises its own parameters and buffers. `from_pretrained` loads
+        every one of them, or refuses a checkpoint that lacks any."""
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' from_pretrained, refusing a checkpoint that lacks a parameter or buffer of
+        this config (e.g. saved with training="bp", loaded with training="dfa"): transformers would
+        leave it uninitialised."""
+        wanted = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        if info.get("missing_keys"):
+            raise ValueError(f"the checkpoint lacks {sorted(info['missing_keys'])} of this config: load it with the "
+                             "config it was saved with")
+        return (model, info) if wanted else model
+
+    def resize_token_embeddings(self, *args, **kwargs):
+        raise NotImplementedError("OKADFAForCausalLM cannot resize its vocabulary (the unembedding, the DFA head "
+                                  "and the feedback are sized by vocab_size): build a model with the new vocab_size")
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -111,31 +128,32 @@ class OKADFAForCausalLM(PreTrainedModel, GenerationMixin):
                             f"{type(cache).__name__} (HF's caches keep every key; leave the cache to generate())")
         if cache is None and use_cache:
             cache = OKADFACache(self.okadfa)
-        key_mask = None if attention_mask is None else self._key_mask(attention_mask, input_ids)
+        key_mask = None if attention_mask is None else self._key_mask(attention_mask, input_ids, cache)
         targets = None if labels is None else self._targets(labels, input_ids)
         out = self.okadfa(input_ids, targets, key_mask=key_mask, cache=cache)
         result = CausalLMOutputWithPast(loss=out.loss, logits=out.logits, **{_CACHE: cache})
         return result if return_dict is not False else result.to_tuple()
 
     @staticmethod
-    def _key_mask(attention_mask: Tensor, input_ids: Tensor) -> Tensor:
-        """The last T columns of a (B, S ≥ T) 0/1 (or bool) mask, as a bool key_mask."""
-        m = attention_mask
-        if (not isinstance(m, Tensor) or m.dim() != 2 or m.shape[0] != input_ids.shape[0]
-                or m.shape[1] < input_ids.shape[1]):
-            raise ValueError(f"attention_mask must be (B, S) with B = {input_ids.shape[0]} and S >= "
-                             f"{input_ids.shape[1]} (cached + new tokens), got "
+    def _key_mask(attention_mask: Tensor, input_ids: Tensor, cache: OKADFACache | None) -> Tensor:
+        """The last T columns of a (B, S) 0/1 (or bool) mask, S = cached + T, as a bool key_mask."""
+        m, (B, T) = attention_mask, input_ids.shape
+        S = T + (cache.length if cache is not None else 0)
+        if not isinstance(m, Tensor) or m.dim() != 2 or tuple(m.shape) != (B, S):
+            raise ValueError(f"attention_mask must be (B, S) = ({B}, {S}): the cached and the new tokens, got "
                              f"{tuple(m.shape) if isinstance(m, Tensor) else type(m).__name__}")
+        m = m[:, S - T:]
         if m.is_floating_point() or m.is_complex() or not bool(((m == 0) | (m == 1)).all()):
             raise ValueError("attention_mask must hold 0 (padding) and 1 (a real token) only: a 2-D padding mask")
-        return m[:, m.shape[1] - input_ids.shape[1]:].to(device=input_ids.device, dtype=torch.bool)
+        return m.to(device=input_ids.device, dtype=torch.bool)
 
     @staticmethod
     def _targets(labels: Tensor, input_ids: Tensor) -> Tensor:
         """HF's shift: position t is scored on labels[t + 1]; the last position on nothing."""
-        if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
-                             f"{tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__}")
+        if (not isinstance(labels, Tensor) or labels.shape != input_ids.shape or labels.is_floating_point()
+                or labels.is_complex() or labels.dtype == torch.bool):
+            raise ValueError(f"labels must be integer token ids of the shape of input_ids {tuple(input_ids.shape)}, "
+                             f"got {(labels.dtype, tuple(labels.shape)) if isinstance(labels, Tensor) else labels!r}")
         return F.pad(labels[:, 1:], (0, 1), value=-100)
 
     def prepare_inputs_for_generation(self, input_ids: Tensor, attention_mask: Tensor | None = None, **kwargs):

@@ -17,6 +17,7 @@ import traceback
 COMMANDS = {"train": "okadfa.training.train", "compare": "okadfa.training.compare"}
 
 USAGE = """usage: okadfa [--debug] {train,compare} [options]   (okadfa <command> --help for the options)
+       okadfa --version
 
   train     train an OKADFA language model on text
   compare   train one preset four ways (FAVOR+/softmax x DFA/backprop) and write a report
@@ -168,6 +169,11 @@ def main(argv=None) -> int:
     debug = False
     while argv and argv[0] == "--debug":
         debug, argv = True, argv[1:]
+    if argv and argv[0] in ("-V", "--version"):
+        import torch
+        from okadfa import __version__
+        print(f"okadfa {__version__} (torch {torch.__version__})")
+        return 0
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] not in ("-h", "--help"):
             print(f"okadfa: error: unknown command {argv[0]!r}: choose from {', '.join(COMMANDS)} (okadfa --help)",
