@@ -105,10 +105,8 @@ REQUIRES = [f"torch=={_TORCH_SERIES}.*", "safetensors>=0.4", "numpy"]
 
 setup(
     install_requires=REQUIRES,
-    # okadfa and its subpackages (ops, reference, integrations, ...); the Triton kernels live
-    # in kernels/ and install as okadfa.kernels.
-    packages=find_packages(include=["okadfa", "okadfa.*"]) + ["okadfa.kernels"],
-    package_dir={"okadfa.kernels": "kernels"},
+    # okadfa and its subpackages (ops, reference, kernels (Triton), integrations, ...)
+    packages=find_packages(include=["okadfa", "okadfa.*"]),
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExt},
 )

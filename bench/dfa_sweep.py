@@ -129,7 +129,7 @@ def _command(settings: dict, steps: int, seed: int, out: str) -> list[str]:
     cmd = [sys.executable, "-m", "okadfa.training.train", "--preset", "tiny", "--data", "stdlib", "--steps", str(steps),
            "--batch-size", "16", "--seq-len", "128", "--seed", str(seed), "--threads", "1",
            "--eval-every", str(steps), "--log-every", str(max(1, steps // 10)), "--sample-tokens", "0",
-           "--no-progress", "--out", out]
+           "--no-progress", "--out", out, "--overwrite"]      # an unfinished earlier run is replaced
     # "defaults": nothing but the training rule, the optimizer settings given and the "set" entries
     cmd += ["--training", settings.get("defaults") or settings["training"]]
     for key in ("lr", "warmup", "weight_decay", "adam_beta2", "grad_clip"):
@@ -144,8 +144,6 @@ def _run(cmd: list[str], out: str, steps: int) -> dict:
     path = os.path.join(out, "metrics.jsonl")
     done = os.path.exists(path) and read_metrics(path).get("summary", [{}])[-1].get("step") == steps
     if not done:
-        if os.path.exists(path):
-            os.remove(path)
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "log.txt"), "w") as log:
             subprocess.run(cmd, check=True, stdout=log, stderr=subprocess.STDOUT,

@@ -124,6 +124,25 @@ def test_debug_is_documented_in_help():
     assert train_help.returncode == 0 and "--debug" in train_help.stdout
 
 
+def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path):
+    """A second `okadfa train` into an --out holding a run fails in one line and changes nothing;
+    --overwrite replaces the run; --resume continues it; --resume with --overwrite is refused."""
+    env = {"OKADFA_CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    argv = ["train", *SMALL, "--steps", "2", "--eval-every", "2", "--out", str(out)]
+    assert _okadfa(*argv, env=env).returncode == 0
+    before = (out / "metrics.jsonl").read_bytes()
+    again = _okadfa(*argv, env=env)
+    assert again.returncode == 1 and "holds a run" in again.stderr and "--overwrite" in again.stderr, again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1 and (out / "metrics.jsonl").read_bytes() == before
+    assert _okadfa(*argv, "--overwrite", env=env).returncode == 0
+    assert (out / "metrics.jsonl").read_text().count('"kind": "config"') == 1
+    assert _okadfa(*argv[:-6], "--steps", "3", "--eval-every", "3", "--out", str(out), "--resume",
+                   env=env).returncode == 0
+    both = _okadfa(*argv, "--resume", "--overwrite", env=env)
+    assert both.returncode == 2 and "not allowed with" in both.stderr, both.stderr
+
+
 def test_version():
     import okadfa
     run = _okadfa("--version")

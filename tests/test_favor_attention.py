@@ -386,7 +386,7 @@ def _strided(x):
 def test_raw_ops_reject_bad_input_before_any_kernel(backend):
     """torch.ops.okadfa.* called directly skip the Python layer: each native and Triton op still
     checks shapes, contiguity, devices, dtypes and arguments itself (csrc/checks.h,
-    kernels/_utils.py) and raises naming the argument, before a kernel reads out of bounds."""
+    okadfa/kernels/_utils.py) and raises naming the argument, before a kernel reads out of bounds."""
     fwd, bwd = backend.op("favor_attention_fwd"), backend.op("favor_attention_bwd")
     q, k, v, w = backend.put(*make_inputs(1, 2, 8, 4, 3, 6), dtype=torch.float32)
     # each backend's first refused dtype (the cpu kernels take all four floating types)

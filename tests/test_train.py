@@ -263,7 +263,7 @@ def test_a_second_run_into_the_same_out_fails_at_once_and_the_lock_dies_with_its
         first.kill()
         first.wait()
     assert first.returncode == -signal.SIGKILL
-    summary = train_mod.main(SMALL + ["--steps", "1", "--sample-tokens", "0", "--out", str(out)])
+    summary = train_mod.main(SMALL + ["--steps", "1", "--sample-tokens", "0", "--out", str(out), "--overwrite"])
     assert summary["step"] == 1                            # the lock went with the killed process
 
 
@@ -283,15 +283,17 @@ def test_read_metrics_skips_malformed_lines_and_names_them(tmp_path):
 
 
 def test_a_run_appending_after_a_cut_line_keeps_its_own_records(tmp_path):
-    """A run killed mid-write leaves a cut last line; the next run into that --out starts on a new line,
-    so only the cut line is lost."""
+    """A run killed mid-write leaves a cut last line; resuming it appends from a new line, so only
+    the cut line is lost."""
     out = tmp_path / "run"
-    out.mkdir()
-    (out / "metrics.jsonl").write_text('{"kind": "config", "step": 0}\n{"kind": "train", "st')
     train_mod.main(SMALL + ["--steps", "1", "--sample-tokens", "0", "--out", str(out)])
-    with pytest.warns(UserWarning, match="line 2"):
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "st')                     # the cut last line of a killed run
+    cut = len((out / "metrics.jsonl").read_text().splitlines())
+    train_mod.main(SMALL + ["--steps", "2", "--sample-tokens", "0", "--out", str(out), "--resume"])
+    with pytest.warns(UserWarning, match=f"line {cut}"):
         records = read_metrics(str(out / "metrics.jsonl"))
-    assert records["summary"][-1]["step"] == 1 and len(records["config"]) == 1 and "args" in records["config"][0]
+    assert records["summary"][-1]["step"] == 2 and "args" in records["config"][0]
 
 
 def _fake_run(directory, variant, cut_last_line):

@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -103,13 +104,18 @@ def test_environment_override(monkeypatch):
 
 
 def test_kernels_package_is_namespaced(tmp_path):
-    """The Triton kernels install as okadfa.kernels, never as a top-level `kernels`."""
-    code = ("import importlib.util, okadfa.kernels; "
-            "print(importlib.util.find_spec('kernels') is None)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "True"
+    """The Triton kernels are okadfa.kernels, never a top-level `kernels`, also from the repository's
+    root: a top-level kernels/ there once shadowed the PyPI package `kernels`, which transformers
+    >= 5.25 imports, and broke `import transformers` model code in a checkout."""
+    code = ("import importlib.util, os, okadfa.kernels; s = importlib.util.find_spec('kernels'); "
+            "print(s is None or os.path.dirname(s.origin or '') != os.path.dirname(okadfa.kernels.__file__))")
+    root = Path(__file__).resolve().parent.parent
+    for cwd in (tmp_path, root):
+        result = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True,
+                                env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.strip() == "True", cwd
+    assert not (root / "kernels").exists() or not (root / "kernels" / "__init__.py").exists()
 
 
 def test_native_extension_present_when_required():

@@ -248,7 +248,7 @@ def _plots(out, runs, alignment, baselines, unit):
 def _check_train_args(train_args: list[str], parser) -> None:
     """Refuse, before any variant runs, what `okadfa train` would refuse (argparse's one-line errors)."""
     from .train import parse_args, parse_overrides
-    for flag in ("--attention", "--training", "--out", "--resume"):
+    for flag in ("--attention", "--training", "--out", "--resume", "--overwrite"):
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
             parser.error(f"{flag} is set by compare itself")
     sets = [train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--set"]
@@ -302,12 +302,7 @@ def main(argv=None) -> str:
                 attention, training = v.split("+")
                 run_dir = os.path.join(args.out, v)
                 cmd = [sys.executable, "-m", "okadfa.training.train", *train_args, "--attention", attention,
-                       "--training", training, "--out", run_dir, "--no-progress"]
-                os.makedirs(run_dir, exist_ok=True)
-                with run_lock(run_dir, "okadfa compare"):      # not while a run uses it
-                    metrics = os.path.join(run_dir, "metrics.jsonl")
-                    if os.path.exists(metrics):
-                        os.remove(metrics)      # a fresh run, not appended to an old one
+                       "--training", training, "--out", run_dir, "--no-progress", "--overwrite"]   # a fresh run
                 print(f"== {v}: {' '.join(cmd[1:])}", flush=True)
                 status = subprocess.run(cmd).returncode
                 if status:

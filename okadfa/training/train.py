@@ -40,7 +40,8 @@ from the split's bytes per token).
 
 One run per --out: the run holds an exclusive lock on OUT/.lock (with its PID), so a
 second run into the same directory fails at once, naming it and that PID; the lock
-goes with the process however it ends. Every option value and every --set FIELD=VALUE
+goes with the process however it ends. An --out holding an earlier run is refused unless
+--resume continues it or --overwrite replaces it. Every option value and every --set FIELD=VALUE
 (against the OKADFAConfig field's type and the config's own validation) is checked
 before anything runs; a user error is one line (exit status 2 for a bad option, 1
 otherwise), `okadfa --debug train ...` (or --debug, or OKADFA_DEBUG=1) prints tracebacks.
@@ -139,8 +140,12 @@ def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
     p.add_argument("--seed", type=seed_int, default=0, help="initialisation and data order")
     p.add_argument("--out", type=_nonempty, default="runs/okadfa",
                    help="output directory (one run at a time: it is locked while a run uses it)")
-    p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
-                   help="resume from CHECKPOINT (default: OUT/checkpoint.safetensors)")
+    runs = p.add_mutually_exclusive_group()
+    runs.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                      help="resume from CHECKPOINT (default: OUT/checkpoint.safetensors)")
+    runs.add_argument("--overwrite", action="store_true",
+                      help="replace the run already in --out (its " + ", ".join(RUN_FILES) + "); without it or "
+                           "--resume, an --out that holds a run is refused")
     p.add_argument("--log-every", type=positive_int, default=10, help="a train record every N steps (default 10)")
     p.add_argument("--eval-every", type=positive_int, default=100, help="validation every N steps (default 100)")
     p.add_argument("--eval-batches", type=positive_int, default=8, help="validation batches per evaluation (default 8)")
@@ -442,23 +447,35 @@ def _optimizer(model, args):
                               {"params": other, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, args.adam_beta2))
 
 
+RUN_FILES = ("metrics.jsonl", "checkpoint.safetensors", "sample.txt")     # what a run writes into --out
+
+
 def main(argv=None) -> dict:
     """Train; returns the summary record (also the last line of metrics.jsonl)."""
     return train(parse_args(argv))[1]
 
 
 def _lock_out(args, ddp) -> run_lock | None:
-    """Create --out and lock it (rank 0; every rank fails together when it is in use)."""
+    """Create --out and lock it (rank 0; every rank fails together when it is in use, or holds an earlier
+    run that is neither resumed nor to be overwritten)."""
     lock, failure = None, None
     if ddp.main:
         try:
             os.makedirs(args.out, exist_ok=True)
             lock = run_lock(args.out, "okadfa train").__enter__()
+            earlier = [f for f in RUN_FILES if os.path.exists(os.path.join(args.out, f))]
+            if earlier and not args.resume and not args.overwrite:
+                raise SystemExit(f"okadfa train: --out {args.out} holds a run ({', '.join(earlier)}): continue it "
+                                 f"with --resume, or replace it with --overwrite")
+            for f in earlier if args.overwrite else ():
+                os.remove(os.path.join(args.out, f))
         except OSError as exc:
-            failure = SystemExit(f"okadfa train: --out {args.out}: cannot create the directory: "
-                                 f"{exc.strerror or exc}")
+            failure = SystemExit(f"okadfa train: --out {args.out}: {exc.strerror or exc}")
         except SystemExit as exc:
             failure = exc
+        if failure is not None and lock is not None:
+            lock.__exit__(None, None, None)
+            lock = None
     if ddp.any(failure is not None):
         raise failure or SystemExit(f"okadfa train: rank {ddp.rank}: rank 0 could not lock --out {args.out}")
     return lock
