@@ -288,7 +288,7 @@ def test_beam_search_reorders_the_cache(attention):
 def test_assisted_decoding_is_refused():
     """The cache cannot roll back rejected draft tokens: generate() says so instead of decoding wrongly."""
     model = make_model()
-    with pytest.raises(ValueError, match="stateful"):
+    with pytest.raises((ValueError, RuntimeError), match="stateful|requires a cache"):   # transformers 5.24 / 5.25
         model.generate(input_ids(batch=1, length=5), assistant_model=make_model(seed=1), max_new_tokens=3, do_sample=False)
 
 
