@@ -20,7 +20,7 @@
 * `generate()` decodes through an `okadfa.models.OKADFACache`, one `FavorState` per block: each
   token costs the same whatever the context length (softmax models keep a `KVCache`). HF's own
   caches are refused (TypeError), and so is assisted decoding, which rolls the cache back
-  (ValueError); `cache_implementation` is ignored, with HF's warning. Beam search reorders the
+  (transformers' ValueError, RuntimeError from 5.25); `cache_implementation` is ignored, with HF's warning. Beam search reorders the
   cache.
 * While training with training="dfa" the loss's backward delivers DFA's signals and `logits` is
   None (the N×V logits are never formed); eval mode gives logits and plain losses. Trainer
