@@ -23,7 +23,7 @@ $(PY):
 
 setup: $(PY)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIN)
-	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken transformers accelerate safetensors hypothesis
+	$(PY) -m pip install -q setuptools wheel ninja pytest numpy triton matplotlib tiktoken transformers accelerate safetensors hypothesis tqdm tensorboard
 
 build: setup
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
@@ -33,12 +33,12 @@ test: build
 
 demo: build
 	$(PY) -m okadfa.training.demo --out docs/demo
-	$(PY) -m bench.report --quick --out docs/demo
+	$(PY) -m okadfa.bench.report --quick --out docs/demo
 
 bench: build
 	$(PY) -m pip install -q pytest-benchmark
 	$(PY) -m pytest bench/bench_favor_attention.py bench/bench_linear_attention.py bench/bench_dfa_feedback.py bench/bench_dfa_head.py -q
-	$(PY) -m bench.report
+	$(PY) -m okadfa.bench.report
 
 wheel: setup
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

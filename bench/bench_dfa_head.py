@@ -2,15 +2,15 @@
 
     pytest bench/bench_dfa_head.py     (N=2048, d=768, V=50257, 12 points, error="hidden", float32)
 
-Rows (bench.common.make_dfa_head_step): the fused cpu dfa_head with seeded and with
+Rows (okadfa.bench.common.make_dfa_head_step): the fused cpu dfa_head with seeded and with
 stored feedback, and the unfused PyTorch head (N×V logits, F.cross_entropy, autograd,
-then e B_pᵀ). `python -m bench.report --only dfa_head` adds peak memory and writes JSON.
+then e B_pᵀ). `python -m okadfa.bench.report --only dfa_head` adds peak memory and writes JSON.
 """
 import pytest
 import torch
 
 import okadfa
-from bench.common import DFA_HEAD_ROWS, DFA_HEAD_SHAPE, make_dfa_head_step
+from okadfa.bench.common import DFA_HEAD_ROWS, DFA_HEAD_SHAPE, make_dfa_head_step
 
 
 @pytest.mark.parametrize("name", DFA_HEAD_ROWS)

@@ -2,12 +2,12 @@
 
     pytest bench/bench_favor_attention.py            (B=1, H=8, M=256, D=64, float32)
 
-bench/report.py runs the full table (more T, peak memory, peers) and writes JSON.
+okadfa/bench/report.py runs the full table (more T, peak memory, peers) and writes JSON.
 """
 import pytest
 import torch
 
-from bench.common import make_step, peers
+from okadfa.bench.common import make_step, peers
 
 BACKENDS = ["cpu", "reference", "sdpa"] + sorted(peers())
 

@@ -1,7 +1,7 @@
 // Chunked normalised linear attention on the CPU, shared by favor_attention
 // (feature map fused: φ computed from q, k and the projection inside each chunk)
 // and linear_attention (features given). See okadfa/reference/attention.py for
-// the same algorithm in plain PyTorch and DESIGN.md §3 for the math.
+// the same algorithm in plain PyTorch and docs/design.md §3 for the math.
 //
 // Notation for one (batch, head) and one chunk of n <= C positions:
 //   fq  [n, M]  query features, stabilised per row: exp(lq - max_m lq)

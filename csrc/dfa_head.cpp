@@ -1,4 +1,4 @@
-// dfa_head on the CPU: the output head with DFA signals (DESIGN.md §4), row chunk
+// dfa_head on the CPU: the output head with DFA signals (docs/design.md §4), row chunk
 // by row chunk so that the N×V logits never exist whole. For rows c of a chunk:
 //
 //   y_c = h_c W_decᵀ (c×V workspace)  →  in place  dy_c = (softmax(y_c) − onehot)/Nv

@@ -1,7 +1,7 @@
 // The feedback argument of the DFA ops (every device: csrc/ and csrc/cuda/), and the
 // feedback projection shared by the dfa_feedback and dfa_head CPU kernels:
 //
-//   out[p, n, i] = Σ_j e[n, j]·B_p[i, j]     (g_p = e B_pᵀ, DESIGN.md §4)
+//   out[p, n, i] = Σ_j e[n, j]·B_p[i, j]     (g_p = e B_pᵀ, docs/design.md §4)
 //
 // B_p is either a stored tensor (P, d, E) or seeded: its entries are regenerated
 // tile by tile from (seed, p, i, j) with philox.h (okadfa/feedback.py is

@@ -17,7 +17,7 @@ TORCH_LIBRARY(okadfa, m) {
         "int chunk_size) -> (Tensor, Tensor)");
   m.def("linear_attention_bwd(Tensor grad_out, Tensor q_feat, Tensor k_feat, Tensor v, Tensor out, "
         "Tensor lognorm, Tensor? key_mask, bool causal, int chunk_size) -> (Tensor, Tensor, Tensor)");
-  // DFA (DESIGN.md §4). feedback: a stored (P, dim, E) tensor, or None for seeded
+  // DFA (docs/design.md §4). feedback: a stored (P, dim, E) tensor, or None for seeded
   // matrices (points, dim, seed = the uint64 seed's bits, dist 0 normal / 1 uniform,
   // shared); the other feedback arguments are ignored when it is stored.
   m.def("dfa_feedback(Tensor error, Tensor? feedback, int points, int dim, int seed, int dist, bool shared) "

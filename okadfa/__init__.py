@@ -1,7 +1,7 @@
 """okadfa: FAVOR+ linear attention and Direct Feedback Alignment kernels for PyTorch.
 
 Every op has four backends ("triton", "cuda", "cpu", "reference") behind one
-function; see `okadfa.backends()` for what runs here and DESIGN.md for the math.
+function; see `okadfa.backends()` for what runs here and docs/design.md for the math.
 """
 from . import nn, reference     # okadfa.nn: the modules (FavorAttention, replace_attention, ...)
 from .backends import backends

@@ -1,4 +1,4 @@
-"""Backend discovery and selection (DESIGN.md §2).
+"""Backend discovery and selection (docs/design.md §2).
 
 Backends: "triton" (okadfa.kernels), "cuda" and "cpu" (the native extension
 okadfa._C), "reference" (plain PyTorch, okadfa.reference). `backend="auto"`

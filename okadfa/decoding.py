@@ -1,6 +1,6 @@
 """Incremental decoding: attention state carried from one generated token to the next.
 
-`FavorState` is causal FAVOR+ attention as a recurrence (DESIGN.md §3): after
+`FavorState` is causal FAVOR+ attention as a recurrence (docs/design.md §3): after
 positions 1..t it holds, per batch row and head,
 
     S_t = Σ_{s≤t} exp(l_s − c_t) v_sᵀ   (M×Dv),   z_t = Σ_{s≤t} exp(l_s − c_t)   (M),

@@ -1,4 +1,4 @@
-"""The Direct Feedback Alignment engine (DESIGN.md §4).
+"""The Direct Feedback Alignment engine (docs/design.md §4).
 
 With DFA, feedback point p (a block's output, or each sub-layer's) receives
 g_p = e B_pᵀ, a fixed random projection of the output error e, in place of the

@@ -1,4 +1,4 @@
-"""Fixed random feedback matrices for DFA (DESIGN.md §4), stored or regenerated from a seed.
+"""Fixed random feedback matrices for DFA (docs/design.md §4), stored or regenerated from a seed.
 
 Normative definition of a seeded matrix (every backend reproduces it). A counter-based
 RNG, Philox4x32-10 (Salmon, Moraes, Dror and Shaw, "Parallel random numbers: as easy

@@ -1,4 +1,4 @@
-"""The OKADFA language model (DESIGN.md §4–5): KOA blocks trained by DFA or backprop.
+"""The OKADFA language model (docs/design.md §4–5): KOA blocks trained by DFA or backprop.
 
     cfg = OKADFAConfig.preset("tiny", training="dfa")
     model = OKADFAModel(cfg)
@@ -52,7 +52,7 @@ class OKADFAConfig:
 
     DFA defaults, chosen by measurement (tiny preset, stdlib bytes, 400 steps of 16×128,
     3 seeds; bench/results/dfa_sweep_one.md and dfa_sweep_combine.md, `python -m
-    bench.dfa_sweep`):
+    okadfa.bench.dfa_sweep`):
     - norm: "post" when training="dfa" (val loss 2.646 against 3.308 pre-LN, worse than
       a unigram model, and 2.687 pre-LN with point_norm). A feedback point must be a
       normalised activation: on the raw pre-LN residual stream, which only LayerNorms

@@ -1,4 +1,4 @@
-"""Orthogonality regularisation (DESIGN.md §5) of a model's attention and MLP weights.
+"""Orthogonality regularisation (docs/design.md §5) of a model's attention and MLP weights.
 
 L_ortho = λ(t)·Σ_W ‖WᵀW − I‖²_F over the Q/K/V/O projections and MLP matrices of
 every KOA block (`orthogonality_loss`, with the smaller Gram side for non-square

@@ -1,11 +1,11 @@
-"""bench.gpu (the GPU benchmark suite) runs end to end; here on the CPU at tiny sizes."""
+"""okadfa.bench.gpu (the GPU benchmark suite) runs end to end; here on the CPU at tiny sizes."""
 import json
 
 import okadfa
 
 
 def test_gpu_suite_harness_on_cpu(tmp_path, monkeypatch):
-    from bench import gpu
+    from okadfa.bench import gpu
 
     monkeypatch.setattr(gpu, "HEADS", 2)
     monkeypatch.setattr(gpu, "INPUT_SETS", 2)
@@ -19,3 +19,17 @@ def test_gpu_suite_harness_on_cpu(tmp_path, monkeypatch):
     fused, unfused = data["dfa_head"]
     assert fused["median_ms"] > 0 and unfused["peak_mb"] > fused["peak_mb"]
     assert "fused/unfused" in (tmp_path / "cpu_kernels_quick.md").read_text()
+
+
+def test_gpu_timing_takes_the_spread_from_do_bench(monkeypatch):
+    """On a GPU the row's median and IQR come from triton's per-call CUDA-event times (ms)."""
+    import pytest
+    import torch
+
+    testing = pytest.importorskip("triton.testing")
+    from okadfa.bench import gpu
+
+    monkeypatch.setattr(testing, "do_bench", lambda fn, **kw: [1.0, 2.0, 3.0, 4.0, 10.0] if kw["return_mode"] == "all"
+                        else None)
+    row = gpu._timing(lambda: None, torch.device("cuda"))
+    assert row == dict(median_ms=pytest.approx(3.0), iqr_ms=pytest.approx(2.0), runs=5, noisy=True)

@@ -1,18 +1,14 @@
 """The benchmark report runs end to end on tiny sizes and writes well-formed results and plots."""
+import importlib.util
 import json
 import math
+import statistics
 
 import pytest
 
 import okadfa
 
-pytest.importorskip("bench.report")
-
-try:
-    import matplotlib  # noqa: F401
-    HAVE_MATPLOTLIB = True
-except ImportError:
-    HAVE_MATPLOTLIB = False
+HAVE_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 needs_matplotlib = pytest.mark.skipif(not HAVE_MATPLOTLIB, reason="matplotlib is not installed")
 PNG = b"\x89PNG"
 
@@ -23,7 +19,7 @@ def _assert_png(path):
 
 
 def test_report_quick_run(tmp_path, monkeypatch):
-    from bench import common, report
+    from okadfa.bench import common, report
 
     monkeypatch.setattr(common, "H", 2)
     monkeypatch.setattr(report, "H", 2)
@@ -38,6 +34,10 @@ def test_report_quick_run(tmp_path, monkeypatch):
     assert {r["backend"] for r in rows} >= {"reference", "sdpa"}
     for r in rows:
         assert r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["T"] == 256
+        assert r["iqr_ms"] >= 0 and r["runs"] >= 3 and r["noisy"] == (r["iqr_ms"] > 0.1 * r["median_ms"])
+    head = json.loads((tmp_path / "cpu_dfa_head_quick.json").read_text())["rows"]
+    assert all(r["iqr_ms"] >= 0 and r["runs"] == 5 for r in head)     # 6 interleaved rounds, the first a warm-up
+    assert "| unfused PyTorch (`unfused`) |" in (tmp_path / "cpu_dfa_head_quick.md").read_text()
     if okadfa.backends()["cpu"]["available"]:
         cpu = [r for r in rows if r["backend"] == "cpu"]
         assert {(r["passes"], r["M"]) for r in cpu} == {("fwd", 256), ("fwd+bwd", 256), ("fwd+bwd", 128)}
@@ -48,7 +48,7 @@ def test_report_quick_run(tmp_path, monkeypatch):
 def test_report_dtype_axis(tmp_path, monkeypatch):
     """--dtype float32,bfloat16: a result file per dtype, every row labelled with its dtype, the
     header naming the bfloat16 engine; an unknown dtype is refused with a one-line error."""
-    from bench import common, report
+    from okadfa.bench import common, report
 
     monkeypatch.setattr(common, "H", 2)
     monkeypatch.setattr(report, "H", 2)
@@ -146,8 +146,8 @@ def kernel_gemm_flops(tmp_path_factory):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("T,chunk", [(200, 64), (64, 64), (10, 4)])
 def test_flop_count_matches_the_kernels_gemms(kernel_gemm_flops, causal, T, chunk):
-    """bench.common.chunked_flops against the GEMMs the cpu kernel actually ran."""
-    from bench.common import chunked_flops
+    """okadfa.bench.common.chunked_flops against the GEMMs the cpu kernel actually ran."""
+    from okadfa.bench.common import chunked_flops
 
     fwd, bwd = kernel_gemm_flops[f"{causal}-{T}-{chunk}"]
     kw = dict(m=24, dk=8, dv=5, chunk=chunk, causal=causal, bh=3)
@@ -161,7 +161,7 @@ def _rows(backend, times, passes="fwd", **extra):
 
 
 def test_crossover_interpolates_on_log_log_axes():
-    from bench.plots import crossover
+    from okadfa.bench.plots import crossover
 
     # cpu: 2 ms flat; sdpa: 1 ms at T=1024, 8 ms at T=4096. log(cpu/sdpa) goes from ln 2 to -ln 4,
     # linearly in log T: zero a third of the way, at T = 1024 · 4^(1/3) ≈ 1625.5.
@@ -172,7 +172,7 @@ def test_crossover_interpolates_on_log_log_axes():
 
 
 def test_crossover_everywhere_never_and_noise():
-    from bench.plots import crossover
+    from okadfa.bench.plots import crossover
 
     sdpa = _rows("sdpa", {256: 1, 512: 4, 1024: 16})
     assert crossover(sdpa + _rows("cpu", {256: 0.5, 512: 1, 1024: 2}), "cpu") == 0.0     # faster at all T
@@ -185,8 +185,146 @@ def test_crossover_everywhere_never_and_noise():
     assert crossover(rows, "cpu", M=128) == 0.0 and 512 < crossover(rows, "cpu", M=256) < 1024
 
 
+def test_timer_reports_median_and_iqr_of_the_times(monkeypatch):
+    """time_calls: as many calls as asked for, and median and IQR (linearly interpolated
+    quartiles) of exactly the times it measured."""
+    from okadfa.bench import common
+
+    lasts = iter([1, 1, 4, 2, 3, 10, 2, 2])        # seconds on a fake clock that only fn() advances
+    clock = [0.0]
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def fn():
+        clock[0] += next(lasts)
+    t = common.time_calls(fn, min_runs=7, min_seconds=0.0, warmup=1)
+    times = [1, 4, 2, 3, 10, 2, 2]                 # the warm-up's 1 is not timed
+    assert t.runs == 7 and t.median == statistics.median(times) == 2
+    # sorted 1 2 2 2 3 4 10: Q1 at position 1.5 → 2, Q3 at position 4.5 → 3.5
+    assert t.iqr == pytest.approx(3.5 - 2)
+    assert t.row() == dict(median_ms=2e3, iqr_ms=pytest.approx(1.5e3), runs=7, noisy=True)
+    with pytest.raises(ValueError):
+        common.Timing.of([1.0])
+
+
+def test_rows_timed_in_turns_share_the_load(monkeypatch):
+    """time_in_turns: after one warm-up call each, the fns take turns round by round (so a
+    burst of load hits them alike), and each Timing is made of that fn's own times."""
+    from okadfa.bench import common
+
+    clock, calls = [0.0], []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def fn(name, seconds):
+        def call():
+            calls.append(name)
+            clock[0] += seconds
+        return call
+    t = common.time_in_turns({"a": fn("a", 1.0), "b": fn("b", 3.0)}, rounds=3, min_runs=6, min_seconds=0.0)
+    assert calls == ["a", "b"] + ["a", "a", "b", "b"] * 3
+    assert (t["a"].runs, t["a"].median, t["b"].runs, t["b"].median) == (6, 1.0, 6, 3.0)
+
+
+def test_noisy_rows_are_flagged_and_footnoted():
+    from okadfa.bench import common, report
+
+    # noisy is relative: 0.2 s of IQR on 10.2 s is tight, 0.4 s on 0.7 s is not
+    tight = [common.Timing.of([0.100, 0.102, 0.104]).row(), common.Timing.of([10.0, 10.2, 10.4]).row()]
+    loose = tight[:1] + [common.Timing.of([0.5, 0.5, 0.9, 0.9]).row()]
+    assert [r["noisy"] for r in tight] == [False, False] and [r["noisy"] for r in loose] == [False, True]
+    assert common.ms_cell(loose[1]) == "700.0 ±200.0" + common.NOISY_MARK
+    assert common.noisy_footnote(tight) == [] and common.noisy_footnote(loose) == ["", common.NOISY_NOTE]
+    rows = [dict(backend=b, dtype="float32", N=8, d=4, V=16, P=2, peak_mb=1.0, gflops=1.0, **t)
+            for b, t in zip(("cpu", "unfused"), loose)]
+    md = report.dfa_head_table(rows)
+    assert "| fused, seeded feedback (`cpu`) | 102 ±1 |" in md and "| 700 ±200† |" in md
+    assert md.endswith(common.NOISY_NOTE)
+    assert common.NOISY_MARK not in report.dfa_head_table(rows[:1])
+
+
+def test_matmul_drift_marks_a_loaded_machine(tmp_path, capsys):
+    from okadfa.bench import common, report
+
+    assert common.load_warning(100, 115) is None and common.load_warning(100, 80) is not None
+    meta = dict(processor="x", cpu_flags=None, cpu_bfloat16="no", threads=2, torch="t", date="d",
+                matmul_gflops=100.0, matmul_gflops_after=70.0)
+    report._write(str(tmp_path), "t", meta, [], "table", plot=False)
+    assert "warning: loaded machine" in capsys.readouterr().out
+    assert "**Warning, loaded machine" in (tmp_path / "t.md").read_text()
+    assert json.loads((tmp_path / "t.json").read_text())["meta"]["loaded"] is True
+
+
+def _timed(backend, T, median, iqr, passes="fwd"):
+    return dict(backend=backend, T=T, passes=passes, median_ms=median, iqr_ms=iqr, peak_mb=1.0)
+
+
+def test_faster_needs_the_spreads_apart():
+    """verdict: faster only when the medians' ratio beats the combined spread; overlapping
+    spreads are within noise, whatever the medians; without IQRs the medians decide."""
+    from okadfa.bench.plots import verdict
+
+    base = _timed("sdpa", 1024, 10.0, 1.0)                                   # 10 ± 0.5
+    assert verdict(_timed("cpu", 1024, 9.0, 0.4), base) == "faster"         # 9 ± 0.2 clear of it
+    assert verdict(_timed("cpu", 1024, 9.6, 0.4), base) == "within noise"   # 9.8 reaches into 9.5..10.5
+    assert verdict(_timed("cpu", 1024, 9.0, 2.0), base) == "within noise"   # 9 ± 1 overlaps
+    assert verdict(_timed("cpu", 1024, 12.0, 1.0), base) == "slower"
+    medians = [dict(r, iqr_ms=None) for r in (_timed("cpu", 1024, 9.6, 0.4), base)]
+    assert verdict(*medians) == "faster"
+    from okadfa.bench.report import _ratio                                    # the tables' ratio columns
+    assert _ratio(_timed("cpu", 1024, 9.6, 0.4), base) == "≈ 0.96×"
+    assert _ratio(_timed("cpu", 1024, 9.0, 0.4), base) == "0.90×"
+
+
+def test_crossover_respects_the_spread():
+    """A T where the medians say faster but the spreads overlap does not count: the crossover
+    moves to where the spreads part, and faster-at-all-T needs every T clear."""
+    from okadfa.bench.plots import crossover
+
+    sdpa = [_timed("sdpa", T, ms, 0.1 * ms) for T, ms in ((256, 1), (512, 4), (1024, 16))]
+    clear = [_timed("cpu", T, ms, 0.1 * ms) for T, ms in ((256, 0.5), (512, 1), (1024, 2))]
+    assert crossover(sdpa + clear, "cpu") == 0.0
+    close = [_timed("cpu", 256, 0.95, 0.1)] + clear[1:]                      # 0.95 ± 0.05 vs 1 ± 0.05
+    x = crossover(sdpa + close, "cpu")
+    assert 256 < x < 512
+    assert crossover([dict(r, iqr_ms=None) for r in sdpa + close], "cpu") == 0.0   # medians only
+    assert crossover(sdpa + [_timed("cpu", T, 0.98 * r["median_ms"], 0.2 * r["median_ms"]) for T, r in
+                             zip((256, 512, 1024), sdpa)], "cpu") is None           # within noise everywhere
+
+
+@needs_matplotlib
+def test_plot_says_within_noise_and_medians_only(tmp_path, monkeypatch):
+    """The notes of the attention plot (its annotations, recorded): "within noise" where the
+    spreads overlap, "medians only" for rows without an IQR (old result files)."""
+    import matplotlib.axes
+
+    from okadfa.bench import plots
+
+    notes = []
+    sdpa = [_timed("sdpa", T, ms, 0.1 * ms) for T, ms in ((256, 1), (512, 4), (1024, 16))]
+    cpu = [_timed("cpu", 256, 0.95, 0.1), _timed("cpu", 512, 1, 0.1), _timed("cpu", 1024, 2, 0.2)]
+    annotate = matplotlib.axes.Axes.annotate
+    monkeypatch.setattr(matplotlib.axes.Axes, "annotate",
+                        lambda self, text, *a, **kw: notes.append(text) or annotate(self, text, *a, **kw))
+    plots.plot_attention(sdpa + cpu, {}, str(tmp_path / "a"))
+    assert any("within noise of sdpa at T=256" in n and "medians only" not in n for n in notes)
+    notes.clear()
+    plots.plot_attention([dict(r, iqr_ms=None) for r in sdpa + cpu], {}, str(tmp_path / "b"))
+    assert any("faster than sdpa at all T (medians only" in n for n in notes)
+
+
+def test_peak_memory_is_silent(capfd):
+    """The profiler's kineto log lines (written by C++ to fd 2) do not reach the terminal."""
+    import torch
+
+    from okadfa.bench.common import peak_memory
+
+    a = torch.randn(64, 64)
+    assert peak_memory(lambda: a @ a) > 0
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
 def _gpu_results():
-    """cuda_kernels.json as bench.gpu writes it, with made-up numbers: triton overtakes
+    """cuda_kernels.json as okadfa.bench.gpu writes it, with made-up numbers: triton overtakes
     flash attention between 2k and 4k, cuda is faster at every T, one row ran out of memory."""
     Ts = (1024, 2048, 4096, 8192)
     attention = []
@@ -206,7 +344,7 @@ def _gpu_results():
 
 
 def test_gpu_crossovers():
-    from bench.plots import crossover
+    from okadfa.bench.plots import crossover
 
     rows = _gpu_results()["attention"]
     assert 2048 < crossover(rows, "triton", "sdpa-flash") < 4096
@@ -218,7 +356,7 @@ GPU_PNGS = ("cuda_kernels_time_memory_fwd.png", "cuda_kernels_time_memory_fwd_bw
 
 @needs_matplotlib
 def test_replot_draws_gpu_results(tmp_path):
-    from bench import report
+    from okadfa.bench import report
 
     (tmp_path / "cuda_kernels.json").write_text(json.dumps(_gpu_results()))
     report.main(["--replot", "--out", str(tmp_path)])
@@ -228,8 +366,8 @@ def test_replot_draws_gpu_results(tmp_path):
 
 @needs_matplotlib
 def test_device_cuda_runs_the_gpu_suite_and_plots_it(tmp_path, monkeypatch):
-    """--device cuda hands over to bench.gpu.main (replaced here: no GPU needed) and plots what it wrote."""
-    from bench import gpu, report
+    """--device cuda hands over to okadfa.bench.gpu.main (replaced here: no GPU needed) and plots what it wrote."""
+    from okadfa.bench import gpu, report
 
     calls = []
 
@@ -244,7 +382,7 @@ def test_device_cuda_runs_the_gpu_suite_and_plots_it(tmp_path, monkeypatch):
 
 
 def test_no_plots(tmp_path, monkeypatch):
-    from bench import report
+    from okadfa.bench import report
 
     monkeypatch.setattr(report, "matmul_gflops", lambda: 1.0)
     report.main(["--device", "cpu", "--quick", "--only", "dfa_head", "--no-plots", "--out", str(tmp_path)])
@@ -253,7 +391,7 @@ def test_no_plots(tmp_path, monkeypatch):
 
 
 def test_model_bench_tiny(tmp_path):
-    from bench import model as model_bench
+    from okadfa.bench import model as model_bench
     model_bench.main(["--preset", "tiny", "--seq-lens", "16,24", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "model_tiny.json").read_text())
     # DFA's default model has its own unembedding (V·d) and, post-LN, no final LayerNorm (2d)
@@ -273,7 +411,7 @@ def test_model_bench_tiny(tmp_path):
 def test_dfa_sweep_runs_merges_and_reuses(tmp_path):
     """A 2-step stage: every variant with the same seeds and steps, the table with the n-gram levels,
     finished runs reused on a second call, an interrupted run (summary before --steps) redone."""
-    from bench import dfa_sweep
+    from okadfa.bench import dfa_sweep
 
     argv = ["--stage", "bundle", "--only", "dfa (defaults)", "--only", "bp (same architecture)", "--steps", "2",
             "--seeds", "1", "--jobs", "2", "--work", str(tmp_path / "work"), "--results", str(tmp_path)]
@@ -298,9 +436,9 @@ def test_dfa_sweep_runs_merges_and_reuses(tmp_path):
     assert json.loads(bp_metrics.read_text().splitlines()[-1])["step"] == 2  # redone
     assert second["rows"][0]["runs"]["0"]["val_loss"] == dfa["runs"]["0"]["val_loss"]
 def test_profile_step_tiny(tmp_path):
-    """bench.profile_step attributes every profiled microsecond to a part, the attention, head and
+    """okadfa.bench.profile_step attributes every profiled microsecond to a part, the attention, head and
     optimizer of both models show up, and only the DFA model has DFA feedback to generate."""
-    from bench import profile_step
+    from okadfa.bench import profile_step
     profile_step.main(["--preset", "tiny", "--seq-len", "32", "--precision", "fp32,bf16", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "profile_tiny_T32.json").read_text())
     assert {(r["precision"], r["attention"]) for r in data["rows"]} == {
@@ -317,7 +455,7 @@ def test_profile_step_tiny(tmp_path):
 def test_profile_parts_follow_the_ancestors():
     """A matmul inside a named part belongs to that part; a bare matmul to matmuls."""
     from types import SimpleNamespace as E
-    from bench.profile_step import part_of
+    from okadfa.bench.profile_step import part_of
     head = E(name="okadfa::dfa_head", cpu_parent=None)
     assert part_of(E(name="aten::mm", cpu_parent=head)) == "head"
     assert part_of(E(name="aten::mm", cpu_parent=E(name="aten::linear", cpu_parent=None))) == "matmuls"
@@ -327,7 +465,7 @@ def test_profile_parts_follow_the_ancestors():
 
 def test_hf_decoding_bench_runs_and_the_favor_cache_does_not_grow(tmp_path):
     pytest.importorskip("transformers", reason="the hf extra (transformers) is not installed")
-    from bench import decoding_hf
+    from okadfa.bench import decoding_hf
     decoding_hf.main(["--contexts", "8,32", "--tokens", "2", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "decoding_hf.json").read_text())["rows"]
     assert {(r["T"], r["attention"], r["cache"]) for r in rows} == {

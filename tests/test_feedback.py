@@ -1,4 +1,4 @@
-"""The seeded feedback definition (okadfa/feedback.py, DESIGN.md §4) and every implementation of it:
+"""The seeded feedback definition (okadfa/feedback.py, docs/design.md §4) and every implementation of it:
 Philox4x32-10 on tensors, on Python ints and in the Triton kernels; the entries B[p, i, j] as the
 reference, the diagnostics and every backend's dfa_feedback (the `backend` fixture) generate them,
 bit for bit; FeedbackSpec and materialize_feedback."""

@@ -1,4 +1,4 @@
-"""OKADFAModel with the DFA engine: gradients routed as DESIGN.md §4 says, BP equal to
+"""OKADFAModel with the DFA engine: gradients routed as docs/design.md §4 says, BP equal to
 plain autograd, seeded == stored feedback, ortho term, checkpoints, compile."""
 import pytest
 import torch
@@ -50,7 +50,7 @@ def _plain_dfa_segments(model):
 
 
 def _plain_dfa_gradients(model, x, y):
-    """DFA by its definition (DESIGN.md §4) with plain autograd: {id(param): gradient}."""
+    """DFA by its definition (docs/design.md §4) with plain autograd: {id(param): gradient}."""
     c = model.config
     emb_params = [model.tok_emb.weight, model.pos_emb.weight]
 

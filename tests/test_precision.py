@@ -1,6 +1,6 @@
 """Mixed precision (issue 16, item 3) below the training loop: the DFA engine and the orthogonality
 penalty under torch.autocast, loss scaling of the DFA signals, the --precision guard, and
-bench.model's precision axis. The training runs themselves: tests/test_train.py."""
+okadfa.bench.model's precision axis. The training runs themselves: tests/test_train.py."""
 import json
 
 import pytest
@@ -117,10 +117,10 @@ def test_grad_scaler_only_for_fp16():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# bench.model --precision
+# okadfa.bench.model --precision
 
 def test_bench_model_precision_list_parsing():
-    from bench.model import precision_list
+    from okadfa.bench.model import precision_list
     assert precision_list("fp32") == ["fp32"]
     assert precision_list(" fp32 , bf16,fp16 ") == ["fp32", "bf16", "fp16"]
     for bad in ("", "fp8", "fp32,fp32", "bf16,float16"):
@@ -129,7 +129,7 @@ def test_bench_model_precision_list_parsing():
 
 
 def test_bench_model_refuses_a_bad_precision_naming_the_option(capsys):
-    from bench import model as model_bench
+    from okadfa.bench import model as model_bench
     with pytest.raises(SystemExit) as exc:
         model_bench.main(["--preset", "tiny", "--precision", "fp32,fp8"])
     assert exc.value.code == 2 and "--precision" in capsys.readouterr().err
@@ -138,7 +138,7 @@ def test_bench_model_refuses_a_bad_precision_naming_the_option(capsys):
 def test_bench_model_rows_per_precision_under_autocast(tmp_path, monkeypatch):
     """Every row is labelled with its precision, and its forward (inference and training) ran under that
     autocast dtype."""
-    from bench import model as model_bench
+    from okadfa.bench import model as model_bench
     seen = set()
     real = OKADFAModel.forward
 

@@ -4,10 +4,12 @@ Python blocks run in order, each as written, in a temporary working directory. A
 first line is an import starts a fresh namespace; any other block continues the one before it,
 as a reader continues a session (e.g. the key_mask example reuses the API tour's q, k, v, w).
 Shell blocks are checked, not run (they build, train for minutes or install): every `make`
-target exists in the Makefile, every `okadfa train` / `okadfa compare` line parses with the
+target exists in the Makefile, every `okadfa train` / `okadfa compare` / `okadfa bench` line parses with the
 command's own parser, and every `python -m <module>` names a module that exists.
 """
+import contextlib
 import importlib.util
+import io
 import os
 import re
 import shlex
@@ -52,7 +54,8 @@ def _commands(code):
 
 
 def test_shell_blocks_name_real_targets_options_and_modules():
-    from okadfa.training import train
+    from okadfa.bench import report
+    from okadfa.training import cli, train
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
     checked = 0
     for code, line in SHELL:
@@ -61,12 +64,21 @@ def test_shell_blocks_name_real_targets_options_and_modules():
             tool, rest = os.path.basename(words[0]), words[1:]
             if tool == "make":
                 assert set(rest) <= targets, where
+            elif tool == "okadfa" and "--help" in rest or rest[:1] == ["--version"]:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    try:
+                        status = cli.main(rest)
+                    except SystemExit as exc:          # argparse's --help
+                        status = exc.code
+                assert status == 0, where
             elif tool == "okadfa" and rest[0] in ("train", "compare"):
                 options = rest[1:]
                 if rest[0] == "compare" and "--out" in options:     # compare's own --out; the rest is train's
                     i = options.index("--out")
                     options = options[:i] + options[i + 2:] + ["--out", "-"]
                 train.parse_args(options)
+            elif tool == "okadfa" and rest[0] == "bench":
+                report.parse_args(rest[1:])
             elif "-m" in words:
                 module = words[words.index("-m") + 1]
                 if module not in ("venv", "pip", "build"):
@@ -92,3 +104,17 @@ def test_links_to_sections_and_files_resolve():
     contents = README[README.index("## Contents"):README.index("## Install")]
     for title in re.findall(r"^## (.+)$", README, re.M):
         assert title == "Contents" or f"(#{_anchor(title)})" in contents, title
+
+
+def test_design_citations_name_the_file_and_an_existing_section():
+    """The code cites the design as docs/design.md §N; the file and every cited section exist."""
+    design = (ROOT / "docs" / "design.md").read_text()
+    sections = set(re.findall(r"^## (\d+)\.", design, re.M))
+    cited = 0
+    for path in [*ROOT.glob("okadfa/**/*.py"), *ROOT.glob("csrc/**/*.[ch]*"), *ROOT.glob("tests/*.py")]:
+        text = path.read_text(errors="replace")
+        assert not re.search(r"(?<![/\w])DESIGN\.md", text), f"{path}: cite docs/design.md"
+        for first, last in re.findall(r"docs/design\.md §(\d+)(?:[–-](\d+))?", text):
+            assert {first, last or first} <= sections, f"{path}: docs/design.md §{first} does not exist"
+            cited += 1
+    assert cited >= 20, cited

@@ -225,7 +225,7 @@ def test_old_module_path_still_runs_as_a_program():
 
 def test_library_never_imports_the_training_application_or_bench():
     code = ("import sys, okadfa, okadfa.models, okadfa.dfa, okadfa.diagnostics, okadfa.nn, okadfa.integrations; "
-            "print(sorted(m for m in sys.modules if m.startswith(('okadfa.training', 'bench'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('okadfa.training', 'okadfa.bench'))))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
 

@@ -206,6 +206,17 @@ def test_wheel_builds_installs_and_runs(tmp_path):
               "--sample-tokens", "4", "--no-progress"], "okadfa train in the fresh virtualenv", timeout=600,
              env=env, cwd=run_dir)
         assert (run_dir / "run" / "checkpoint.safetensors").is_file()
+        compared = _run([str(venv_dir / "bin" / "okadfa"), "compare", "--variants", "favor+dfa,favor+bp", "--out", "cmp",
+              "--preset", "tiny", "--set", "n_layers=1", "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+              "--data", "data", "--eval-every", "2", "--eval-batches", "1", "--sample-tokens", "0"],
+             "okadfa compare in the fresh virtualenv", timeout=600, env=env, cwd=run_dir)
+        assert "| favor+dfa |" in (run_dir / "cmp" / "report.md").read_text()
+        assert "no plots: matplotlib is not installed" in compared.stdout       # none in the fresh virtualenv
+        # 6. and benchmarks (okadfa.bench ships in the wheel): the small DFA head section, no plots
+        _run([str(venv_dir / "bin" / "okadfa"), "bench", "--device", "cpu", "--quick", "--only", "dfa_head",
+              "--no-plots", "--out", "bench-out"], "okadfa bench in the fresh virtualenv", timeout=600, env=env,
+             cwd=run_dir)
+        assert (run_dir / "bench-out" / "cpu_dfa_head_quick.json").is_file()
     finally:
         if setup_venv.poll() is None:
             setup_venv.kill()

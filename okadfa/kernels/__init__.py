@@ -1,4 +1,4 @@
-"""okadfa.kernels: the Triton kernels (the "triton" backend, DESIGN.md §2), one module per op
+"""okadfa.kernels: the Triton kernels (the "triton" backend, docs/design.md §2), one module per op
 (<op>.py registers okadfa::triton_<op>...) on shared kernels (chunked_attention.py for both
 attention ops) and helpers (_utils.py).
 

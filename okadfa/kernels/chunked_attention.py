@@ -1,4 +1,4 @@
-"""The chunked attention kernels behind favor_attention and linear_attention (DESIGN.md §3), the
+"""The chunked attention kernels behind favor_attention and linear_attention (docs/design.md §3), the
 Triton counterpart of csrc/chunked_attention.h; the ops are registered in
 okadfa.kernels.favor_attention and okadfa.kernels.linear_attention.
 

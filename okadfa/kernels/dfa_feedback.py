@@ -1,4 +1,4 @@
-"""Triton kernels for dfa_feedback (DESIGN.md §4), registered as the custom op
+"""Triton kernels for dfa_feedback (docs/design.md §4), registered as the custom op
 okadfa::triton_dfa_feedback (fake tensors and dispatch: okadfa/ops/dfa_feedback.py).
 
 out[p, n, i] = Σ_j e[n, j]·B[p, i, j] for every point p in one launch; B is loaded (stored

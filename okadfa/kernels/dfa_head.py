@@ -1,4 +1,4 @@
-"""Triton kernels for dfa_head (DESIGN.md §4), registered as the custom op okadfa::triton_dfa_head
+"""Triton kernels for dfa_head (docs/design.md §4), registered as the custom op okadfa::triton_dfa_head
 (fake tensors and dispatch: okadfa/ops/dfa_head.py).
 
 Row chunk by row chunk (c = chunk_size rows, workspace Y of c×V float32):

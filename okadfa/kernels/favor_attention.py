@@ -1,4 +1,4 @@
-"""Triton kernels of favor_attention (DESIGN.md §3): the custom ops
+"""Triton kernels of favor_attention (docs/design.md §3): the custom ops
 okadfa::triton_favor_attention_fwd/_bwd on the chunked kernels of okadfa.kernels.chunked_attention
 with the fused FAVOR+ feature map (fake tensors, autograd, dispatch: okadfa/ops/favor_attention.py)."""
 from typing import Optional, Tuple

@@ -1,4 +1,4 @@
-"""Triton kernels of linear_attention (DESIGN.md §3): the custom ops
+"""Triton kernels of linear_attention (docs/design.md §3): the custom ops
 okadfa::triton_linear_attention_fwd/_bwd on the chunked kernels of okadfa.kernels.chunked_attention
 with caller-given features (fake tensors, autograd, dispatch: okadfa/ops/linear_attention.py)."""
 from typing import Optional, Tuple

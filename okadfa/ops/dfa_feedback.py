@@ -1,4 +1,4 @@
-"""dfa_feedback: every DFA signal g_p = e B_pᵀ in one call (DESIGN.md §4).
+"""dfa_feedback: every DFA signal g_p = e B_pᵀ in one call (docs/design.md §4).
 
 Native kernels: okadfa::dfa_feedback (csrc/dfa_feedback.cpp on the CPU, the CUDA
 kernel under the CUDA key) and okadfa::triton_dfa_feedback (okadfa.kernels). They

@@ -1,4 +1,4 @@
-"""dfa_head: the fused output head with DFA signals (DESIGN.md §4).
+"""dfa_head: the fused output head with DFA signals (docs/design.md §4).
 
 Native kernels: okadfa::dfa_head (csrc/dfa_head.cpp on the CPU, the CUDA kernel
 under the CUDA key) and okadfa::triton_dfa_head (okadfa.kernels), with the feedback

@@ -1,4 +1,4 @@
-"""favor_attention: FAVOR+ attention with the feature map fused (DESIGN.md §3).
+"""favor_attention: FAVOR+ attention with the feature map fused (docs/design.md §3).
 
 The native kernels are the registered ops okadfa::favor_attention_fwd/_bwd
 (csrc/favor_attention.cpp), the Triton kernels okadfa::triton_favor_attention_fwd/_bwd

@@ -1,4 +1,4 @@
-"""favor_sdpa: FAVOR+ behind the signature of scaled_dot_product_attention (DESIGN.md §3).
+"""favor_sdpa: FAVOR+ behind the signature of scaled_dot_product_attention (docs/design.md §3).
 
 A one-line swap for `torch.nn.functional.scaled_dot_product_attention` in code that
 already has q, k and v: same positional arguments, same shape rules (any number of

@@ -211,7 +211,7 @@ def key_log_features(k: Tensor, projection: Tensor, scale: float) -> Tensor:
 
 def favor_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool = False,
                     scale: float | None = None, chunk_size: int = DEFAULT_CHUNK, key_mask: Tensor | None = None) -> Tensor:
-    """FAVOR+ attention (DESIGN.md §3), reference implementation.
+    """FAVOR+ attention (docs/design.md §3), reference implementation.
 
     q, k: (B, H, T, Dk); v: (B, H, T, Dv); projection: (M, Dk) from
     `random_features`; key_mask: None or (B, H, S) bool, True = a real key (module docstring).

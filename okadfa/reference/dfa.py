@@ -1,4 +1,4 @@
-"""Direct Feedback Alignment signals and the DFA output head (DESIGN.md §4), reference path.
+"""Direct Feedback Alignment signals and the DFA output head (docs/design.md §4), reference path.
 
 DFA (Nøkland, "Direct Feedback Alignment Provides Learning in Deep Neural Networks",
 NeurIPS 2016; at transformer scale: Launay, Poli, Boniface and Krzakala, "Direct

@@ -1,4 +1,4 @@
-"""The `okadfa` console script: `okadfa [--debug] {train,compare} ...`.
+"""The `okadfa` console script: `okadfa [--debug] {train,compare,bench} ...`.
 
 Also the pieces every command shares: argparse types that refuse nonsense numbers naming the
 option (`positive_int`, `nonnegative_int`, `positive_float`, `nonnegative_float`, `fraction`),
@@ -14,13 +14,12 @@ import re
 import sys
 import traceback
 
-COMMANDS = {"train": "okadfa.training.train", "compare": "okadfa.training.compare"}
-
-USAGE = """usage: okadfa [--debug] {train,compare} [options]   (okadfa <command> --help for the options)
+USAGE = """usage: okadfa [--debug] {train,compare,bench} [options]   (okadfa <command> --help for the options)
        okadfa --version
 
   train     train an OKADFA language model on text
   compare   train one preset four ways (FAVOR+/softmax x DFA/backprop) and write a report
+  bench     microbenchmarks of this machine: FAVOR+ attention against SDPA, the DFA head (okadfa.bench.report)
 
   --debug   print the full traceback of any error (also: OKADFA_DEBUG=1). Without it a user
             error (a bad option value, a missing data source, an --out in use) is one line,
@@ -164,6 +163,15 @@ def _compare(argv):
     return 0
 
 
+def _bench(argv):
+    from ..bench.report import main as bench
+    bench(argv, prog="okadfa bench")
+    return 0
+
+
+COMMANDS = {"train": _train, "compare": _compare, "bench": _bench}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = False
@@ -184,7 +192,7 @@ def main(argv=None) -> int:
     command, rest = argv[0], argv[1:]
     if debug and "--debug" not in rest:
         rest = ["--debug"] + rest
-    return run_command(command, _train if command == "train" else _compare, rest)
+    return run_command(command, COMMANDS[command], rest)
 
 
 if __name__ == "__main__":

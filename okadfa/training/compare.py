@@ -38,6 +38,7 @@ import sys
 import warnings
 
 from .cli import DEBUG_HELP, ArgumentParser, one_line, run_command
+from .files import atomic_path, write_text
 from .precision import PRECISIONS
 from ..models import RULE_DEFAULTS
 
@@ -169,12 +170,14 @@ def report(out: str, variants) -> str:
             f"{name} line{'s' if len(numbers) > 1 else ''} {', '.join(map(str, numbers))}"
             for name, numbers in skipped.items()) + "."]
     md = "\n".join(lines) + "\n"
-    with open(os.path.join(out, "report.md"), "w") as f:
-        f.write(md)
-    with open(os.path.join(out, "report.json"), "w") as f:
-        json.dump({"rows": rows, "alignment": alignment, "baselines": baselines, "args": args,
-                   "norms": {v: m.get("norms", []) for v, m in runs.items()}, "skipped_lines": skipped}, f, indent=1)
-    _plots(out, runs, alignment, baselines, unit)
+    write_text(os.path.join(out, "report.md"), md)
+    write_text(os.path.join(out, "report.json"), json.dumps(
+        {"rows": rows, "alignment": alignment, "baselines": baselines, "args": args,
+         "norms": {v: m.get("norms", []) for v, m in runs.items()}, "skipped_lines": skipped}, indent=1))
+    plots = _plots(out, runs, alignment, baselines, unit)
+    missing = "; no plots: matplotlib is not installed (pip install matplotlib, then okadfa compare --report-only)"
+    print(f"wrote {', '.join(os.path.join(out, name) for name in ['report.md', 'report.json'] + (plots or []))}"
+          + (missing if plots is None else ""), flush=True)
     return md
 
 
@@ -182,15 +185,23 @@ def _unit(args) -> str:
     return "nats/byte" if args.get("tokenizer", "bytes") == "bytes" else "nats/token"
 
 
-def _plots(out, runs, alignment, baselines, unit):
+def _save(fig, out, name, written):
+    with atomic_path(os.path.join(out, name)) as tmp:
+        fig.savefig(tmp, dpi=110)
+    written.append(name)
+
+
+def _plots(out, runs, alignment, baselines, unit) -> list[str] | None:
+    """Draw val_loss.png, alignment.png (DFA runs) and norms.png into `out`; the names written, or None
+    without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from matplotlib.ticker import MaxNLocator
     except ImportError:
-        print("matplotlib is not installed: no plots (pip install matplotlib)")
-        return
+        return None
+    written = []
     fig, (by_step, by_time) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for v, m in runs.items():
         val = m.get("val", [])
@@ -207,7 +218,7 @@ def _plots(out, runs, alignment, baselines, unit):
     by_step.xaxis.set_major_locator(MaxNLocator(integer=True))
     by_step.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(os.path.join(out, "val_loss.png"), dpi=110)
+    _save(fig, out, "val_loss.png", written)
     plt.close(fig)
     if alignment:
         groups = (("writers", "residual writers (attn out, MLP out)"), ("norm_bias", "LayerNorm and bias parameters"),
@@ -227,7 +238,7 @@ def _plots(out, runs, alignment, baselines, unit):
             row[0].set_ylabel("cos(DFA update, backprop gradient)")
             row[0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "alignment.png"), dpi=110)
+        _save(fig, out, "alignment.png", written)
         plt.close(fig)
     norms = {v: m["norms"] for v, m in runs.items() if m.get("norms")}
     if norms:
@@ -241,14 +252,30 @@ def _plots(out, runs, alignment, baselines, unit):
         axes[0][0].set_ylabel("block output norm (mean per-token L2)")
         axes[0][0].legend(fontsize=8)
         fig.tight_layout()
-        fig.savefig(os.path.join(out, "norms.png"), dpi=110)
+        _save(fig, out, "norms.png", written)
         plt.close(fig)
+    return written
+
+
+SET_BY_COMPARE = ("--attention", "--training", "--out", "--resume", "--overwrite")
+
+
+def _forwarded_help() -> str:
+    """The help of the `okadfa train` options that compare passes on to every variant."""
+    from .train import build_parser
+    train = build_parser()
+    own = set(SET_BY_COMPARE) | {"-h", "--precision", "--debug", "--no-progress"}
+    formatter = argparse.HelpFormatter("okadfa compare")
+    formatter.start_section("okadfa train options, passed on to every variant (okadfa train --help says more)")
+    formatter.add_arguments([a for a in train._actions if not own & set(a.option_strings)])
+    formatter.end_section()
+    return formatter.format_help()
 
 
 def _check_train_args(train_args: list[str], parser) -> None:
     """Refuse, before any variant runs, what `okadfa train` would refuse (argparse's one-line errors)."""
     from .train import parse_args, parse_overrides
-    for flag in ("--attention", "--training", "--out", "--resume", "--overwrite"):
+    for flag in SET_BY_COMPARE:
         if any(a == flag or a.startswith(flag + "=") for a in train_args):
             parser.error(f"{flag} is set by compare itself")
     sets = [train_args[i + 1] for i, a in enumerate(train_args[:-1]) if a == "--set"]
@@ -264,7 +291,7 @@ def _check_train_args(train_args: list[str], parser) -> None:
 
 
 def main(argv=None) -> str:
-    p = ArgumentParser(prog="okadfa compare", description=__doc__,
+    p = ArgumentParser(prog="okadfa compare", description=__doc__, epilog=_forwarded_help(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     p.add_argument("--out", default="runs/compare", help="output directory (locked while compare uses it)")
@@ -312,8 +339,7 @@ def main(argv=None) -> str:
             md = report(args.out, variants)
         except ReportError as exc:
             raise SystemExit(f"okadfa compare: {exc}") from None
-    print("\n" + md + f"\nwrote {args.out}/report.md, report.json, val_loss.png, norms.png"
-          + (", alignment.png" if any("dfa" in v for v in variants) else ""))
+    print("\n" + md)
     return md
 
 

@@ -17,9 +17,8 @@ with no GPU and no download.
                                    [any other `okadfa train` option]
 
 The defaults take about 6 minutes on 2 CPU cores. `make demo` then runs the quick
-microbenchmark from the source checkout (`python -m bench.report --quick --out OUT`:
-FAVOR+ attention against SDPA and the peers, the fused DFA head against the unfused
-one, with plots); the installed package never imports bench/.
+microbenchmark (`okadfa bench --quick --out OUT`: FAVOR+ attention against SDPA and the
+peers, the fused DFA head against the unfused one, with plots).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`--precision fp32|bf16|fp16`: the dtype a run computes in (`okadfa train`, `okadfa compare`, `bench.model`).
+"""`--precision fp32|bf16|fp16`: the dtype a run computes in (`okadfa train`, `okadfa compare`, `okadfa.bench.model`).
 
 fp32 runs as before: no autocast. bf16 and fp16 run the forward pass and the loss under
 `torch.autocast(device type, dtype)` (CPU and CUDA); the parameters, their `.grad` and the

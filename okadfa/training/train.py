@@ -28,13 +28,16 @@ run (okadfa.training.precision).
 
 Writes to --out: metrics.jsonl (one JSON object per line: "config" (with
 "precision"), "baselines" (unigram and bigram levels of the evaluated tokens),
-"train" (fp16: with "loss_scale"), "val", "norms" (activation norms per feedback
+"train" ("loss": the step's own, "loss_smoothed": the mean of the last 20 steps; fp16:
+with "loss_scale"), "val", "norms" (activation norms per feedback
 point and block, at every evaluation), "align" (DFA/BP cosine per block: all
 parameters, residual writers, matrices, LayerNorm and biases), "summary" (with
 "precision"; fp16: "skipped_steps", the updates the loss scaler skipped because a
 gradient overflowed) records), checkpoint.safetensors (with the precision and the
 loss scaler's state; every --ckpt-every steps, at the end and on Ctrl-C / SIGTERM:
-the first signal stops after the current step), sample.txt (generated text).
+the first signal stops after the current step), sample.txt (generated text), and with
+--report-to tensorboard the same scalars as TensorBoard events in OUT/tensorboard (--report-to wandb:
+to Weights & Biases; okadfa.training.reporting).
 Validation reports loss, perplexity and bits per byte (exact for byte data; for BPE
 from the split's bytes per token).
 
@@ -57,6 +60,7 @@ import math
 import os
 import re
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -69,12 +73,14 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .cli import (DEBUG_HELP, ArgumentParser, device_name, fraction, nonnegative_float, nonnegative_int, one_line,
                   positive_float, positive_int, run_command, seed_int)
 from .data import get_batch, get_tokenizer, load_corpus, ngram_levels, val_batches
+from . import reporting
+from .files import write_text
 from .precision import PRECISIONS, autocast, check as check_precision, grad_scaler
 from ..backends import select_backend
 from ..diagnostics import activation_norms, mean_alignment
 from ..models import _PRESETS, OKADFAConfig, OKADFAModel
 
-__all__ = ["main", "train", "parse_args", "learning_rate", "build_config", "parse_overrides", "run_lock",
+__all__ = ["main", "train", "build_parser", "parse_args", "learning_rate", "build_config", "parse_overrides", "run_lock",
            "OPTIMIZER_DEFAULTS"]
 
 
@@ -91,15 +97,21 @@ OPTIMIZER_DEFAULTS = {
 TOKENIZER_VOCAB = {"bytes": 256, "gpt2": 50257}
 
 
+def _reporters(text) -> list[str]:
+    try:
+        return reporting.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _nonempty(value) -> str:
     if not str(value).strip():
         raise argparse.ArgumentTypeError("must not be empty")
     return str(value)
 
 
-def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
-    """The options of `okadfa train`. Every value is checked here (argparse types, then the --set
-    fields against OKADFAConfig), so nonsense fails at once, in one line naming the option."""
+def build_parser(prog: str = "okadfa train") -> ArgumentParser:
+    """The argument parser of `okadfa train` (parse_args adds the checks across options)."""
     p = ArgumentParser(prog=prog, description=__doc__,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=tuple(_PRESETS), default="tiny", help="model size (default tiny)")
@@ -155,8 +167,20 @@ def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
                    help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--sample-tokens", type=nonnegative_int, default=200,
                    help="tokens of text generated at the end (0: none)")
-    p.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="log lines (every --log-every steps) instead of a progress bar; the bar is tqdm's when tqdm "
+                        "is installed, and only drawn on a terminal or in a notebook")
+    p.add_argument("--report-to", type=_reporters, default=[], metavar="NAMES",
+                   help="also send the metrics to tensorboard (OUT/tensorboard) and/or wandb: a comma list, or none "
+                        "(default); the package must be installed")
     p.add_argument("--debug", action="store_true", help=DEBUG_HELP)
+    return p
+
+
+def parse_args(argv=None, prog: str = "okadfa train") -> argparse.Namespace:
+    """The options of `okadfa train`. Every value is checked here (argparse types, then the --set
+    fields against OKADFAConfig), so nonsense fails at once, in one line naming the option."""
+    p = build_parser(prog)
     args = p.parse_args(argv)
     defaults = dict(OPTIMIZER_DEFAULTS[args.training])
     if args.warmup is None:
@@ -389,26 +413,58 @@ class _StopSignal:
 
 
 class _Progress:
-    """One status line: a bar on a terminal, plain log lines otherwise."""
+    """What the run shows while it trains (rank 0): a progress bar, or plain log lines every `every` steps.
 
-    def __init__(self, total: int, every: int, enabled: bool, bar: bool):
+    The bar is tqdm's (tqdm.auto: a widget in a notebook) when tqdm is installed, else a one-line bar of our
+    own; it is drawn only when `bar` (stderr is a terminal, or a notebook runs us, and no --no-progress)."""
+
+    def __init__(self, total: int, initial: int, every: int, enabled: bool, bar: bool):
         self.total, self.every, self.enabled, self.bar = total, every, enabled, bar
+        self.tqdm = None
+        if enabled and bar:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass
+            else:
+                self.tqdm = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, file=sys.stderr,
+                                 desc="train")
 
-    def update(self, step: int, loss: float, tok_s: float, eta_s: float):
-        if not self.enabled or (not self.bar and step % self.every and step != self.total):
+    def update(self, step: int, loss: float, smoothed: float, window: int, tok_s: float, eta_s: float):
+        if not self.enabled:
             return
-        width = 24
-        filled = int(width * step / self.total)
-        bar = "█" * filled + "·" * (width - filled)
-        text = (f"step {step}/{self.total} |{bar}| loss {loss:.3f} · {tok_s / 1e3:.1f}k tok/s · "
-                f"ETA {_clock(eta_s)}")
-        print(("\r" + text) if self.bar else text, end="" if self.bar else "\n", file=sys.stderr, flush=True)
+        text = f"loss {loss:.3f} (mean of last {window} {smoothed:.3f}) · {tok_s / 1e3:.1f}k tok/s"
+        if self.tqdm is not None:
+            self.tqdm.set_postfix_str(text, refresh=False)
+            self.tqdm.update(step - self.tqdm.n)
+        elif self.bar:
+            width = 24
+            filled = int(width * step / self.total)
+            print(f"\rstep {step}/{self.total} |{'█' * filled}{'·' * (width - filled)}| {text} · ETA {_clock(eta_s)}",
+                  end="", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(f"step {step}/{self.total} {text} · ETA {_clock(eta_s)}", file=sys.stderr, flush=True)
 
     def message(self, text: str):
-        if self.enabled:
-            print(("\r\033[K" if self.bar else "") + text, file=sys.stderr if self.bar else sys.stdout, flush=True)
-            if self.bar:
-                print(file=sys.stderr, end="", flush=True)
+        """A line of its own (stdout), above the bar."""
+        if not self.enabled:
+            return
+        if self.tqdm is not None:
+            self.tqdm.write(text, file=sys.stdout)
+        else:
+            print(("\r\033[K" if self.bar else "") + text, flush=True)
+
+    def close(self):
+        if self.tqdm is not None:
+            self.tqdm.close()
+            self.tqdm = None
+        elif self.enabled and self.bar:
+            print(file=sys.stderr, flush=True)
+
+
+def _show_bar(args) -> bool:
+    """A progress bar: unless --no-progress, on a terminal or in a notebook (ipykernel)."""
+    return not args.no_progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
 
 
 def _clock(seconds: float) -> str:
@@ -448,6 +504,7 @@ def _optimizer(model, args):
 
 
 RUN_FILES = ("metrics.jsonl", "checkpoint.safetensors", "sample.txt")     # what a run writes into --out
+SMOOTHING = 20          # the train records' loss_smoothed and the summary's train_loss: mean of the last 20 steps
 
 
 def main(argv=None) -> dict:
@@ -469,6 +526,8 @@ def _lock_out(args, ddp) -> run_lock | None:
                                  f"with --resume, or replace it with --overwrite")
             for f in earlier if args.overwrite else ():
                 os.remove(os.path.join(args.out, f))
+            if args.overwrite:              # the replaced run's TensorBoard events would be drawn with the new ones
+                shutil.rmtree(os.path.join(args.out, "tensorboard"), ignore_errors=True)
         except OSError as exc:
             failure = SystemExit(f"okadfa train: --out {args.out}: {exc.strerror or exc}")
         except SystemExit as exc:
@@ -554,11 +613,14 @@ def _train(args, ddp, device):
             scaler.load_state_dict(state["extra"]["grad_scaler"])
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
     metrics = _open_metrics(os.path.join(args.out, "metrics.jsonl")) if ddp.main else None
+    reporters = reporting.Reporters(args.report_to if ddp.main else [], args.out, config=vars(args),
+                                    resume_step=step)
 
     def log(record):
         if metrics:
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
+            reporters.log(record)
 
     def checkpoint():
         if ddp.main:
@@ -578,8 +640,10 @@ def _train(args, ddp, device):
              **ngram_levels(corpus.train, corpus.val, args.seq_len, args.batch_size * args.eval_batches)})
     probes = [tuple(t.to(device) for t in b) for b in val_batches(corpus.val, max(1, args.batch_size // 2),
                                                                    args.seq_len, 4)]
-    progress = _Progress(args.steps, args.log_every, ddp.main, bar=sys.stderr.isatty() and not args.no_progress)
     tokens_per_step = args.batch_size * args.seq_len
+    if ddp.main:
+        print(_summary_line(args, config, model, corpus, device, ddp, step), flush=True)
+    progress = _Progress(args.steps, step, args.log_every, ddp.main, bar=_show_bar(args))
     recent, start_step, start_s, interrupted, last_val = [], step, train_s, False, None
     model.train()
     with _StopSignal() as stop:
@@ -606,11 +670,13 @@ def _train(args, ddp, device):
             train_s += time.perf_counter() - t0
             step += 1
             tokens += tokens_per_step
-            recent = (recent + [loss_value])[-20:]
+            recent = (recent + [loss_value])[-SMOOTHING:]
+            smoothed = sum(recent) / len(recent)
             rate = tokens_per_step * (step - start_step) / max(train_s - start_s, 1e-9)
-            progress.update(step, sum(recent) / len(recent), rate, (args.steps - step) * tokens_per_step / rate)
+            progress.update(step, loss_value, smoothed, len(recent), rate, (args.steps - step) * tokens_per_step / rate)
             if step % args.log_every == 0 or step == args.steps:
-                log({"kind": "train", "step": step, "loss": sum(recent) / len(recent), "lr": learning_rate(step - 1, args),
+                log({"kind": "train", "step": step, "loss": loss_value, "loss_smoothed": smoothed,
+                     "lr": learning_rate(step - 1, args),
                      "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s,
                      **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
             if ddp.main and (step % args.eval_every == 0 or step == args.steps):
@@ -632,6 +698,7 @@ def _train(args, ddp, device):
                 break
             if step - start_step == args.stop_after:
                 break
+    progress.close()
     checkpoint()
     peak, what = peak_memory_mb(device)
     summary = {"kind": "summary", "step": step, "interrupted": interrupted, "train_loss": sum(recent) / len(recent)
@@ -648,9 +715,29 @@ def _train(args, ddp, device):
         progress.message(f"done: step {step}, {summary['tokens_per_s'] or 0:.0f} tok/s, peak memory {peak:.0f} MB "
                          f"({what}); metrics in {os.path.join(args.out, 'metrics.jsonl')}")
         metrics.close()
+    reporters.close()
     del wrapped
     ddp.close()
     return model, summary
+
+
+def _count(n: float) -> str:
+    """1234567 -> "1.23M"."""
+    for bound, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if n >= bound:
+            return f"{n / bound:.3g}{suffix}"
+    return str(int(n))
+
+
+def _summary_line(args, config, model, corpus, device, ddp, step) -> str:
+    """What the run is, in one line, before it starts: model, data, schedule, device, output."""
+    resumed = f", resuming at step {step}" if step else ""
+    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
+    ranks = f", {ddp.world} ranks" if ddp.world > 1 else ""
+    return (f"okadfa train: {args.preset} {config.attention}+{config.training}, {_count(model.num_parameters())} "
+            f"parameters | data {corpus.name} ({args.tokenizer}): {_count(len(corpus.train))} train / "
+            f"{_count(len(corpus.val))} val tokens | {args.steps} steps of {args.batch_size}x{args.seq_len} tokens"
+            f"{resumed} | {device}, {args.precision}{threads}{ranks} | out {args.out}")
 
 
 def _sample(model, corpus, args, device) -> str:
@@ -659,8 +746,7 @@ def _sample(model, corpus, args, device) -> str:
     with autocast(args.precision, device):
         ids = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=g)
     text = corpus.tokenizer.decode(ids[0].tolist())
-    with open(os.path.join(args.out, "sample.txt"), "w") as f:
-        f.write(text)
+    write_text(os.path.join(args.out, "sample.txt"), text)
     split = len(corpus.tokenizer.decode(prompt[0].tolist()))
     print(f"--- sample (prompt | generated) ---\n{text[:split]}|{text[split:]}\n---", flush=True)
     return text

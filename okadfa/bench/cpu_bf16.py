@@ -1,11 +1,11 @@
 """bfloat16 on the CPU: okadfa's cpu attention kernel against itself in float32 and against SDPA,
 causal forward+backward, in one process with the variants interleaved (issue 16).
 
-    python -m bench.cpu_bf16 [--seq-lens 1024,4096] [--rounds 5] [--out bench/results]
+    python -m okadfa.bench.cpu_bf16 [--seq-lens 1024,4096] [--rounds 5] [--out bench/results]
 
 Variants: okadfa fp32; okadfa bf16 with its GEMMs forced (OKADFA_CPU_HALF_GEMM) to float32,
 oneDNN and AMX tiles (AMX only where the CPU has it); SDPA fp32 and bf16. B=1, H=8, D=64, M=256. Each round times every
-variant (bench.common.median_time); the table gives each variant's best round and the spread
+variant (the median of okadfa.bench.common.time_calls); the table gives each variant's best round and the spread
 (max/min over rounds). Writes cpu_bf16.{json,md} under --out.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import okadfa
-from bench.common import cpu_meta, median_time, write_results
+from .common import cpu_meta, time_calls, write_results
 
 
 def make_call(variant: str, T: int):
@@ -71,11 +71,11 @@ def main(argv=None):
         times = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name, call in calls.items():
-                times[name].append(median_time(call, min_runs=3, min_seconds=0.0))
+                times[name].append(time_calls(call, min_runs=3, min_seconds=0.0).median)
         rows += [dict(T=T, variant=name, best_ms=min(ts) * 1e3, spread=max(ts) / min(ts)) for name, ts in times.items()]
     os.environ.pop("OKADFA_CPU_HALF_GEMM", None)
     meta = cpu_meta(cpu_bfloat16=okadfa.backends()["cpu"]["bfloat16"], B=1, H=8, D=64, M=256, rounds=args.rounds)
-    md = [f"# bfloat16 on the CPU: causal forward+backward, B=1, H=8, D=64, M=256\n",
+    md = ["# bfloat16 on the CPU: causal forward+backward, B=1, H=8, D=64, M=256\n",
           f"{meta}\n", "| T | " + " | ".join(variants) + " |", "|---" * (len(variants) + 1) + "|"]
     for T in seq_lens:
         cells = [f"{r['best_ms']:.0f} ms (×{r['spread']:.2f})" for r in rows if r["T"] == T]

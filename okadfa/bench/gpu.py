@@ -1,6 +1,6 @@
 """GPU benchmarks: favor_attention against flash attention, and the fused DFA head.
 
-    python -m bench.gpu [--quick] [--max-t 32768] [--out bench/results]
+    python -m okadfa.bench.gpu [--quick] [--max-t 32768] [--out bench/results]
 
 1. Causal attention, bf16, B·H = 32 (B=4, H=8), M = 256 features, D = 64, T from
    1k to 32k: forward and forward+backward median time and peak memory of every
@@ -12,10 +12,11 @@
    the unfused PyTorch path (full N×V logits, cross-entropy, autograd for the
    error, matmul with stored feedback).
 
-Timing follows the device method: warm-up, CUDA-event medians
+Timing follows the device method: warm-up, CUDA-event times of single calls
 (triton.testing.do_bench), several input sets rotated so small sizes do not run
-from cache. Peak memory is torch.cuda.max_memory_allocated above what was held
-before the call. `--device cpu` runs the same harness on the CPU (for tests).
+from cache; every row records median_ms, iqr_ms, runs and noisy
+(okadfa.bench.common.Timing), the tables "median ±IQR/2", † where noisy. Peak
+memory is torch.cuda.max_memory_allocated above what was held before the call. `--device cpu` runs the same harness on the CPU (for tests).
 """
 from __future__ import annotations
 
@@ -30,18 +31,20 @@ import torch
 import torch.nn.functional as F
 
 import okadfa
-from bench.common import median_time, peak_memory
+from .common import Timing, ms_cell, noisy_footnote, peak_memory, time_calls
 
 BATCH, HEADS, FEATURES, HEAD_DIM = 4, 8, 256, 64
 HEAD = dict(d=768, V=50257, points=12, N=8192)
 INPUT_SETS = 3
 
 
-def _time_ms(fn, device):
+def _timing(fn, device) -> dict:
+    """Timing.row() of fn: CUDA-event times of single calls on a GPU, wall times on the CPU."""
     if device.type == "cuda":
         import triton.testing
-        return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
-    return 1e3 * median_time(fn, min_runs=3, min_seconds=0.2)
+        ms = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="all")
+        return Timing.of([t / 1e3 for t in ms]).row()
+    return time_calls(fn, min_runs=3, min_seconds=0.2).row()
 
 
 def _peak_mb(fn, device):
@@ -110,8 +113,7 @@ def attention_rows(Ts, device, dtype, backends):
             return run
         try:
             step = _rotating(make)
-            row = dict(backend=name, T=T, passes=passes, median_ms=_time_ms(step, device),
-                       peak_mb=_peak_mb(step, device))
+            row = dict(backend=name, T=T, passes=passes, **_timing(step, device), peak_mb=_peak_mb(step, device))
         except torch.OutOfMemoryError:
             row = dict(backend=name, T=T, passes=passes, median_ms=None, peak_mb=None, error="out of memory")
         rows.append(row)
@@ -157,8 +159,7 @@ def head_rows(device, dtype, d, V, points, N):
     rows = []
     for name, make in (("dfa_head fused (seeded)", fused), ("unfused PyTorch (stored)", unfused)):
         step = _rotating(make)
-        row = dict(backend=name, d=d, V=V, points=points, N=N, median_ms=_time_ms(step, device),
-                   peak_mb=_peak_mb(step, device))
+        row = dict(backend=name, d=d, V=V, points=points, N=N, **_timing(step, device), peak_mb=_peak_mb(step, device))
         rows.append(row)
         print(f"  {name:>26} {_fmt(row)}", flush=True)
     return rows
@@ -167,7 +168,7 @@ def head_rows(device, dtype, d, V, points, N):
 def _fmt(row):
     if row.get("median_ms") is None:
         return row.get("error", "n/a")
-    return f"{row['median_ms']:9.2f} ms {row['peak_mb']:9.1f} MB"
+    return f"{ms_cell(row, 2):>16} ms {row['peak_mb']:9.1f} MB"
 
 
 def markdown(attention, head, backends):
@@ -179,14 +180,15 @@ def markdown(attention, head, backends):
 
     out = []
     for passes in ("fwd", "fwd+bwd"):
-        out.append(f"\n**Causal attention, {passes}: median ms (peak MB); speed-up vs {base}**\n")
+        out.append(f"\n**Causal attention, {passes}: median ms ±IQR/2 (peak MB); speed-up vs {base} "
+                   "(of the medians)**\n")
         out.append("| T | " + " | ".join(names) + " | " + " | ".join(f"{b} vs {base}" for b in backends) + " |")
         out.append("|---" * (1 + len(names) + len(backends)) + "|")
         for T in sorted({r["T"] for r in attention}):
             cells = []
             for n in names:
                 r = cell(n, T, passes)
-                cells.append(r.get("error", "") if r["median_ms"] is None else f"{r['median_ms']:.2f} ({r['peak_mb']:.0f})")
+                cells.append(r.get("error", "") if r["median_ms"] is None else f"{ms_cell(r, 2)} ({r['peak_mb']:.0f})")
             ratios = []
             for b in backends:
                 rb, rs = cell(b, T, passes), cell(base, T, passes)
@@ -196,14 +198,14 @@ def markdown(attention, head, backends):
     if head:
         r0 = head[0]
         out.append(f"\n**dfa_head, d={r0['d']}, V={r0['V']}, {r0['points']} points, N={r0['N']}, error=hidden**\n")
-        out.append("| path | median ms | peak MB |")
+        out.append("| path | median ms ±IQR/2 | peak MB |")
         out.append("|---|---|---|")
         for r in head:
-            out.append(f"| {r['backend']} | {r['median_ms']:.2f} | {r['peak_mb']:.0f} |")
+            out.append(f"| {r['backend']} | {ms_cell(r, 2)} | {r['peak_mb']:.0f} |")
         fused, unfused = head
         out.append(f"\nfused/unfused: time {fused['median_ms'] / unfused['median_ms']:.2f}×, "
                    f"peak memory {fused['peak_mb'] / unfused['peak_mb']:.3f}×")
-    return "\n".join(out)
+    return "\n".join(out + noisy_footnote(attention + head))
 
 
 def main(argv=None):

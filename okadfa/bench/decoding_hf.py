@@ -1,6 +1,6 @@
 """Hugging Face decoding through the okadfa_favor backend: FavorCache against HF's own cache.
 
-    python -m bench.decoding_hf [--contexts 256,1024,4096] [--tokens 16] [--out bench/results]
+    python -m okadfa.bench.decoding_hf [--contexts 256,1024,4096] [--tokens 16] [--out bench/results]
 
 A randomly initialised Llama (hidden 256, 4 layers, 8 query and 4 key/value heads, vocabulary
 1000), eval mode, no grad, batch 1. For each context length T and cache:
@@ -22,7 +22,7 @@ import time
 import torch
 
 import okadfa  # noqa: F401  (registers attn_implementation "okadfa_favor")
-from bench.common import cpu_meta, write_results
+from .common import cpu_meta, write_results
 
 VARIANTS = (("okadfa_favor", "FavorCache"), ("okadfa_favor", "DynamicCache"), ("sdpa", "DynamicCache"))
 

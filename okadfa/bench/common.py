@@ -1,19 +1,23 @@
 """What the favor_attention benchmarks run, shared by the pytest-benchmark file and
-bench/report.py: one callable per (backend, pass) on CPU tensors, a median timer,
-peak-memory measurement, and the FLOP count of the chunked algorithm."""
+okadfa/bench/report.py: one callable per (backend, pass) on CPU tensors, a timer reporting
+median and spread, peak-memory measurement, and the FLOP count of the chunked algorithm."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
 import okadfa
+from okadfa.training.files import write_text
 
 B, H, M, D = 1, 8, 256, 64
 
@@ -108,18 +112,121 @@ def make_step(name, T, passes, m=M, dtype=torch.float32):
     return run
 
 
-def median_time(fn, *, min_runs=5, min_seconds=1.0, warmup=1):
-    """Median wall time in seconds over at least min_runs calls and min_seconds."""
-    for _ in range(warmup):
-        fn()
-    times, start = [], time.perf_counter()
-    while len(times) < min_runs or time.perf_counter() - start < min_seconds:
+# A timing whose interquartile range exceeds this fraction of its median is flagged noisy.
+NOISY_IQR = 0.10
+NOISY_MARK = "†"
+NOISY_NOTE = (f"{NOISY_MARK} noisy: IQR above {NOISY_IQR:.0%} of the median; rerun on a quieter machine "
+              "before comparing.")
+# fp32 matmul throughput measured before and after a section differing by more than this
+# fraction (of the lower one) means the machine's load changed during the section.
+LOADED_MATMUL = 0.20
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """Seconds per call over `runs` timed calls: the median and the interquartile range
+    iqr = Q3 − Q1 (quartiles interpolated linearly between order statistics, as numpy's and
+    torch.quantile's defaults). runs is None where the timer does not say (triton's do_bench)."""
+    median: float
+    iqr: float
+    runs: int | None
+
+    @classmethod
+    def of(cls, times):
+        if len(times) < 2:
+            raise ValueError("a spread needs at least 2 timed calls")
+        q1, q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
+        return cls(q2, q3 - q1, len(times))
+
+    @property
+    def noisy(self) -> bool:
+        return self.iqr > NOISY_IQR * self.median
+
+    def row(self) -> dict:
+        """The fields every timed row of a results JSON carries, in milliseconds."""
+        return dict(median_ms=1e3 * self.median, iqr_ms=1e3 * self.iqr, runs=self.runs, noisy=self.noisy)
+
+
+def _timed_calls(fn, times, *, min_runs, min_seconds, max_runs):
+    """Append the wall time of each call of fn() to times: at least min_runs calls and
+    min_seconds, at most max_runs calls."""
+    start, first = time.perf_counter(), len(times)
+    while len(times) - first < min_runs or time.perf_counter() - start < min_seconds:
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-        if len(times) >= 50:
+        if len(times) - first >= max_runs:
             break
-    return statistics.median(times)
+
+
+def time_calls(fn, *, min_runs=5, min_seconds=1.0, warmup=1, max_runs=50) -> Timing:
+    """Median and IQR of fn()'s wall time over at least min_runs calls and min_seconds (at
+    most max_runs calls), after `warmup` untimed calls. An own loop rather than
+    torch.utils.benchmark.Timer: that one times blocks of calls (block means hide the spread
+    of single calls) on one thread unless told otherwise, and cannot interleave rows."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    _timed_calls(fn, times, min_runs=max(min_runs, 2), min_seconds=min_seconds, max_runs=max_runs)
+    return Timing.of(times)
+
+
+def time_in_turns(fns: dict, *, rounds, min_runs=5, min_seconds=1.0, warmup=1, max_runs=50) -> dict:
+    """{name: Timing} of each fn in fns, timed in turns: every round times each fn for its
+    share of the budget (min_runs/rounds calls, rounded up, and min_seconds/rounds) before
+    the next fn runs, so that load on a shared machine coming and going hits all of them
+    alike and their ratios hold where their absolute times do not. `warmup` untimed calls
+    of each first."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    share = dict(min_runs=-(-min_runs // rounds), min_seconds=min_seconds / rounds,
+                 max_runs=max(1, max_runs // rounds))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _timed_calls(fn, times[name], **share)
+    return {name: Timing.of(t) for name, t in times.items()}
+
+
+def ms_cell(row, digits=1) -> str:
+    """A row's time for a markdown table: "median ±IQR/2" in ms, with NOISY_MARK when noisy;
+    the median alone for rows without an IQR."""
+    cell = f"{row['median_ms']:.{digits}f}"
+    if row.get("iqr_ms") is not None:
+        cell += f" ±{row['iqr_ms'] / 2:.{digits}f}"
+    return cell + (NOISY_MARK if row.get("noisy") else "")
+
+
+def noisy_footnote(rows) -> list:
+    """[NOISY_NOTE] when any row is noisy, else []: the line under a table that uses ms_cell."""
+    return ["", NOISY_NOTE] if any(r.get("noisy") for r in rows) else []
+
+
+def load_warning(before, after) -> str | None:
+    """A warning when the fp32 matmul GFLOP/s before and after a section differ by more than
+    LOADED_MATMUL of the lower one: something else ran on the machine meanwhile."""
+    if max(before, after) <= (1 + LOADED_MATMUL) * min(before, after):
+        return None
+    return (f"loaded machine: fp32 matmul {before:.0f} GFLOP/s before, {after:.0f} after "
+            f"(more than {LOADED_MATMUL:.0%} apart); timings of this section are suspect")
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Send file descriptor 2 to /dev/null inside the block. The profiler's kineto library
+    writes its start/stop log lines (USDT: ... profiler_start) from C++ straight to fd 2,
+    where contextlib.redirect_stderr cannot catch them. Python exceptions still propagate;
+    warnings fn() raises show on its first, unprofiled call."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def peak_memory(fn):
@@ -128,7 +235,7 @@ def peak_memory(fn):
     workspaces from that allocator too, so nothing of theirs is missed."""
     fn()  # warm caches and lazy initialisation outside the measurement
     from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
@@ -178,9 +285,12 @@ def chunked_flops(T, *, m=M, dk=D, dv=D, chunk=64, causal=True, backward=False, 
 
 
 # ------------------------------------------------------------------------------------------- dfa_head
-# The DFA output head at gpt2-small scale (DESIGN.md §4): error="hidden", 12 feedback points.
+# The DFA output head at gpt2-small scale (docs/design.md §4): error="hidden", 12 feedback points.
 DFA_HEAD_SHAPE = dict(N=2048, d=768, V=50257, P=12)
 DFA_HEAD_ROWS = ("cpu", "cpu-stored", "unfused")
+# What each row is, for tables and plots (the JSON keeps the backend names above).
+DFA_HEAD_LABELS = {"cpu": "fused, seeded feedback", "cpu-stored": "fused, stored feedback",
+                   "unfused": "unfused PyTorch"}
 
 
 def make_dfa_head_step(name, N=2048, d=768, V=50257, P=12, seed=0, dtype=torch.float32):
@@ -247,23 +357,11 @@ def cpu_meta(**extra) -> dict:
                 okadfa=okadfa.__version__, **extra)
 
 
-def _write_atomically(path: str, text: str) -> None:
-    """Write text to path through a temporary file renamed over it: a reader never sees half."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_results(out_dir: str, stem: str, meta: dict, rows: list, md: str) -> str:
     """Write <out_dir>/<stem>.json ({meta, rows}) and <stem>.md (md); return the path stem."""
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, stem)
-    _write_atomically(path + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
-    _write_atomically(path + ".md", md)
+    write_text(path + ".json", json.dumps(dict(meta=meta, rows=rows), indent=1))
+    write_text(path + ".md", md)
     print(f"wrote {path}.json and {path}.md")
     return path

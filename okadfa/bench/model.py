@@ -3,7 +3,7 @@ backprop, at long sequence lengths. This is what the prototype's headline claims
 ("8–10× faster for T > 1024", "~500 MB vs ~5 GB training memory at gpt2-small
 scale") are about, so they are measured here rather than taken on trust.
 
-    python -m bench.model [--preset gpt2-small] [--seq-lens 1024,2048] [--batch 1] [--precision fp32,bf16]
+    python -m okadfa.bench.model [--preset gpt2-small] [--seq-lens 1024,2048] [--batch 1] [--precision fp32,bf16]
                           [--out bench/results]
 
 For each precision, T and attention (favor, softmax), on `--preset` with max_seq_len = T:
@@ -13,9 +13,9 @@ For each precision, T and attention (favor, softmax), on `--preset` with max_seq
 --precision (a comma list of fp32, bf16, fp16; default fp32) runs the forward (and the
 loss) under torch.autocast in that dtype, as `okadfa train --precision` does; the
 parameters stay float32 and no loss scale is applied (the time of a multiply).
-median time (bench.common.median_time, at least 3 runs) and the peak bytes torch's
+median time and IQR (okadfa.bench.common.time_calls, at least 3 runs) and the peak bytes torch's
 CPU allocator held during one call beyond what existed before it
-(bench.common.peak_memory): activations, workspaces, logits, gradient
+(okadfa.bench.common.peak_memory): activations, workspaces, logits, gradient
 temporaries. The gradients themselves already exist when a step starts: freeing
 them inside the measured call (zero_grad(set_to_none=True)) made the profiler's
 count vary by ±15% between identical calls, since it cannot see frees of blocks
@@ -31,7 +31,7 @@ import argparse
 
 import torch
 
-from bench.common import cpu_meta, median_time, peak_memory, write_results
+from .common import cpu_meta, peak_memory, time_calls, write_results
 from okadfa.models import OKADFAConfig, OKADFAModel
 from okadfa.training.precision import PRECISIONS, autocast, check
 
@@ -85,10 +85,10 @@ def run(preset: str, seq_lens, batch: int, precisions=("fp32",)):
             for attention in ("favor", "softmax"):
                 for mode in MODES:
                     model, call = make_call(preset, attention, mode, T, batch, precision=precision)
-                    seconds = median_time(call, min_runs=3, min_seconds=0.0)
-                    peak = peak_memory(call)
+                    timing = time_calls(call, min_runs=3, min_seconds=0.0)
+                    seconds, peak = timing.median, peak_memory(call)
                     rows.append(dict(precision=precision, T=T, attention=attention, mode=mode, median_s=seconds,
-                                     peak_mb=peak / 2**20))
+                                     iqr_s=timing.iqr, runs=timing.runs, noisy=timing.noisy, peak_mb=peak / 2**20))
                     print(f"  {precision} T={T:5d} {attention:7s} {mode:9s} {seconds:8.3f} s  {peak / 2**20:8.0f} MB",
                           flush=True)
                     del model, call
@@ -166,7 +166,7 @@ def main(argv=None):
               f"`{args.preset}`: {n_params['bp'] / 1e6:.1f}M parameters for forward and train bp "
               f"({meta['parameter_mb']['bp']:.0f} MB in float32), {n_params['dfa'] / 1e6:.1f}M for train dfa, whose "
               f"default model has its own unembedding ({meta['parameter_mb']['dfa']:.0f} MB); gradients as much, "
-              f"AdamW state twice that, and the optimizer step is not in the times (bench.profile_step has it). "
+              f"AdamW state twice that, and the optimizer step is not in the times (okadfa.bench.profile_step has it). "
               f"Batch {args.batch}, {precisions}. Peak MB = torch's CPU "
               f"allocator beyond the model and its gradients (activations, workspaces, logits, temporaries).")
     md = header + "\n\n" + table(rows) + "\n"

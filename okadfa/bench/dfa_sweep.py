@@ -1,4 +1,4 @@
-"""`python -m bench.dfa_sweep`: the measurements behind okadfa's DFA defaults.
+"""`python -m okadfa.bench.dfa_sweep`: the measurements behind okadfa's DFA defaults.
 
 Each variant trains the `tiny` preset (byte-level, 4 blocks of width 128, FAVOR+) on the
 `stdlib` corpus with `okadfa train`: the same steps, batches (16×128), data order and
@@ -10,9 +10,9 @@ of learning rate × warm-up for each rule, from which the defaults were chosen).
 settings okadfa used before the sweep (per-point normal feedback, tied head, AdamW
 lr 1e-3, β2 0.95, weight decay 0.1, clip 1.0, block points).
 
-    python -m bench.dfa_sweep --stage one --steps 400 --seeds 3 [--jobs 2] [--only NAME ...]
-    python -m bench.dfa_sweep --stage combine --steps 400 --seeds 3
-    python -m bench.dfa_sweep --stage bundle --steps 1000 --seeds 3
+    python -m okadfa.bench.dfa_sweep --stage one --steps 400 --seeds 3 [--jobs 2] [--only NAME ...]
+    python -m okadfa.bench.dfa_sweep --stage combine --steps 400 --seeds 3
+    python -m okadfa.bench.dfa_sweep --stage bundle --steps 1000 --seeds 3
 
 Runs go to --work/<stage>/<variant>/seed<k>/ (an existing finished run is reused, so an
 interrupted sweep continues); results are merged into bench/results/dfa_sweep_<stage>.json
@@ -155,7 +155,7 @@ def _run(cmd: list[str], out: str, steps: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m bench.dfa_sweep", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m okadfa.bench.dfa_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stage", choices=("one", "combine", "bundle"), default="one")
     p.add_argument("--steps", type=int, default=400)
@@ -214,7 +214,7 @@ def _markdown(record: dict, rows: list) -> str:
              f"run; validation loss in nats/byte on {b['tokens']} held-out bytes, mean ± standard deviation over "
              f"seeds (each seed: its own initialisation and data order, the same for every variant). "
              f"Reference levels on the same bytes (estimated on the training split): unigram {b['unigram']:.3f}, "
-             f"bigram {b['bigram']:.3f}. Reproduce: `python -m bench.dfa_sweep --stage {record['stage']} "
+             f"bigram {b['bigram']:.3f}. Reproduce: `python -m okadfa.bench.dfa_sweep --stage {record['stage']} "
              f"--steps {record['steps']}`.", "",
              "| variant | what changes | val loss | min – max | seeds | Δ vs first row |", "|---|---|---|---|---|---|"]
     first = None

@@ -1,11 +1,11 @@
 """Where a whole-model training step goes (issue 16, item 4): torch.profiler over one step of
 `--preset`, each event's self time attributed to a part of the model.
 
-    python -m bench.profile_step [--preset gpt2-small] [--seq-len 1024] [--precision fp32,bf16]
+    python -m okadfa.bench.profile_step [--preset gpt2-small] [--seq-len 1024] [--precision fp32,bf16]
                                  [--out bench/results]
 
 Per precision, for favor+DFA (okadfa's way) and softmax+backprop (the usual one): a fresh model
-(bench.model.make_call), two warm-up steps, then one profiled step: forward under autocast,
+(okadfa.bench.model.make_call), two warm-up steps, then one profiled step: forward under autocast,
 backward, AdamW step, zero_grad. Each profiler event's self CPU time goes to the first of these
 parts that it, or an event it runs inside, is named for (names, case-insensitive):
 
@@ -29,8 +29,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench.common import cpu_meta, write_results
-from bench.model import make_call, precision_list
+from .common import cpu_meta, quiet_stderr, write_results
+from .model import make_call, precision_list
 
 # part -> name fragments (lower case); the first part in this order whose fragment names an
 # event or one of its ancestors takes the event's self time.
@@ -71,7 +71,7 @@ def profile_step(preset: str, attention: str, mode: str, T: int, precision: str)
 
     for _ in range(2):
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     parts, ops = defaultdict(float), defaultdict(float)
     for event in prof.events():

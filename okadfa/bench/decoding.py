@@ -1,6 +1,6 @@
 """Token-by-token decoding: FAVOR+ with `FavorState` against softmax with a KV cache.
 
-    python -m bench.decoding [--preset gpt2-small] [--contexts 512,2048,8192] [--tokens 16] [--out bench/results]
+    python -m okadfa.bench.decoding [--preset gpt2-small] [--contexts 512,2048,8192] [--tokens 16] [--out bench/results]
 
 For each context length T and attention (favor, softmax), on `--preset` with
 max_seq_len = T + tokens, in eval mode without grad, batch 1:
@@ -22,7 +22,7 @@ import time
 import torch
 
 import okadfa
-from bench.common import cpu_meta, write_results
+from .common import cpu_meta, write_results
 from okadfa.models import OKADFACache, OKADFAConfig, OKADFAModel
 
 
@@ -86,7 +86,7 @@ def main(argv=None):
                   f"cache {row['cache_mb']:8.1f} MB", flush=True)
     header = (f"Device: CPU ({meta['processor']}), {meta['threads']} threads; torch {meta['torch']}; {meta['date']}. "
               f"`{args.preset}`, batch 1, float32, eval mode; median of {args.tokens} decoding steps after the "
-              f"prefill (`python -m bench.decoding`).")
+              f"prefill (`python -m okadfa.bench.decoding`).")
     md = header + "\n\n" + table(rows) + "\n"
     print("\n" + md)
     write_results(args.out, f"decoding_{args.preset}", meta, rows, md)

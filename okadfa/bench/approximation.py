@@ -1,6 +1,6 @@
 """How far `okadfa.favor_sdpa` is from softmax attention, by number of features and input size.
 
-    python -m bench.approximation [--out bench/results]
+    python -m okadfa.bench.approximation [--out bench/results]
 
 q, k, v ~ N(0, σ²), N(0, σ²), N(0, 1) of shape (2, 4, 512, 64); the error is
 ‖favor_sdpa − SDPA‖ / ‖SDPA‖ over the whole output, averaged over 5 projection seeds,
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import okadfa
-from bench.common import cpu_meta, write_results
+from .common import cpu_meta, write_results
 
 SIGMAS = (0.25, 0.5, 0.75)
 FEATURES = (64, 256, 1024, 4096)
@@ -45,7 +45,7 @@ def main(argv=None):
     head = "| σ of q, k entries (std of scale·q·k) | causal | " + " | ".join(f"M={m}" for m in FEATURES) + " |"
     meta = cpu_meta(shape=[2, 4, 512, 64], seeds=SEEDS)
     lines = [f"torch {meta['torch']}, float32, {meta['date'][:10]}; relative error of `favor_sdpa` against SDPA, "
-             f"mean of {SEEDS} seeds (`python -m bench.approximation`).", "",
+             f"mean of {SEEDS} seeds (`python -m okadfa.bench.approximation`).", "",
              head, "|---|---|" + "---|" * len(FEATURES)]
     for r in rows:
         lines.append(f"| {r['sigma']} ({r['sigma'] ** 2:.3g}) | {'yes' if r['causal'] else 'no'} | "
