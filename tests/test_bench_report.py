@@ -60,7 +60,7 @@ def test_report_dtype_axis(tmp_path, monkeypatch):
         assert data["meta"]["dtype"] == dtype and {r["dtype"] for r in data["rows"]} == {dtype}, stem
         assert "cpu_flags" in data["meta"]
         assert f"bfloat16: {okadfa.backends()['cpu'].get('bfloat16')}" in (tmp_path / f"{stem}.md").read_text()
-    with pytest.raises(SystemExit, match="--dtype takes float32 and/or bfloat16"):
+    with pytest.raises(SystemExit, match="--dtype: takes a comma list of float32, bfloat16, got 'fp8'"):
         report.main(["--device", "cpu", "--quick", "--dtype", "fp8", "--out", str(tmp_path)])
 
 
@@ -473,3 +473,28 @@ def test_hf_decoding_bench_runs_and_the_favor_cache_does_not_grow(tmp_path):
     mb = {(r["T"], r["attention"], r["cache"]): r["cache_mb"] for r in rows}
     assert mb[8, "okadfa_favor", "FavorCache"] == mb[32, "okadfa_favor", "FavorCache"]
     assert mb[32, "sdpa", "DynamicCache"] == 4 * mb[8, "sdpa", "DynamicCache"]
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("approximation", ["--bogus"]),
+    ("cpu_bf16", ["--rounds", "0"]),
+    ("decoding", ["--preset", "huge"]),
+    ("decoding_hf", ["--contexts", "256,x"]),
+    ("dfa_sweep", ["--jobs", "0"]),
+    ("gpu", ["--max-t", "-1"]),
+    ("model", ["--seq-lens", "0"]),
+    ("profile_step", ["--seq-len", "0"]),
+    ("report", ["--max-t", "0"]),
+    ("report", ["--dtype", "float32,float16"]),
+])
+def test_bench_scripts_refuse_bad_arguments_in_one_line(module, argv, capsys):
+    """Every `python -m okadfa.bench.<module>` refuses a bad option before measuring anything:
+    exit status 2 and one line naming the command and the option, no traceback."""
+    import importlib
+
+    main = importlib.import_module(f"okadfa.bench.{module}").main
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"python -m okadfa.bench.{module}: error: ")

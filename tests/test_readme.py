@@ -5,7 +5,8 @@ first line is an import starts a fresh namespace; any other block continues the 
 as a reader continues a session (e.g. the key_mask example reuses the API tour's q, k, v, w).
 Shell blocks are checked, not run (they build, train for minutes or install): every `make`
 target exists in the Makefile, every `okadfa train` / `okadfa compare` / `okadfa bench` line parses with the
-command's own parser, and every `python -m <module>` names a module that exists.
+command's own parser, and every `python -m okadfa.bench.<script>` line parses with the script's parser, and every other
+`python -m <module>` names a module that exists.
 """
 import contextlib
 import importlib.util
@@ -53,7 +54,34 @@ def _commands(code):
             yield words
 
 
-def test_shell_blocks_name_real_targets_options_and_modules():
+class _Parsed(Exception):
+    """Raised in place of running a benchmark once its options have parsed."""
+
+
+def _parse_bench_script(monkeypatch, module, argv, where):
+    """`python -m okadfa.bench.<module> argv` parses with the script's own parser (made by
+    okadfa.bench.common.script_parser), stopping before anything is measured."""
+    from okadfa.bench import common
+    mod = importlib.import_module(module)
+
+    def parsing_only(*args, **kwargs):
+        parser = common.script_parser(*args, **kwargs)
+        parse = parser.parse_args
+
+        def parse_then_stop(argv=None, namespace=None):
+            parse(argv, namespace)
+            raise _Parsed
+        parser.parse_args = parse_then_stop
+        return parser
+    monkeypatch.setattr(mod, "script_parser", parsing_only)
+    with pytest.raises(_Parsed):
+        try:
+            mod.main(argv)
+        except SystemExit as exc:
+            raise AssertionError(f"{where}: the options do not parse ({exc})") from exc
+
+
+def test_shell_blocks_name_real_targets_options_and_modules(monkeypatch):
     from okadfa.bench import report
     from okadfa.training import cli, train
     targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
@@ -81,7 +109,9 @@ def test_shell_blocks_name_real_targets_options_and_modules():
                 report.parse_args(rest[1:])
             elif "-m" in words:
                 module = words[words.index("-m") + 1]
-                if module not in ("venv", "pip", "build"):
+                if module.startswith("okadfa.bench."):
+                    _parse_bench_script(monkeypatch, module, words[words.index("-m") + 2:], where)
+                elif module not in ("venv", "pip", "build"):
                     assert importlib.util.find_spec(module) is not None, where
             else:
                 continue

@@ -11,13 +11,11 @@ approximation.{json,md} under --out.
 """
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
 
 import okadfa
-from .common import cpu_meta, write_results
+from .common import cpu_meta, script_parser, write_results
 
 SIGMAS = (0.25, 0.5, 0.75)
 FEATURES = (64, 256, 1024, 4096)
@@ -38,9 +36,7 @@ def errors(sigma: float, causal: bool) -> dict[int, float]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="bench/results")
-    args = p.parse_args(argv)
+    args = script_parser("approximation", __doc__).parse_args(argv)
     rows = [dict(sigma=s, causal=c, errors=errors(s, c)) for s in SIGMAS for c in (False, True)]
     head = "| σ of q, k entries (std of scale·q·k) | causal | " + " | ".join(f"M={m}" for m in FEATURES) + " |"
     meta = cpu_meta(shape=[2, 4, 512, 64], seeds=SEEDS)

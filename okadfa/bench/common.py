@@ -3,6 +3,7 @@ okadfa/bench/report.py: one callable per (backend, pass) on CPU tensors, a timer
 median and spread, peak-memory measurement, and the FLOP count of the chunked algorithm."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import datetime
@@ -17,9 +18,12 @@ import time
 import torch
 
 import okadfa
+from okadfa.models import _PRESETS
+from okadfa.training.cli import ArgumentParser, positive_int
 from okadfa.training.files import write_text
 
 B, H, M, D = 1, 8, 256, 64
+PRESETS = tuple(_PRESETS)      # the model sizes a --preset may name
 
 
 def inputs(T, *, m=M, dtype=torch.float32, seed=0):
@@ -355,6 +359,22 @@ def cpu_meta(**extra) -> dict:
     return dict(date=datetime.datetime.now().isoformat(timespec="seconds"), device="cpu", processor=caps["model"],
                 cpu_flags=caps["flags"], threads=torch.get_num_threads(), torch=torch.__version__,
                 okadfa=okadfa.__version__, **extra)
+
+
+def script_parser(module: str, doc: str, *, out: bool = True, prog: str | None = None) -> argparse.ArgumentParser:
+    """The command line of `python -m okadfa.bench.<module>` (or `prog`): okadfa's ArgumentParser
+    (a user error is one line, not a traceback), the module's docstring as its help, and --out."""
+    parser = ArgumentParser(prog=prog or f"python -m okadfa.bench.{module}", description=doc,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    if out:
+        parser.add_argument("--out", default="bench/results",
+                            help="directory for the JSON and markdown results (default bench/results)")
+    return parser
+
+
+def positive_int_list(text) -> list:
+    """argparse type: a comma list of positive integers, e.g. "1024,2048"."""
+    return [positive_int(t) for t in str(text).split(",")]
 
 
 def write_results(out_dir: str, stem: str, meta: dict, rows: list, md: str) -> str:

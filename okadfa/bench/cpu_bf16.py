@@ -10,14 +10,15 @@ variant (the median of okadfa.bench.common.time_calls); the table gives each var
 """
 from __future__ import annotations
 
-import argparse
 import os
 
 import torch
 import torch.nn.functional as F
 
 import okadfa
-from .common import cpu_meta, time_calls, write_results
+from okadfa.training.cli import positive_int
+
+from .common import cpu_meta, positive_int_list, script_parser, time_calls, write_results
 
 
 def make_call(variant: str, T: int):
@@ -58,12 +59,11 @@ def has_amx() -> bool:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seq-lens", default="1024,4096")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--out", default="bench/results")
+    parser = script_parser("cpu_bf16", __doc__)
+    parser.add_argument("--seq-lens", type=positive_int_list, default="1024,4096")
+    parser.add_argument("--rounds", type=positive_int, default=5)
     args = parser.parse_args(argv)
-    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    seq_lens = args.seq_lens
     variants = [v for v in VARIANTS if "AMX" not in v or has_amx()]
     rows = []
     for T in seq_lens:

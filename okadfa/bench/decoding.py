@@ -15,15 +15,16 @@ Writes decoding_<preset>.{json,md} under --out.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import okadfa
-from .common import cpu_meta, write_results
 from okadfa.models import OKADFACache, OKADFAConfig, OKADFAModel
+from okadfa.training.cli import nonnegative_int, positive_int
+
+from .common import PRESETS, cpu_meta, positive_int_list, script_parser, write_results
 
 
 def _cache_bytes(caches) -> int:
@@ -69,16 +70,15 @@ def table(rows) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-small")
-    p.add_argument("--contexts", default="512,2048,8192")
-    p.add_argument("--tokens", type=int, default=16)
-    p.add_argument("--recompute-max", type=int, default=2048)
-    p.add_argument("--out", default="bench/results")
+    p = script_parser("decoding", __doc__)
+    p.add_argument("--preset", choices=PRESETS, default="gpt2-small")
+    p.add_argument("--contexts", type=positive_int_list, default="512,2048,8192")
+    p.add_argument("--tokens", type=positive_int, default=16)
+    p.add_argument("--recompute-max", type=nonnegative_int, default=2048)
     args = p.parse_args(argv)
     meta = cpu_meta(preset=args.preset, tokens=args.tokens)
     rows = []
-    for T in (int(t) for t in args.contexts.split(",")):
+    for T in args.contexts:
         for attention in ("favor", "softmax"):
             row = measure(args.preset, attention, T, args.tokens, T <= args.recompute_max)
             rows.append(row)

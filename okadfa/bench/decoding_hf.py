@@ -15,14 +15,15 @@ Writes decoding_hf.{json,md} under --out.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 
 import okadfa  # noqa: F401  (registers attn_implementation "okadfa_favor")
-from .common import cpu_meta, write_results
+from okadfa.training.cli import positive_int
+
+from .common import cpu_meta, positive_int_list, script_parser, write_results
 
 VARIANTS = (("okadfa_favor", "FavorCache"), ("okadfa_favor", "DynamicCache"), ("sdpa", "DynamicCache"))
 
@@ -73,14 +74,13 @@ def table(rows) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--contexts", default="256,1024,4096")
-    p.add_argument("--tokens", type=int, default=16)
-    p.add_argument("--out", default="bench/results")
+    p = script_parser("decoding_hf", __doc__)
+    p.add_argument("--contexts", type=positive_int_list, default="256,1024,4096")
+    p.add_argument("--tokens", type=positive_int, default=16)
     args = p.parse_args(argv)
     import transformers
     rows = []
-    for T in (int(x) for x in args.contexts.split(",")):
+    for T in args.contexts:
         for attn, cache in VARIANTS:
             rows.append(measure(attn, cache, T, args.tokens))
             print(f"  T={T:5d} {attn:13s} {cache:12s} {rows[-1]['ms_per_token']:8.2f} ms/token "

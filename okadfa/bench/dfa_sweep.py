@@ -22,7 +22,6 @@ levels of the evaluated bytes.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -32,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 from okadfa.training.compare import read_metrics
 from okadfa.models import RULE_DEFAULTS
+from okadfa.training.cli import positive_int
 
-from .common import cpu_meta, write_results
+from .common import cpu_meta, script_parser, write_results
 
 # The base of --stage one: post-LN (issue's diagnosis: feedback points must be normalised)
 # with every other setting as okadfa had it before the sweep.
@@ -155,12 +155,11 @@ def _run(cmd: list[str], out: str, steps: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m okadfa.bench.dfa_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = script_parser("dfa_sweep", __doc__, out=False)
     p.add_argument("--stage", choices=("one", "combine", "bundle"), default="one")
-    p.add_argument("--steps", type=int, default=400)
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--steps", type=positive_int, default=400)
+    p.add_argument("--seeds", type=positive_int, default=3)
+    p.add_argument("--jobs", type=positive_int, default=2)
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="run only this variant (repeatable; default: all of the stage)")
     p.add_argument("--work", default="runs/dfa_sweep")

@@ -20,7 +20,6 @@ memory is torch.cuda.max_memory_allocated above what was held before the call. `
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import inspect
 import itertools
@@ -31,7 +30,9 @@ import torch
 import torch.nn.functional as F
 
 import okadfa
-from .common import Timing, ms_cell, noisy_footnote, peak_memory, time_calls
+from okadfa.training.cli import device_name, positive_int
+
+from .common import Timing, ms_cell, noisy_footnote, peak_memory, script_parser, time_calls
 
 BATCH, HEADS, FEATURES, HEAD_DIM = 4, 8, 256, 64
 HEAD = dict(d=768, V=50257, points=12, N=8192)
@@ -209,11 +210,10 @@ def markdown(attention, head, backends):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = script_parser("gpu", __doc__)
+    parser.add_argument("--device", type=device_name, default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="T up to 2048 and a smaller head")
-    parser.add_argument("--max-t", type=int, default=32768)
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--max-t", type=positive_int, default=32768)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = torch.bfloat16

@@ -31,9 +31,11 @@ import argparse
 
 import torch
 
-from .common import cpu_meta, peak_memory, time_calls, write_results
 from okadfa.models import OKADFAConfig, OKADFAModel
+from okadfa.training.cli import positive_int
 from okadfa.training.precision import PRECISIONS, autocast, check
+
+from .common import PRESETS, cpu_meta, peak_memory, positive_int_list, script_parser, time_calls, write_results
 
 MODES = ("forward", "train dfa", "train bp")
 
@@ -142,15 +144,14 @@ def _tables(rows) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gpt2-small")
-    p.add_argument("--seq-lens", default="1024,2048")
-    p.add_argument("--batch", type=int, default=1)
+    p = script_parser("model", __doc__)
+    p.add_argument("--preset", choices=PRESETS, default="gpt2-small")
+    p.add_argument("--seq-lens", type=positive_int_list, default="1024,2048")
+    p.add_argument("--batch", type=positive_int, default=1)
     p.add_argument("--precision", type=precision_list, default=["fp32"],
                    help="comma list of fp32, bf16, fp16 (default fp32): each row's autocast dtype")
-    p.add_argument("--out", default="bench/results")
     args = p.parse_args(argv)
-    seq_lens = [int(t) for t in args.seq_lens.split(",")]
+    seq_lens = args.seq_lens
     config = OKADFAConfig.preset(args.preset)
     # the two training rules build different models (DFA: untied unembedding, post-LN; models.RULE_DEFAULTS)
     n_params = {rule: OKADFAModel(OKADFAConfig.preset(args.preset, training=rule)).num_parameters()

@@ -23,13 +23,14 @@ self time. One profiled step on a shared machine: shares, not absolute times, ar
 """
 from __future__ import annotations
 
-import argparse
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .common import cpu_meta, quiet_stderr, write_results
+from okadfa.training.cli import positive_int
+
+from .common import PRESETS, cpu_meta, quiet_stderr, script_parser, write_results
 from .model import make_call, precision_list
 
 # part -> name fragments (lower case); the first part in this order whose fragment names an
@@ -82,11 +83,10 @@ def profile_step(preset: str, attention: str, mode: str, T: int, precision: str)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="gpt2-small")
-    parser.add_argument("--seq-len", type=int, default=1024)
+    parser = script_parser("profile_step", __doc__)
+    parser.add_argument("--preset", choices=PRESETS, default="gpt2-small")
+    parser.add_argument("--seq-len", type=positive_int, default=1024)
     parser.add_argument("--precision", type=precision_list, default=["fp32", "bf16"])
-    parser.add_argument("--out", default="bench/results")
     args = parser.parse_args(argv)
     rows, md = [], []
     for precision in args.precision:

@@ -54,11 +54,11 @@ import os
 import torch
 
 import okadfa
-from ..training.cli import ArgumentParser, positive_int
+from ..training.cli import positive_int
 from . import plots
 from .common import B, D, DFA_HEAD_LABELS, DFA_HEAD_ROWS, DFA_HEAD_SHAPE, H, M, chunked_flops, cpu_meta, \
     dfa_head_flops, load_warning, make_dfa_head_step, make_step, ms_cell, noisy_footnote, peak_memory, peers, \
-    time_calls, time_in_turns, write_results
+    script_parser, time_calls, time_in_turns, write_results
 
 
 def matmul_gflops(n=2048):
@@ -185,12 +185,20 @@ def _plot(json_path):
         print(f"wrote {png}")
 
 
+CPU_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def cpu_dtype_list(text) -> list:
+    """argparse type of --dtype: a comma list of CPU_DTYPES' names."""
+    names = str(text).split(",")
+    if not all(n in CPU_DTYPES for n in names):
+        raise argparse.ArgumentTypeError(f"takes a comma list of {', '.join(CPU_DTYPES)}, got {text!r}")
+    return names
+
+
 def run_cpu(args):
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-    for name in args.dtype.split(","):
-        if name not in dtypes:
-            raise SystemExit(f"okadfa.bench.report: --dtype takes float32 and/or bfloat16, got {name!r}")
-        dtype = dtypes[name]
+    for name in args.dtype:
+        dtype = CPU_DTYPES[name]
         suffix = ("" if dtype == torch.float32 else "_bf16") + ("_quick" if args.quick else "")
         meta = cpu_meta(dtype=name, cpu_bfloat16=okadfa.backends()["cpu"].get("bfloat16"))
         meta["matmul_gflops"] = matmul_gflops()
@@ -225,14 +233,13 @@ def run_cuda(args):
 
 
 def parse_args(argv=None, prog="python -m okadfa.bench.report"):
-    parser = ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = script_parser("report", __doc__, prog=prog)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="which microbenchmarks to run (auto: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
     parser.add_argument("--max-t", type=positive_int, help="largest T (default 8192 on cpu, 32768 on cuda)")
     parser.add_argument("--only", choices=("favor_attention", "dfa_head"), help="run one cpu section (default: both)")
-    parser.add_argument("--dtype", default="float32", help="cpu: a comma list of float32, bfloat16")
-    parser.add_argument("--out", default="bench/results")
+    parser.add_argument("--dtype", type=cpu_dtype_list, default="float32", help="cpu: a comma list of float32, bfloat16")
     parser.add_argument("--no-plots", action="store_true", help="write JSON and markdown only")
     parser.add_argument("--replot", action="store_true", help="only redraw the plots of the JSON files in --out")
     return parser.parse_args(argv)
