@@ -23,6 +23,8 @@ def test_report_quick_run(tmp_path, monkeypatch):
 
     monkeypatch.setattr(common, "H", 2)
     monkeypatch.setattr(report, "H", 2)
+    throughputs = iter([100.0, 110.0, 120.0])     # before favor, after favor (= before the head), after the head
+    monkeypatch.setattr(report, "matmul_gflops", lambda: next(throughputs))
     report.main(["--device", "cpu", "--quick", "--max-t", "256", "--out", str(tmp_path)])
     if HAVE_MATPLOTLIB:
         for name in ("cpu_favor_attention_quick_time_memory_fwd.png",
@@ -35,8 +37,11 @@ def test_report_quick_run(tmp_path, monkeypatch):
     for r in rows:
         assert r["median_ms"] > 0 and r["peak_mb"] >= 0 and r["T"] == 256
         assert r["iqr_ms"] >= 0 and r["runs"] >= 3 and r["noisy"] == (r["iqr_ms"] > 0.1 * r["median_ms"])
+    assert (data["meta"]["matmul_gflops"], data["meta"]["matmul_gflops_after"]) == (100.0, 110.0)
+    head_meta = json.loads((tmp_path / "cpu_dfa_head_quick.json").read_text())["meta"]
+    assert (head_meta["matmul_gflops"], head_meta["matmul_gflops_after"]) == (110.0, 120.0)   # its own section
     head = json.loads((tmp_path / "cpu_dfa_head_quick.json").read_text())["rows"]
-    assert all(r["iqr_ms"] >= 0 and r["runs"] == 5 for r in head)     # 6 interleaved rounds, the first a warm-up
+    assert all(r["iqr_ms"] >= 0 and r["runs"] == 5 for r in head)     # a warm-up call, then 5 rounds in turns
     assert "| unfused PyTorch (`unfused`) |" in (tmp_path / "cpu_dfa_head_quick.md").read_text()
     if okadfa.backends()["cpu"]["available"]:
         cpu = [r for r in rows if r["backend"] == "cpu"]

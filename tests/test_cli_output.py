@@ -40,6 +40,12 @@ def test_train_records_hold_the_step_loss_and_its_running_mean(tmp_path):
         assert r["loss_smoothed"] == pytest.approx(sum(window) / len(window), rel=1e-12)
 
 
+@pytest.mark.parametrize("n, text", [(7, "7"), (999, "999"), (1000, "1k"), (863_123, "863k"), (999_600, "1M"),
+                                     (1_234_567, "1.23M"), (124_439_808, "124M"), (999_999_999, "1G")])
+def test_parameter_counts_read_as_three_digits_and_a_suffix(n, text):
+    assert train_mod._count(n) == text
+
+
 def test_progress_bar_is_tqdm_when_installed(capsys):
     pytest.importorskip("tqdm")
     progress = train_mod._Progress(10, 0, 5, enabled=True, bar=True)
@@ -93,6 +99,21 @@ def test_overwrite_also_replaces_the_tensorboard_events(tmp_path):
     assert first and not first & set((tmp_path / "tensorboard").iterdir())
 
 
+def test_resume_keeps_every_step_in_tensorboard(tmp_path):
+    """A run stopped at step 2 and resumed: steps 1-4 each logged once (the purge drops only what came after
+    the checkpoint, not the checkpoint's own step, which the resumed run does not log again)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = SMALL + ["--steps", "4", "--log-every", "1", "--eval-every", "2", "--out", str(tmp_path),
+                    "--report-to", "tensorboard"]
+    train_mod.main(args + ["--stop-after", "2"])
+    train_mod.main(args + ["--resume"])
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in events.Scalars("val/loss")] == [2, 4]
+
+
 @pytest.fixture
 def fake_wandb(monkeypatch):
     """A stand-in `wandb` module recording init / log / finish (the real one needs an account or network)."""
@@ -126,6 +147,25 @@ def test_report_to_wandb_logs_each_record_at_its_step(tmp_path, fake_wandb, monk
     train_logs = [(step, v["train/loss"]) for step, v in fake_wandb["log"] if "train/loss" in v]
     assert train_logs == [(r["step"], r["loss"]) for r in metrics["train"]]
     assert [step for step, v in fake_wandb["log"] if "val/loss" in v] == [4]
+    assert fake_wandb["finish"] == 1
+
+
+def test_a_reporter_that_cannot_start_is_one_line(tmp_path, fake_wandb, monkeypatch):
+    def not_logged_in(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty)\ncall wandb.login()")
+    monkeypatch.setattr(sys.modules["wandb"], "init", not_logged_in)
+    with pytest.raises(SystemExit, match=r"^okadfa train: --report-to wandb could not start: RuntimeError: "
+                                         r"api_key not configured \(no-tty\) call wandb.login\(\)$"):
+        train_mod.main(SMALL + ["--steps", "2", "--out", str(tmp_path), "--report-to", "wandb"])
+
+
+def test_reporters_are_closed_when_the_run_fails(tmp_path, fake_wandb, monkeypatch):
+    """An error inside the training loop still finishes the reporters (flushing what they hold)."""
+    def broken_evaluate(*args, **kwargs):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(train_mod, "evaluate", broken_evaluate)
+    with pytest.raises(RuntimeError, match="boom"):
+        train_mod.main(SMALL + ["--steps", "2", "--eval-every", "1", "--out", str(tmp_path), "--report-to", "wandb"])
     assert fake_wandb["finish"] == 1
 
 
@@ -190,3 +230,5 @@ def test_okadfa_help_lists_bench_and_bench_has_its_own_help():
     assert run.returncode == 0 and run.stdout.startswith("usage: okadfa bench")
     bad = _run("bench", "--max-t", "0")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--max-t" in bad.stderr
+    debug = _run("--debug", "bench", "--replot", "--out", "no-such-dir")       # --debug reaches bench too
+    assert debug.returncode == 0, debug.stderr

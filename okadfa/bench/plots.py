@@ -15,6 +15,8 @@ import json
 import math
 import os
 
+from okadfa.training.files import atomic_path
+
 from .common import DFA_HEAD_LABELS
 
 PASSES = ("fwd", "fwd+bwd")
@@ -179,7 +181,7 @@ def plot_attention(rows, meta, stem):
         dims = ", ".join(f"{k}={v}" for k, v in shape.items())
         fig.suptitle(f"Causal attention, {passes}: {_device(meta)}, {meta.get('dtype', '?')}, {dims}")
         path = f"{stem}_time_memory_{passes.replace('+', '_')}.png"
-        fig.savefig(path, dpi=110)
+        _save(fig, path)
         paths.append(path)
     return paths
 
@@ -207,8 +209,14 @@ def plot_dfa_head(rows, meta, path):
     timing = ("backend", "median_ms", "iqr_ms", "runs", "noisy", "peak_mb", "gflops", "dtype")
     dims = ", ".join(f"{k}={r0[k]}" for k in r0 if k not in timing)
     fig.suptitle(f"DFA head, error=hidden: {_device(meta)}, {meta.get('dtype', '?')}, {dims}", fontsize=10)
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
     return [path]
+
+
+def _save(fig, path):
+    """fig as a PNG at path, written atomically (a reader never sees half a plot)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def plot_results(json_path):

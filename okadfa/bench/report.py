@@ -213,6 +213,8 @@ def run_cpu(args):
             _write(args.out, "cpu_favor_attention" + suffix, dict(meta, shape=dict(B=B, H=H, M=M, D=D)), rows,
                    table(rows, names), plot=not args.no_plots)
         if args.only in (None, "dfa_head"):
+            if "matmul_gflops_after" in meta:      # the favor section ran: its "after" is this one's "before"
+                meta["matmul_gflops"] = meta.pop("matmul_gflops_after")
             shape = dict(N=256, d=256, V=4096, P=12) if args.quick else dict(DFA_HEAD_SHAPE)
             rows = run_dfa_head(shape, quick=args.quick, dtype=dtype)
             meta["matmul_gflops_after"] = matmul_gflops()
@@ -237,6 +239,7 @@ def parse_args(argv=None, prog="python -m okadfa.bench.report"):
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="which microbenchmarks to run (auto: cuda when a GPU is visible, else cpu)")
     parser.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    parser.add_argument("--debug", action="store_true", help="with `okadfa bench`: a traceback for every error")
     parser.add_argument("--max-t", type=positive_int, help="largest T (default 8192 on cpu, 32768 on cuda)")
     parser.add_argument("--only", choices=("favor_attention", "dfa_head"), help="run one cpu section (default: both)")
     parser.add_argument("--dtype", type=cpu_dtype_list, default="float32", help="cpu: a comma list of float32, bfloat16")

@@ -24,9 +24,10 @@ import json
 import os
 import random
 import struct
-import tempfile
 
 import torch
+
+from .files import atomic_path
 
 __all__ = ["save_checkpoint", "load_checkpoint", "CheckpointError"]
 
@@ -105,28 +106,12 @@ def save_checkpoint(path, model, optimizer=None, *, step: int = 0, precision: st
     document["sha256"] = _digest(json.loads(_json(document, "the checkpoint")), tensors)
     # safetensors refuses tensors that share memory: give every tensor its own storage.
     data = save({k: v.clone().contiguous() for k, v in tensors.items()}, metadata={_KEY: _json(document, "")})
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".checkpoint-", suffix=".tmp", dir=directory)
-        os.fchmod(fd, 0o644)                     # mkstemp's 0600 would hide the file from the group
-        with os.fdopen(fd, "wb") as f:
+        with atomic_path(os.fspath(path)) as tmp, open(tmp, "wb") as f:
             f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise OSError(exc.errno, f"could not write the checkpoint {path} ({exc.strerror}); "
-                                     f"the previous checkpoint there, if any, is unchanged") from exc
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)          # the rename itself survives a crash
-    finally:
-        os.close(dir_fd)
+    except OSError as exc:
+        raise OSError(exc.errno, f"could not write the checkpoint {path} ({exc.strerror}); "
+                                 f"the previous checkpoint there, if any, is unchanged") from exc
 
 
 def _read(path) -> tuple[dict, dict[str, torch.Tensor]]:

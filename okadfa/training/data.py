@@ -52,6 +52,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from .files import fsync_directory
+
 try:
     import fcntl as fcntl_mod
 except ImportError:     # not POSIX: no file sealing
@@ -527,15 +529,6 @@ def _publish(tmp: str, final: str) -> None:
     os.replace(tmp, final)
 
 
-def _fsync_dir(directory) -> None:
-    with contextlib.suppress(OSError):      # not every file system lets a directory be opened or synced
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _build(prefix: Path, meta: dict, tok: Tokenizer, dtype, *, concat: Callable | None = None,
            val_fraction: float = 0.05, train: Callable | None = None, val: Callable | None = None) -> dict:
     """Tokenise a source into <prefix>.train.bin / .val.bin / .json: temporary files, fsync'ed, made read-only and
@@ -575,7 +568,7 @@ def _build(prefix: Path, meta: dict, tok: Tokenizer, dtype, *, concat: Callable 
         _publish(tmp["train.bin"], f"{prefix}.train.bin")
         _publish(tmp["val.bin"], f"{prefix}.val.bin")
         _publish(tmp["json"], f"{prefix}.json")     # last: marks the entry as complete
-        _fsync_dir(prefix.parent)
+        fsync_directory(prefix.parent)
         return meta
     finally:
         for p in tmp.values():

@@ -5,18 +5,21 @@ of the "train", "val", "align" and "norms" records as a scalar named "<kind>/<fi
 for a field holding a dict, e.g. norms/stream/block0) at the record's step.
 
 tensorboard  torch.utils.tensorboard.SummaryWriter (needs the `tensorboard` package) into OUT/tensorboard; on
-             --resume the events after the checkpoint's step are purged, so a killed run's tail is not drawn twice.
+             --resume the events after the checkpoint's step are purged (those at it are kept: the resumed run
+             does not log that step again), so a killed run's tail is not drawn twice.
 wandb        wandb.init(project=$WANDB_PROJECT or "okadfa", name=the --out directory's name, dir=OUT,
              config=the run's config); WANDB_MODE=offline and the other WANDB_* variables apply as usual.
 
 Each package is imported only when asked for; a missing one is a one-line error before training starts
-(`check`).
+(`parse`); one that fails to start (wandb not logged in, say) is a one-line error too.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
+
+from .cli import one_line
 
 REPORTERS = {"tensorboard": ("tensorboard", "pip install tensorboard"), "wandb": ("wandb", "pip install wandb")}
 SCALAR_KINDS = ("train", "val", "align", "norms")
@@ -59,16 +62,30 @@ class Reporters:
     def __init__(self, names, out: str, *, config: dict, resume_step: int = 0):
         self._writers = []
         for name in names:
-            if name == "tensorboard":
-                from torch.utils.tensorboard import SummaryWriter
-                writer = SummaryWriter(os.path.join(out, "tensorboard"), purge_step=resume_step or None)
-                self._writers.append((lambda values, step, w=writer: [w.add_scalar(k, v, step)
-                                                                      for k, v in values.items()], writer.close))
-            elif name == "wandb":
-                wandb = importlib.import_module("wandb")
-                run = wandb.init(project=os.environ.get("WANDB_PROJECT", "okadfa"),
-                                 name=os.path.basename(os.path.abspath(out)), dir=out, config=config)
-                self._writers.append((lambda values, step, r=run: r.log(values, step=step), run.finish))
+            try:
+                self._writers.append(self._start(name, out, config, resume_step))
+            except Exception as exc:  # noqa: BLE001 - a reporter that cannot start is the environment, not a bug
+                self.close()
+                raise SystemExit(f"okadfa train: --report-to {name} could not start: {type(exc).__name__}: "
+                                 f"{one_line(exc)}") from exc
+
+    @staticmethod
+    def _start(name, out, config, resume_step):
+        """(write(values, step), close) of one reporter."""
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: events at steps >= it, a killed run's tail past the checkpoint, are dropped
+            writer = SummaryWriter(os.path.join(out, "tensorboard"),
+                                   purge_step=resume_step + 1 if resume_step else None)
+
+            def write(values, step):
+                for key, value in values.items():
+                    writer.add_scalar(key, value, step)
+            return write, writer.close
+        wandb = importlib.import_module("wandb")
+        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "okadfa"),
+                         name=os.path.basename(os.path.abspath(out)), dir=out, config=config)
+        return (lambda values, step: run.log(values, step=step)), run.finish
 
     def log(self, record: dict) -> None:
         values = scalars(record)

@@ -451,15 +451,19 @@ class _Progress:
             return
         if self.tqdm is not None:
             self.tqdm.write(text, file=sys.stdout)
-        else:
-            print(("\r\033[K" if self.bar else "") + text, flush=True)
+            return
+        if self.bar:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)     # clear our bar's line (on stderr)
+        print(text, flush=True)
 
     def close(self):
+        """End the bar's line (once; later messages print as plain lines)."""
         if self.tqdm is not None:
             self.tqdm.close()
             self.tqdm = None
         elif self.enabled and self.bar:
             print(file=sys.stderr, flush=True)
+        self.bar = False
 
 
 def _show_bar(args) -> bool:
@@ -612,121 +616,129 @@ def _train(args, ddp, device):
         if state["extra"].get("grad_scaler"):        # fp16: the loss scale and its growth counter
             scaler.load_state_dict(state["extra"]["grad_scaler"])
     wrapped = torch.nn.parallel.DistributedDataParallel(model) if ddp.world > 1 else model
-    metrics = _open_metrics(os.path.join(args.out, "metrics.jsonl")) if ddp.main else None
     reporters = reporting.Reporters(args.report_to if ddp.main else [], args.out, config=vars(args),
                                     resume_step=step)
+    metrics = _open_metrics(os.path.join(args.out, "metrics.jsonl")) if ddp.main else None
+    progress = None
+    try:
+        def log(record):
+            if metrics:
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                reporters.log(record)
 
-    def log(record):
-        if metrics:
-            metrics.write(json.dumps(record) + "\n")
-            metrics.flush()
-            reporters.log(record)
+        def checkpoint():
+            if ddp.main:
+                try:
+                    save_checkpoint(ckpt_path, model, optimizer, step=step, precision=args.precision,
+                                    extra={"train_s": train_s, "tokens": tokens, "skipped_steps": skipped,
+                                           "grad_scaler": scaler.state_dict(), "args": vars(args)})
+                except OSError as exc:      # a full disk, a read-only --out: the environment, not a bug
+                    raise SystemExit(f"okadfa train: writing the checkpoint failed: {one_line(exc)}") from exc
 
-    def checkpoint():
+        log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args),
+             "precision": args.precision, "loss_scaling": scaler.is_enabled(), "world_size": ddp.world,
+             "device": str(device), "parameters": model.num_parameters(), "corpus": corpus.name,
+             "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "torch": torch.__version__})
+        if ddp.main and step == 0:
+            log({"kind": "baselines", "step": 0,
+                 **ngram_levels(corpus.train, corpus.val, args.seq_len, args.batch_size * args.eval_batches)})
+        probes = [tuple(t.to(device) for t in b) for b in val_batches(corpus.val, max(1, args.batch_size // 2),
+                                                                       args.seq_len, 4)]
+        tokens_per_step = args.batch_size * args.seq_len
         if ddp.main:
-            try:
-                save_checkpoint(ckpt_path, model, optimizer, step=step, precision=args.precision,
-                                extra={"train_s": train_s, "tokens": tokens, "skipped_steps": skipped,
-                                       "grad_scaler": scaler.state_dict(), "args": vars(args)})
-            except OSError as exc:      # a full disk, a read-only --out: the environment, not a bug
-                raise SystemExit(f"okadfa train: writing the checkpoint failed: {one_line(exc)}") from exc
-
-    log({"kind": "config", "step": step, "config": config.to_dict(), "args": vars(args), "precision": args.precision,
-         "loss_scaling": scaler.is_enabled(), "world_size": ddp.world,
-         "device": str(device), "parameters": model.num_parameters(), "corpus": corpus.name,
-         "train_tokens": len(corpus.train), "val_tokens": len(corpus.val), "torch": torch.__version__})
-    if ddp.main and step == 0:
-        log({"kind": "baselines", "step": 0,
-             **ngram_levels(corpus.train, corpus.val, args.seq_len, args.batch_size * args.eval_batches)})
-    probes = [tuple(t.to(device) for t in b) for b in val_batches(corpus.val, max(1, args.batch_size // 2),
-                                                                   args.seq_len, 4)]
-    tokens_per_step = args.batch_size * args.seq_len
-    if ddp.main:
-        print(_summary_line(args, config, model, corpus, device, ddp, step), flush=True)
-    progress = _Progress(args.steps, step, args.log_every, ddp.main, bar=_show_bar(args))
-    recent, start_step, start_s, interrupted, last_val = [], step, train_s, False, None
-    model.train()
-    with _StopSignal() as stop:
-        while step < args.steps:
-            t0 = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, args)
-            x, y = get_batch(corpus.train, step, args.batch_size, args.seq_len, seed=args.seed, rank=ddp.rank,
-                             world_size=ddp.world)
-            with autocast(args.precision, device):             # the backward runs in the forward's dtypes
-                loss = wrapped(x.to(device), y.to(device)).loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()           # fp16: every gradient, DFA signals included, times the scale
-            if args.grad_clip > 0:
-                scaler.unscale_(optimizer)          # clip the true gradients, not the scaled ones
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-            scale = scaler.get_scale()
-            scaler.step(optimizer)                  # fp16: skipped when a gradient overflowed
-            scaler.update()
-            skipped += scaler.get_scale() < scale   # the scale backs off exactly when the step was skipped
-            loss_value = ddp.mean(loss)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            train_s += time.perf_counter() - t0
-            step += 1
-            tokens += tokens_per_step
-            recent = (recent + [loss_value])[-SMOOTHING:]
-            smoothed = sum(recent) / len(recent)
-            rate = tokens_per_step * (step - start_step) / max(train_s - start_s, 1e-9)
-            progress.update(step, loss_value, smoothed, len(recent), rate, (args.steps - step) * tokens_per_step / rate)
-            if step % args.log_every == 0 or step == args.steps:
-                log({"kind": "train", "step": step, "loss": loss_value, "loss_smoothed": smoothed,
-                     "lr": learning_rate(step - 1, args),
-                     "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s,
-                     **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
-            if ddp.main and (step % args.eval_every == 0 or step == args.steps):
-                last_val = evaluate(model, corpus, args, device)
-                log({"kind": "val", "step": step, "train_s": train_s, "tokens": tokens, **last_val})
-                norms = activation_norms(model, probes[0][0])
-                log({"kind": "norms", "step": step, **norms})
-                progress.message(f"step {step}: val loss {last_val['loss']:.4f}  ppl {last_val['ppl']:.2f}  "
-                                 f"bpb {last_val['bpb']:.3f}  largest block-output norm "
-                                 f"{max(norms['stream'].values()):.3g}")
-            if ddp.main and config.training == "dfa" and args.align_every and (
-                    step % args.align_every == 0 or step == args.steps):
-                cosines = mean_alignment(model, probes)
-                log({"kind": "align", "step": step, "cosine": cosines.pop("all"), **cosines})
-            if args.ckpt_every and step % args.ckpt_every == 0:
-                checkpoint()
-            if ddp.any(stop.requested):
-                interrupted = step < args.steps
-                break
-            if step - start_step == args.stop_after:
-                break
-    progress.close()
-    checkpoint()
-    peak, what = peak_memory_mb(device)
-    summary = {"kind": "summary", "step": step, "interrupted": interrupted, "train_loss": sum(recent) / len(recent)
-               if recent else None, "val": last_val, "train_s": train_s, "tokens": tokens,
-               "tokens_per_s": tokens / train_s if train_s else None, "peak_mem_mb": peak, "peak_mem_kind": what,
-               "world_size": ddp.world, "precision": args.precision,
-               **({"skipped_steps": skipped} if scaler.is_enabled() else {})}
-    log(summary)
-    if ddp.main:
-        if step < args.steps:
-            progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
-        elif args.sample_tokens:
-            summary["sample"] = _sample(model, corpus, args, device)
-        progress.message(f"done: step {step}, {summary['tokens_per_s'] or 0:.0f} tok/s, peak memory {peak:.0f} MB "
-                         f"({what}); metrics in {os.path.join(args.out, 'metrics.jsonl')}")
-        metrics.close()
-    reporters.close()
+            print(_summary_line(args, config, model, corpus, device, ddp, step), flush=True)
+        progress = _Progress(args.steps, step, args.log_every, ddp.main, bar=_show_bar(args))
+        recent, start_step, start_s, interrupted, last_val = [], step, train_s, False, None
+        model.train()
+        with _StopSignal() as stop:
+            while step < args.steps:
+                t0 = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = learning_rate(step, args)
+                x, y = get_batch(corpus.train, step, args.batch_size, args.seq_len, seed=args.seed, rank=ddp.rank,
+                                 world_size=ddp.world)
+                with autocast(args.precision, device):             # the backward runs in the forward's dtypes
+                    loss = wrapped(x.to(device), y.to(device)).loss
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()           # fp16: every gradient, DFA signals included, times the scale
+                if args.grad_clip > 0:
+                    scaler.unscale_(optimizer)          # clip the true gradients, not the scaled ones
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+                scale = scaler.get_scale()
+                scaler.step(optimizer)                  # fp16: skipped when a gradient overflowed
+                scaler.update()
+                skipped += scaler.get_scale() < scale   # the scale backs off exactly when the step was skipped
+                loss_value = ddp.mean(loss)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_s += time.perf_counter() - t0
+                step += 1
+                tokens += tokens_per_step
+                recent = (recent + [loss_value])[-SMOOTHING:]
+                smoothed = sum(recent) / len(recent)
+                rate = tokens_per_step * (step - start_step) / max(train_s - start_s, 1e-9)
+                eta_s = (args.steps - step) * tokens_per_step / rate
+                progress.update(step, loss_value, smoothed, len(recent), rate, eta_s)
+                if step % args.log_every == 0 or step == args.steps:
+                    log({"kind": "train", "step": step, "loss": loss_value, "loss_smoothed": smoothed,
+                         "lr": learning_rate(step - 1, args),
+                         "tokens": tokens, "train_s": train_s, "tokens_per_s": tokens / train_s,
+                         **({"loss_scale": scaler.get_scale()} if scaler.is_enabled() else {})})
+                if ddp.main and (step % args.eval_every == 0 or step == args.steps):
+                    last_val = evaluate(model, corpus, args, device)
+                    log({"kind": "val", "step": step, "train_s": train_s, "tokens": tokens, **last_val})
+                    norms = activation_norms(model, probes[0][0])
+                    log({"kind": "norms", "step": step, **norms})
+                    progress.message(f"step {step}: val loss {last_val['loss']:.4f}  ppl {last_val['ppl']:.2f}  "
+                                     f"bpb {last_val['bpb']:.3f}  largest block-output norm "
+                                     f"{max(norms['stream'].values()):.3g}")
+                if ddp.main and config.training == "dfa" and args.align_every and (
+                        step % args.align_every == 0 or step == args.steps):
+                    cosines = mean_alignment(model, probes)
+                    log({"kind": "align", "step": step, "cosine": cosines.pop("all"), **cosines})
+                if args.ckpt_every and step % args.ckpt_every == 0:
+                    checkpoint()
+                if ddp.any(stop.requested):
+                    interrupted = step < args.steps
+                    break
+                if step - start_step == args.stop_after:
+                    break
+        progress.close()
+        checkpoint()
+        peak, what = peak_memory_mb(device)
+        summary = {"kind": "summary", "step": step, "interrupted": interrupted, "train_loss": sum(recent) / len(recent)
+                   if recent else None, "val": last_val, "train_s": train_s, "tokens": tokens,
+                   "tokens_per_s": tokens / train_s if train_s else None, "peak_mem_mb": peak, "peak_mem_kind": what,
+                   "world_size": ddp.world, "precision": args.precision,
+                   **({"skipped_steps": skipped} if scaler.is_enabled() else {})}
+        log(summary)
+        if ddp.main:
+            if step < args.steps:
+                progress.message(f"stopped at step {step}; checkpoint {ckpt_path}; continue with --resume")
+            elif args.sample_tokens:
+                summary["sample"] = _sample(model, corpus, args, device)
+            progress.message(f"done: step {step}, {summary['tokens_per_s'] or 0:.0f} tok/s, peak memory {peak:.0f} MB "
+                             f"({what}); metrics in {os.path.join(args.out, 'metrics.jsonl')}")
+    finally:           # also when a user error, Ctrl-C or a bug ends the run: flush what was logged
+        if progress is not None:
+            progress.close()
+        reporters.close()
+        if metrics:
+            metrics.close()
     del wrapped
     ddp.close()
     return model, summary
 
 
 def _count(n: float) -> str:
-    """1234567 -> "1.23M"."""
-    for bound, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if n >= bound:
-            return f"{n / bound:.3g}{suffix}"
-    return str(int(n))
+    """1234567 -> "1.23M", 999600 -> "1M": three significant digits, the suffix chosen after rounding."""
+    value, suffix = float(n), ""
+    for bigger in ("k", "M", "G"):
+        if float(f"{value:.3g}") < 1000:
+            break
+        value, suffix = value / 1000, bigger
+    return f"{value:.3g}{suffix}" if suffix else str(int(n))
 
 
 def _summary_line(args, config, model, corpus, device, ddp, step) -> str:
